@@ -1,0 +1,139 @@
+"""Our UNet and VAE against diffusers: same keys and shapes at full SDXL size (meta device), same
+numbers on tiny random-weight configs in float32, and the SGM single-file renames against diffusers'
+own converter."""
+import pytest
+import torch
+from torch.testing import assert_close
+
+import unet as unet_mod
+import vae as vae_mod
+from tests.tiny import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, report
+
+
+def _kwargs(cfg):
+    return {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+
+
+def test_full_size_unet_keys_and_shapes_equal_diffusers():
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        ref, ours = UNet2DConditionModel(**_kwargs(unet_mod.UNetConfig())), unet_mod.UNet()
+    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert len(b) == 1680 and sum(v.numel() for v in ours.state_dict().values()) == 2_567_463_684
+    assert a == b
+
+
+def test_full_size_vae_keys_and_shapes_equal_diffusers():
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        ref, ours = AutoencoderKL(**_kwargs(vae_mod.VAEConfig())), vae_mod.VAE()
+    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert len(b) == 248 and sum(v.numel() for v in ours.state_dict().values()) == 83_653_863
+    assert a == b
+
+
+def test_sdxl_base_config_json_reads_as_defaults():
+    # The values of stabilityai/stable-diffusion-xl-base-1.0/unet/config.json that matter here.
+    cfg = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+           "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+           "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+           "in_channels": 4, "layers_per_block": 2, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+           "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True, "norm_num_groups": 32}
+    assert unet_mod.UNetConfig.from_diffusers(cfg) == unet_mod.UNetConfig()
+
+
+def test_sd15_config_is_refused():
+    cfg = {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "attention_head_dim": 8,
+           "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]}
+    with pytest.raises(ValueError, match="not an SDXL-architecture UNet"):
+        unet_mod.UNetConfig.from_diffusers(cfg, "sd15/unet/config.json")
+
+
+def _unet_inputs(cfg, B=2, H=16, W=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 4, H, W, generator=g), torch.tensor([999, 250]),
+            torch.randn(B, 7, cfg.cross_attention_dim, generator=g), torch.randn(B, cfg.pooled_dim, generator=g),
+            torch.tensor([[64.0, 96, 0, 0, 64, 96], [80, 80, 8, 4, 64, 96]]))
+
+
+def test_unet_forward_equals_diffusers():
+    ref = diffusers_unet()
+    ours = unet_mod.UNet(TINY_UNET).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, t, ctx, pooled, ids = _unet_inputs(TINY_UNET)
+    with torch.no_grad():
+        a = ref(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        b = ours(x, t, ctx, pooled, ids)
+        h, _, _ = ours.encode(x, t, ctx, pooled, ids)
+    report("unet forward", b, a)
+    assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert h.shape == (2, 128, 8, 12)  # the encoder path stops after the mid block
+
+
+def test_unet_gradient_checkpointing_same_grads():
+    torch.manual_seed(0)
+    m = unet_mod.UNet(TINY_UNET)
+    x, t, ctx, pooled, ids = _unet_inputs(TINY_UNET)
+    m(x, t, ctx, pooled, ids).square().mean().backward()
+    g1 = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    m(x, t, ctx, pooled, ids).square().mean().backward()
+    for k, p in m.named_parameters():
+        assert_close(p.grad, g1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_unet_sgm_renames_equal_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    ref = diffusers_unet()
+    sgm = unet_mod.unet_to_sgm_state_dict(ref.state_dict(), TINY_UNET)
+    assert all(k.startswith("model.diffusion_model.") for k in sgm)
+    assert unet_mod.config_from_sgm(sgm) == TINY_UNET
+    ours = unet_mod.unet_from_sgm_state_dict(sgm)
+    theirs = convert_ldm_unet_checkpoint(sgm, _kwargs(TINY_UNET))
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    full = unet_mod.UNetConfig()
+    with torch.device("meta"):
+        names = unet_mod.UNet(full).state_dict()
+    sgm_full = unet_mod.unet_to_sgm_state_dict(names, full)
+    assert unet_mod.config_from_sgm(sgm_full) == full
+    assert set(unet_mod.unet_from_sgm_state_dict(sgm_full)) == set(names)
+    assert "model.diffusion_model.output_blocks.2.2.conv.weight" in sgm_full  # DESIGN's block map
+    assert "model.diffusion_model.input_blocks.3.0.op.weight" in sgm_full
+
+
+def test_vae_encode_decode_equal_diffusers():
+    ref = diffusers_vae()
+    ours = vae_mod.VAE(TINY_VAE).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 48, generator=g) * 2 - 1
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        mean, logvar = ours.encode(x)
+        z = torch.randn(2, 4, 8, 12, generator=g)
+        a, b = ref.decode(z).sample, ours.decode(z)
+        sliced = ours.encode_latents(x, slice_size=1)
+    report("vae encode mean", mean, dist.mean)
+    report("vae decode", b, a)
+    assert_close(mean, dist.mean, atol=1e-5, rtol=1e-5)
+    assert_close(logvar, dist.logvar, atol=1e-5, rtol=1e-5)
+    assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert_close(sliced, dist.mean * TINY_VAE.scaling_factor, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_sgm_renames_equal_diffusers_converter():
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    ref = diffusers_vae()
+    sgm = vae_mod.vae_to_sgm_state_dict(ref.state_dict(), TINY_VAE)
+    assert sgm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+    assert vae_mod.config_from_sgm(sgm) == TINY_VAE
+    ours = vae_mod.vae_from_sgm_state_dict(sgm)
+    theirs = convert_ldm_vae_checkpoint(sgm, _kwargs(TINY_VAE))
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k].reshape(ours[k].shape)), k

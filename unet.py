@@ -1,0 +1,446 @@
+"""The SDXL UNet in plain torch.
+
+Module and attribute names equal the keys of diffusers' `UNet2DConditionModel` checkpoints, so the
+official `sdxl_lightning_*_unet.safetensors` load with `load_state_dict(strict=True)` and no renaming.
+The original Stability (SGM) single-file layout (`model.diffusion_model.*`) loads through one table,
+`sgm_unet_key_map`, built from the config; `config_from_sgm` derives the architecture from tensor
+names and shapes. `UNet.encode` is the encoder path (conv_in .. mid_block) the discriminator reuses.
+
+Read bottom-up: embeddings, ResnetBlock2D, attention, transformer, blocks, then UNet.forward with its
+skip connections pushed in the down path and popped in the up path.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4                              # latent channels in
+    out_channels: int = 4                             # latent channels out (eps or x0)
+    block_out_channels: tuple = (320, 640, 1280)      # width of each resolution level
+    layers_per_block: int = 2                         # resnets per down block (up blocks have one more)
+    transformer_depth: tuple = (0, 2, 10)             # transformer blocks per attention; 0 = no attention
+    num_heads: tuple = (5, 10, 20)                    # attention heads per level (SDXL: head width 64)
+    cross_attention_dim: int = 2048                   # text context width (CLIP-L 768 + bigG 1280)
+    addition_time_embed_dim: int = 256               # sinusoidal width of each of the 6 time ids
+    pooled_dim: int = 1280                            # pooled text embedding width (bigG projection)
+    num_time_ids: int = 6                             # (orig_h, orig_w, crop_top, crop_left, h, w)
+    norm_num_groups: int = 32                         # GroupNorm groups everywhere
+    norm_eps: float = 1e-5                            # GroupNorm eps of resnets and conv_norm_out
+
+    @property
+    def time_embed_dim(self):
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source="config.json"):
+        """Read a diffusers `unet/config.json`; refuse what is not an SDXL-architecture UNet."""
+        if cfg.get("addition_embed_type") != "text_time":
+            raise ValueError(f"{source}: not an SDXL-architecture UNet (addition_embed_type="
+                             f"{cfg.get('addition_embed_type')!r}, SDXL has 'text_time'; SD1.x/2.x is unsupported)")
+        if not cfg.get("use_linear_projection", False):
+            raise ValueError(f"{source}: use_linear_projection=False is not SDXL's architecture")
+        n = len(cfg["block_out_channels"])
+        per = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+        depth = per(cfg.get("transformer_layers_per_block", 1))
+        heads = per(cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8))
+        types = cfg["down_block_types"]
+        depth = tuple(d if "CrossAttn" in bt else 0 for d, bt in zip(depth, types))
+        time_in = cfg["projection_class_embeddings_input_dim"]
+        add_dim = cfg.get("addition_time_embed_dim", 256)
+        return cls(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+                   block_out_channels=tuple(cfg["block_out_channels"]),
+                   layers_per_block=cfg.get("layers_per_block", 2), transformer_depth=depth,
+                   num_heads=heads, cross_attention_dim=cfg["cross_attention_dim"],
+                   addition_time_embed_dim=add_dim, pooled_dim=time_in - 6 * add_dim,
+                   norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5))
+
+    def to_diffusers(self) -> dict:
+        """The equivalent diffusers config.json (written next to exports so diffusers loads them)."""
+        down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in self.transformer_depth]
+        up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(self.transformer_depth)]
+        return {"_class_name": "UNet2DConditionModel", "sample_size": 128,
+                "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2DCrossAttn",
+                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+                "transformer_layers_per_block": [max(d, 1) for d in self.transformer_depth],
+                "attention_head_dim": list(self.num_heads), "cross_attention_dim": self.cross_attention_dim,
+                "use_linear_projection": True, "addition_embed_type": "text_time",
+                "addition_time_embed_dim": self.addition_time_embed_dim,
+                "projection_class_embeddings_input_dim": self.add_embed_in_dim,
+                "norm_num_groups": self.norm_num_groups, "norm_eps": self.norm_eps,
+                "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "center_input_sample": False}
+
+    @property
+    def add_embed_in_dim(self):
+        return self.pooled_dim + self.num_time_ids * self.addition_time_embed_dim
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding, cos first (diffusers flip_sin_to_cos=True, freq_shift=0). t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.linear_1 = nn.Linear(cin, cout)
+        self.linear_2 = nn.Linear(cout, cout)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin, cout, temb_dim, groups=32, eps=1e-5):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, else cross-attention to the text."""
+
+    def __init__(self, dim, heads, context_dim=None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.0 (to_out.1 was dropout)
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        B, N, C = x.shape
+        split = lambda y: y.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, N, C/heads)
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])  # net.1: dropout
+
+    def forward(self, x):
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, linear projection in, `depth` transformer blocks over the H*W tokens, projection out."""
+
+    def __init__(self, dim, heads, depth, context_dim, groups=32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, dim)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth)])
+        self.proj_out = nn.Linear(dim, dim)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, HW, C)
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks: one resolution level each. A down block returns every output it produced, for the skips.
+
+class DownBlock(nn.Module):
+    def __init__(self, cin, cout, cfg, level, add_downsample):
+        super().__init__()
+        depth, heads = cfg.transformer_depth[level], cfg.num_heads[level]
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, temb, g, eps)
+                                      for i in range(cfg.layers_per_block)])
+        if depth:
+            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g)
+                                             for _ in range(cfg.layers_per_block)])
+        if add_downsample:
+            self.downsamplers = nn.ModuleList([Downsample2D(cout)])
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin, cout, cprev, cfg, level, add_upsample):
+        super().__init__()
+        # level indexes the config in down order; this block mirrors it on the way up
+        depth, heads = cfg.transformer_depth[level], cfg.num_heads[level]
+        g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, cfg.layers_per_block + 1
+        # resnet i sees the previous output concatenated with a popped skip (the last skip is narrower)
+        self.resnets = nn.ModuleList([ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == n - 1 else cout),
+                                                    cout, temb, g, eps) for i in range(n)])
+        if depth:
+            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g)
+                                             for _ in range(n)])
+        if add_upsample:
+            self.upsamplers = nn.ModuleList([Upsample2D(cout)])
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, cfg):
+        super().__init__()
+        g, eps, temb = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb, g, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, cfg.num_heads[-1], cfg.transformer_depth[-1],
+                                                            cfg.cross_attention_dim, g)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The UNet
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = None):
+        super().__init__()
+        cfg = cfg or UNetConfig()
+        assert len(cfg.block_out_channels) == len(cfg.transformer_depth) == len(cfg.num_heads)
+        if cfg.transformer_depth[-1] == 0:
+            raise ValueError("the last level needs attention: SDXL's mid block is a cross-attention block")
+        self.config = cfg
+        ch, L = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
+        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1) for i in range(L)])
+        self.mid_block = MidBlock(ch[-1], cfg)
+        self.up_blocks = nn.ModuleList([UpBlock(ch[max(L - 2 - i, 0)], ch[L - 1 - i], ch[min(L - i, L - 1)],
+                                                cfg, L - 1 - i, i < L - 1) for i in range(L)])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False  # recompute block activations in backward (training memory)
+
+    def _run(self, module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def embed(self, t, pooled, time_ids, dtype):
+        """Time embedding plus SDXL's micro-conditioning: pooled text and the 6 time ids. -> (B, 4*C0)."""
+        t = t.reshape(-1) if torch.is_tensor(t) else torch.tensor([t])
+        t = t.to(pooled.device).expand(pooled.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, self.config.block_out_channels[0]).to(dtype))
+        ids = timestep_embedding(time_ids.reshape(-1), self.config.addition_time_embed_dim)  # (B*6, 256)
+        ids = ids.reshape(pooled.shape[0], -1)  # (B, 6*256)
+        return emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(dtype))
+
+    def encode(self, x, t, context, pooled, time_ids):
+        """conv_in .. mid_block. Returns (h, emb, skips); the discriminator backbone uses h (B, C, H/4, W/4)."""
+        emb = self.embed(t, pooled, time_ids, x.dtype)
+        h = self.conv_in(x)
+        skips = [h]                                            # push: conv_in output
+        for block in self.down_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = self._run(resnet, h, emb)
+                if hasattr(block, "attentions"):
+                    h = self._run(block.attentions[i], h, context)
+                skips.append(h)                                # push: every resnet(+attention) output
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)
+                skips.append(h)                                # push: every downsampler output
+        h = self._run(self.mid_block.resnets[0], h, emb)
+        h = self._run(self.mid_block.attentions[0], h, context)
+        h = self._run(self.mid_block.resnets[1], h, emb)
+        return h, emb, skips
+
+    def forward(self, x, t, context, pooled, time_ids):
+        """x (B, 4, H, W); t UNet timestep (0..999) scalar or (B,); context (B, 77, 2048);
+        pooled (B, 1280); time_ids (B, 6). Returns eps (or x0 for an x0 model), (B, 4, H, W)."""
+        h, emb, skips = self.encode(x, t, context, pooled, time_ids)
+        for block in self.up_blocks:
+            for i, resnet in enumerate(block.resnets):
+                h = torch.cat([h, skips.pop()], dim=1)         # pop: the matching down-path output
+                h = self._run(resnet, h, emb)
+                if hasattr(block, "attentions"):
+                    h = self._run(block.attentions[i], h, context)
+            if hasattr(block, "upsamplers"):
+                h = block.upsamplers[0](h)
+        assert not skips
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The original Stability (SGM) single-file layout: one table of renames, built from the config.
+# SGM numbers modules by position: input_blocks.k.{0: resnet or downsampler op, 1: attention},
+# middle_block.{0,1,2}, output_blocks.k.{0: resnet, 1: attention, last: upsampler}.
+
+SGM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+SGM_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "middle_block.1": "mid_block.attentions.0"}
+
+
+def sgm_unet_prefix_map(cfg: UNetConfig) -> dict:
+    """{sgm module prefix: (diffusers module prefix, is_resnet)} for every module of the UNet."""
+    m = {k: (v, False) for k, v in SGM_FIXED.items()}
+    m["middle_block.0"], m["middle_block.2"] = ("mid_block.resnets.0", True), ("mid_block.resnets.1", True)
+    L, n, k = len(cfg.block_out_channels), cfg.layers_per_block, 1
+    for b in range(L):
+        for i in range(n):
+            m[f"input_blocks.{k}.0"] = (f"down_blocks.{b}.resnets.{i}", True)
+            if cfg.transformer_depth[b]:
+                m[f"input_blocks.{k}.1"] = (f"down_blocks.{b}.attentions.{i}", False)
+            k += 1
+        if b < L - 1:
+            m[f"input_blocks.{k}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", False)
+            k += 1
+    k = 0
+    for b in range(L):
+        has_attn = cfg.transformer_depth[L - 1 - b] > 0
+        for i in range(n + 1):
+            m[f"output_blocks.{k}.0"] = (f"up_blocks.{b}.resnets.{i}", True)
+            if has_attn:
+                m[f"output_blocks.{k}.1"] = (f"up_blocks.{b}.attentions.{i}", False)
+            if i == n and b < L - 1:
+                m[f"output_blocks.{k}.{2 if has_attn else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", False)
+            k += 1
+    return m
+
+
+def sgm_to_diffusers_name(name: str, prefix_map: dict) -> str:
+    """One SGM parameter or module name (without 'model.diffusion_model.') -> the diffusers name."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
+        head = ".".join(parts[:cut])
+        if head in prefix_map:
+            new, is_resnet = prefix_map[head]
+            rest = ".".join(parts[cut:])
+            if is_resnet:
+                for old, repl in SGM_RESNET.items():
+                    if rest == old or rest.startswith(old + "."):
+                        rest = repl + rest[len(old):]
+                        break
+            return new + ("." + rest if rest else "")
+    raise KeyError(name)
+
+
+def config_from_sgm(sd: dict, prefix="model.diffusion_model.", source="checkpoint") -> UNetConfig:
+    """Derive the UNet architecture from SGM tensor names and shapes (no config in a single file).
+    Head width is taken as 64, as in SDXL; the 6 time ids have 256 sinusoidal channels each."""
+    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "label_emb.0.0.weight" not in keys:
+        raise ValueError(f"{source}: not an SDXL-architecture UNet (no {prefix}label_emb: an SD1.x/2.x checkpoint?)")
+    blocks, k = [], 1  # per level: [width, resnets, depth]
+    while f"input_blocks.{k}.0.op.weight" in keys or f"input_blocks.{k}.0.in_layers.0.weight" in keys:
+        if f"input_blocks.{k}.0.op.weight" in keys:
+            blocks.append(None)  # level boundary
+        else:
+            if not blocks or blocks[-1] is None:
+                blocks.append([0, 0, 0])
+            depth = len({kk.split(".")[4] for kk in keys if kk.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
+            blocks[-1] = [keys[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0], blocks[-1][1] + 1, depth]
+        k += 1
+    levels = [b for b in blocks if b is not None]
+    if not levels or len({b[1] for b in levels}) != 1:
+        raise ValueError(f"{source}: cannot derive the UNet's levels from its input_blocks")
+    to_k = [v for kk, v in keys.items() if kk.endswith("attn2.to_k.weight")]
+    add_in = keys["label_emb.0.0.weight"].shape[1]
+    return UNetConfig(in_channels=keys["input_blocks.0.0.weight"].shape[1], out_channels=keys["out.2.weight"].shape[0],
+                      block_out_channels=tuple(b[0] for b in levels), layers_per_block=levels[0][1],
+                      transformer_depth=tuple(b[2] for b in levels),
+                      num_heads=tuple(max(b[0] // 64, 1) for b in levels),
+                      cross_attention_dim=to_k[0].shape[1] if to_k else 2048,
+                      pooled_dim=add_in - 6 * 256)
+
+
+def unet_from_sgm_state_dict(sd: dict, prefix="model.diffusion_model.", cfg=None) -> dict:
+    """Rename SGM UNet tensors to diffusers names (the caller loads them strictly)."""
+    pm = sgm_unet_prefix_map(cfg or config_from_sgm(sd, prefix))
+    return {sgm_to_diffusers_name(k[len(prefix):], pm): v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def unet_to_sgm_state_dict(sd: dict, cfg: UNetConfig, prefix="model.diffusion_model.") -> dict:
+    """The reverse rename: diffusers-named tensors -> SGM names (for exports and tests)."""
+    pm = sgm_unet_prefix_map(cfg)
+    inverse = {}
+    for sgm, (dif, is_resnet) in pm.items():
+        inverse[dif] = (sgm, is_resnet)
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        for cut in range(len(parts), 0, -1):
+            head = ".".join(parts[:cut])
+            if head in inverse:
+                sgm, is_resnet = inverse[head]
+                rest = ".".join(parts[cut:])
+                if is_resnet:
+                    for old, new in SGM_RESNET.items():
+                        if rest == new or rest.startswith(new + "."):
+                            rest = old + rest[len(new):]
+                            break
+                out[prefix + sgm + "." + rest] = v
+                break
+        else:
+            raise KeyError(k)
+    return out

@@ -1,0 +1,290 @@
+"""The SDXL VAE (AutoencoderKL) in plain torch.
+
+Module names equal diffusers' `AutoencoderKL` checkpoint keys; the original Stability (SGM) layout
+(`first_stage_model.*`, attention as 1x1 convs, decoder levels numbered bottom-up) loads through
+`vae_from_sgm_state_dict`. Latents are `mean * scaling_factor` (0.13025 for SDXL). The SDXL VAE
+overflows in fp16 (diffusers' `force_upcast`): decode in float32 or bfloat16.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3                               # image channels
+    out_channels: int = 3                              # image channels out
+    latent_channels: int = 4                           # latent channels (the UNet's in/out)
+    block_out_channels: tuple = (128, 256, 512, 512)   # encoder widths, top to bottom; 3 downsamples = 8x
+    layers_per_block: int = 2                          # resnets per encoder level (decoder: one more)
+    norm_num_groups: int = 32                          # GroupNorm groups
+    scaling_factor: float = 0.13025                    # latents = mean * scaling_factor (SDXL)
+
+    @property
+    def downscale(self):
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source="config.json"):
+        if cfg.get("latent_channels", 4) != 4 or cfg.get("latents_mean") is not None:
+            raise ValueError(f"{source}: not an SDXL-architecture VAE (latent_channels={cfg.get('latent_channels')})")
+        return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                   latent_channels=cfg.get("latent_channels", 4), block_out_channels=tuple(cfg["block_out_channels"]),
+                   layers_per_block=cfg.get("layers_per_block", 2), norm_num_groups=cfg.get("norm_num_groups", 32),
+                   scaling_factor=cfg.get("scaling_factor", 0.13025))
+
+    def to_diffusers(self) -> dict:
+        n = len(self.block_out_channels)
+        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "latent_channels": self.latent_channels, "block_out_channels": list(self.block_out_channels),
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+                "layers_per_block": self.layers_per_block, "norm_num_groups": self.norm_num_groups,
+                "act_fn": "silu", "scaling_factor": self.scaling_factor, "force_upcast": True, "sample_size": 1024}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions of the lowest level."""
+
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(ch, ch), nn.Linear(ch, ch), nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (m(h)[:, None] for m in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        h = self.to_out[0](h).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + h
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, groups), ResnetBlock2D(ch, ch, groups)])
+        self.attentions = nn.ModuleList([Attention(ch, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as the original VAE was trained
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: resnets, then an optional down- or upsampler."""
+
+    def __init__(self, cin, cout, n, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, groups) for i in range(n)])
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample2D(cout)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample2D(cout)])
+
+    def forward(self, x):
+        for r in self.resnets:
+            x = r(x)
+        for s in getattr(self, "downsamplers", []) or getattr(self, "upsamplers", []):
+            x = s(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder, decoder, the whole
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < n - 1)
+                                          for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and logvar
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for b in self.down_blocks:
+            x = b(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < n - 1)
+                                        for i in range(n)])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for b in self.up_blocks:
+            x = b(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: VAEConfig = None):
+        super().__init__()
+        self.config = cfg = cfg or VAEConfig()
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> mean, logvar (B, 4, H/8, W/8), unscaled (diffusers' latent_dist)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        """z unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    # Latent-space helpers in the UNet's scale; `slice_size` bounds memory for large batches
+    # (the paper's "VAE slicing").
+    def encode_latents(self, pixels, slice_size=4, sample=False, generator=None):
+        out = []
+        for x in pixels.split(slice_size):
+            mean, logvar = self.encode(x)
+            if sample:
+                mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator,
+                                                                  device=generator.device if generator else None).to(mean)
+            out.append(mean * self.config.scaling_factor)
+        return torch.cat(out)
+
+    def decode_latents(self, latents, slice_size=1):
+        return torch.cat([self.decode(z / self.config.scaling_factor) for z in latents.split(slice_size)])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The SGM single-file layout (`first_stage_model.*`)
+
+SGM_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+SGM_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def sgm_vae_name(name: str, n_levels: int) -> str:
+    """One SGM VAE name (without 'first_stage_model.') -> the diffusers name."""
+    p = name.split(".")
+    if p[0] in ("encoder", "decoder"):
+        if p[1] in ("down", "up"):  # encoder.down.i.block.j / downsample; decoder.up.i counts bottom-up
+            i = int(p[2]) if p[1] == "down" else n_levels - 1 - int(p[2])
+            blocks = "down_blocks" if p[1] == "down" else "up_blocks"
+            if p[3] == "block":
+                rest = SGM_VAE_RESNET.get(p[5], p[5])
+                return ".".join([p[0], blocks, str(i), "resnets", p[4], rest] + p[6:])
+            sampler = {"downsample": "downsamplers.0", "upsample": "upsamplers.0"}[p[3]]
+            return ".".join([p[0], blocks, str(i), sampler] + p[4:])
+        if p[1] == "mid":
+            if p[2].startswith("block_"):
+                rest = SGM_VAE_RESNET.get(p[3], p[3])
+                return ".".join([p[0], "mid_block.resnets", str(int(p[2][-1]) - 1), rest] + p[4:])
+            return ".".join([p[0], "mid_block.attentions.0", SGM_VAE_ATTN[p[3]]] + p[4:])
+        if p[1] == "norm_out":
+            return ".".join([p[0], "conv_norm_out"] + p[2:])
+    return name  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+
+
+def vae_from_sgm_state_dict(sd: dict, prefix="first_stage_model.", n_levels=None) -> dict:
+    """Rename SGM VAE tensors to diffusers names; attention 1x1 conv weights become Linear weights."""
+    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    n_levels = n_levels or len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
+    out = {}
+    for k, v in keys.items():
+        name = sgm_vae_name(k, n_levels)
+        if ".attentions." in name and name.endswith("weight") and v.ndim == 4:
+            v = v[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
+        out[name] = v
+    return out
+
+
+def config_from_sgm(sd: dict, prefix="first_stage_model.", source="checkpoint") -> VAEConfig:
+    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "encoder.conv_in.weight" not in keys:
+        raise ValueError(f"{source}: no VAE ({prefix}encoder.*) in this file")
+    n = len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
+    widths = tuple(keys[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n))
+    layers = len({k.split(".")[4] for k in keys if k.startswith("encoder.down.0.block.")})
+    return VAEConfig(in_channels=keys["encoder.conv_in.weight"].shape[1], out_channels=keys["decoder.conv_out.weight"].shape[0],
+                     latent_channels=keys["post_quant_conv.weight"].shape[0], block_out_channels=widths,
+                     layers_per_block=layers)
+
+
+def vae_to_sgm_state_dict(sd: dict, cfg: VAEConfig, prefix="first_stage_model.") -> dict:
+    """The reverse rename (for tests and exports): diffusers names -> SGM names, 1x1-conv attention."""
+    n = len(cfg.block_out_channels)
+    # Enumerate SGM names from the diffusers names by inverting sgm_vae_name over a candidate list.
+    out = {}
+    inverse = {}
+    for k in sd:
+        inverse[k] = None
+    for name in _sgm_vae_names(cfg):
+        d = sgm_vae_name(name, n)
+        if d in inverse:
+            inverse[d] = name
+    missing = [k for k, v in inverse.items() if v is None]
+    if missing:
+        raise KeyError(f"no SGM name for {missing[:5]}")
+    for k, v in sd.items():
+        if ".attentions." in k and k.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[prefix + inverse[k]] = v
+    return out
+
+
+def _sgm_vae_names(cfg):
+    n, L = len(cfg.block_out_channels), cfg.layers_per_block
+    res = ["norm1", "conv1", "norm2", "conv2", "nin_shortcut"]
+    names = ["quant_conv", "post_quant_conv"]
+    for part, lvl, m in (("encoder", "down", L), ("decoder", "up", L + 1)):
+        names += [f"{part}.conv_in", f"{part}.conv_out", f"{part}.norm_out"]
+        names += [f"{part}.mid.block_{i}.{r}" for i in (1, 2) for r in res]
+        names += [f"{part}.mid.attn_1.{a}" for a in SGM_VAE_ATTN]
+        for i in range(n):
+            names += [f"{part}.{lvl}.{i}.block.{j}.{r}" for j in range(m) for r in res]
+            names += [f"{part}.{lvl}.{i}.{lvl}sample.conv"]
+    return [f"{n_}.{w}" for n_ in names for w in ("weight", "bias")]
