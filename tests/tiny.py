@@ -41,3 +41,44 @@ def randomize(module, seed):
 def report(name, a, b):
     d = (a.double() - b.double()).abs()
     print(f"{name}: max abs err {d.max().item():.3e}, mean {d.mean().item():.3e}")
+
+
+def make_tiny_base(root, seed=0):
+    """A tiny SDXL base in the diffusers layout (model_index.json, unet/ vae/ text_encoder*/ tokenizer*/
+    scheduler/), written by diffusers itself. Returns the diffusers pipeline."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from tests.tiny_text import make_tiny_text_folder
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    make_tiny_text_folder(root)
+    pipe = StableDiffusionXLPipeline(
+        vae=diffusers_vae(seed=seed), unet=diffusers_unet(seed=seed),
+        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2"),
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, steps_offset=1))
+    pipe.save_pretrained(root)
+    return pipe
+
+
+def lightning_scheduler(pipe, prediction="epsilon"):
+    """The SDXL-Lightning model card's scheduler override."""
+    from diffusers import EulerDiscreteScheduler
+    return EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                              prediction_type=prediction)
+
+
+def fill_hub_cache(cache, repo_id, files):
+    """Put `files` {path in repo: local file} into a Hugging Face hub cache laid out as huggingface_hub
+    writes it (refs/main -> snapshots/<commit>/...), so HF_HUB_OFFLINE=1 finds them with no network."""
+    import shutil
+    from pathlib import Path
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for rel, src in files.items():
+        dst = repo / "snapshots" / commit / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)

@@ -1,0 +1,296 @@
+"""
+SDXL-Lightning (arXiv 2402.13929), the method itself: no I/O, no model code.
+
+Time is the paper's integer t in 0..T, T = 1000, with alpha_bar(0) = 1 (clean data). A UNet is
+called with t - 1 (its embedding index); the callers' wrappers do that. Every `model` here is a
+callable model(x_t, t) -> u with t a (B,) long tensor of paper time and u an epsilon or an x0
+("sample") prediction. Read top to bottom: schedule, Eq. (1)-(5), sampling, distillation, the
+stage table.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+T = 1000
+PREDICTIONS = ("epsilon", "sample")  # diffusers' names for eps- and x0-prediction
+RENOISE_T = (10, 250, 500, 750)  # Sec. 3.7.2: t* for the discriminator's input
+
+# -----------------------------------------------------------------------------
+# schedule
+
+_ALPHAS = []  # the float32 schedule, computed once
+_ABAR = {}  # device -> (1001,) alpha_bar with alpha_bar(0) = 1 in front
+
+
+def alphas_cumprod():
+    """SDXL's scaled-linear schedule, in float32 exactly as diffusers computes it. (1000,)"""
+    if not _ALPHAS:
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float32) ** 2
+        _ALPHAS.append(torch.cumprod(1.0 - betas, dim=0))
+    return _ALPHAS[0]
+
+
+def alpha_bar(t):
+    """alpha_bar(t) = alphas_cumprod[t - 1] for t >= 1 and 1 at t = 0. (B,) long -> (B,) float32"""
+    t = torch.as_tensor(t)
+    if t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"lightning_min: t must be an integer tensor, got {t.dtype}")
+    if t.numel() and (t.min() < 0 or t.max() > T):
+        raise ValueError(f"lightning_min: t must lie in 0..{T}, got {t.min().item()}..{t.max().item()}")
+    if t.device not in _ABAR:
+        _ABAR[t.device] = torch.cat([torch.ones(1), alphas_cumprod()]).to(t.device)
+    return _ABAR[t.device][t]
+
+
+def _ab(t, x):
+    """alpha_bar(t) shaped to broadcast over x: an int or (B,) -> (B, 1, 1, 1), float32."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    return alpha_bar(t).view(-1, *[1] * (x.ndim - 1))
+
+
+def _check(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"lightning_min: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+# -----------------------------------------------------------------------------
+# Eq. (1)-(5): the flow. All math in float32 whatever the inputs' dtype (promotion does it).
+
+
+def forward(x0, eps, t):
+    """Eq. (1): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+    a = _ab(t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def forward_fixed(x0, eps, t):
+    """Eq. (24): pure noise at t = T (SDXL's schedule never reaches it), Eq. (1) elsewhere."""
+    t = torch.as_tensor(t, device=x0.device).expand(x0.shape[0])
+    at_T = (t == T).view(-1, *[1] * (x0.ndim - 1))
+    return torch.where(at_T, eps.float(), forward(x0, eps, t))
+
+
+def to_x0(xt, eps, t):
+    """Eq. (3): x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    a = _ab(t, xt)
+    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def to_eps(xt, x0, t):
+    """Eq. (4): eps = (x_t - sqrt(alpha_bar_t) x0) / sqrt(1 - alpha_bar_t). Undefined at t = 0."""
+    a = _ab(t, xt)
+    return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def move(xt, u, t, t_next, prediction="epsilon"):
+    """Eq. (5): move(x_t, u, t, t') = forward(x(x_t, u, t), eps(x_t, u, t), t'), a DDIM step.
+    With trailing timesteps it is the same map as diffusers' Euler step in sigma space."""
+    _check(prediction)
+    if prediction == "epsilon":
+        x0, eps = to_x0(xt, u, t), u
+    else:  # an x0 model at t = 0 has no defined eps; nobody moves from clean data
+        x0, eps = u, to_eps(xt, u, t)
+    return forward(x0, eps, t_next)
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def trailing_timesteps(n):
+    """diffusers' timestep_spacing="trailing" in paper time: [1000, ..., 1000/n, 0] (n + 1 values)."""
+    if not 1 <= n <= T:
+        raise ValueError(f"lightning_min: steps must be in 1..{T}, got {n}")
+    return [round(T - k * T / n) for k in range(n)] + [0]
+
+
+def cfg(model_cond, model_uncond, scale):
+    """Classifier-free guidance: u = u_uncond + scale (u_cond - u_uncond), the order diffusers
+    uses. scale <= 1 returns model_cond itself (diffusers switches CFG on only above 1), so the
+    Lightning models cost one evaluation. A caller that wants one batched UNet call for both can
+    pass any model with the same effect; this combinator is the readable form."""
+    if scale <= 1:
+        return model_cond
+
+    def guided(x, t):
+        u_uncond = model_uncond(x, t)
+        return u_uncond + scale * (model_cond(x, t) - u_uncond)
+    return guided
+
+
+@torch.no_grad()
+def sample(model, x, steps, prediction="epsilon", progress=False):
+    """Eq. (5) repeated from t = T to 0 on the trailing grid. x is the initial noise ~N(0, I).
+    diffusers starts from init_noise_sigma * noise and scales it by 1/sqrt(sigma^2 + 1), so the
+    model first sees sqrt(1 - alpha_bar_T) * noise, not the pure noise of Eq. (24); we match it."""
+    ts = trailing_timesteps(steps)
+    x = x.float() * (1 - alpha_bar(torch.tensor([T]))).sqrt().item()
+    pairs = list(zip(ts[:-1], ts[1:]))
+    for t, t_next in tqdm(pairs, disable=not progress):
+        t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        x = move(x, model(x, t_b).float(), t_b, t_next, prediction)
+    return x
+
+# -----------------------------------------------------------------------------
+# distillation: progressive (Eq. 6-16), adversarial (Eq. 17-21), the x0 switch (Eq. 27-29)
+
+
+def _unround(t, s):
+    """The unrounded trailing-grid time behind t: 1000 - j s when t = round(1000 - j s), else t.
+    Keeps a rollout on the teacher's own grid, e.g. 969 -> 968.75 on the 128-step grid."""
+    t = t.double()
+    j = torch.round((T - t) / s)
+    on_grid = torch.round(T - j * s) == t
+    return torch.where(on_grid, T - j * s, t)
+
+
+def target_time(t, n, teacher_steps):
+    """t - n s clamped at 0, s = 1000 / teacher_steps: the paper's t - ns for Eq. (13)-(15).
+    Exactly: u = 1000 - j s if t = round(1000 - j s) for an integer j (t on the teacher's trailing
+    grid), else u = t; then max(round(u - n s), 0) with round-half-to-even, as diffusers rounds.
+    On the grid the target is the grid point n teacher steps later, e.g. 32to8: 1000 -> 875."""
+    s = T / teacher_steps
+    t = torch.as_tensor(t)
+    return torch.round(_unround(t, s) - n * s).clamp(min=0).long()
+
+
+@torch.no_grad()
+def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None):
+    """Eq. (7)-(13): n teacher moves from t to t_target, per sample (t may differ per sample).
+    s is the teacher's step (1000 / teacher_steps): given, the moves land on the teacher's
+    trailing grid, round(u - k s) as in target_time, and a move that would pass t_target stops
+    there (the paper's "t - ns clamped"), the remaining moves being skipped. None spreads the n
+    moves evenly over [t_target, t]; both agree when t_target = t - n s on the grid. Intermediate
+    times are rounded to integers; the last move always lands on t_target."""
+    t, t_target = t.long(), t_target.long().to(t.device)
+    if s is None:
+        start, s = t.double(), (t - t_target).double() / n
+    else:
+        start = _unround(t, s)
+    x, cur = x_t.float(), t
+    for k in range(1, n + 1):
+        nxt = t_target if k == n else torch.maximum(torch.round(start - k * s).long(), t_target)
+        active = nxt < cur  # samples already at t_target stay put
+        if active.any():
+            moved = move(x, teacher(x, cur).float(), cur, nxt, prediction)
+            x = torch.where(active.view(-1, *[1] * (x.ndim - 1)), moved, x)
+        cur = nxt
+    return x
+
+
+def student_jump(student, x_t, t, t_target, prediction):
+    """Eq. (14)-(15): one student move from t straight to t - ns, with gradients."""
+    return move(x_t, student(x_t, t).float(), t, t_target, prediction)
+
+
+def loss_mse(x_hat, x_target):
+    """Eq. (16): ||x_hat_{t-ns} - x_{t-ns}||^2, mean over elements."""
+    return F.mse_loss(x_hat.float(), x_target.float())
+
+
+def loss_d(logit_real, logit_fake):
+    """Eq. (20): -log p - log(1 - p_hat) with p = sigmoid(logit), as softplus for stability."""
+    return F.softplus(-logit_real.float()).mean() + F.softplus(logit_fake.float()).mean()
+
+
+def loss_g(logit_fake):
+    """Eq. (21): non-saturating -log p_hat = softplus(-logit_fake)."""
+    return F.softplus(-logit_fake.float()).mean()
+
+
+def loss_convert(x0_online, x_t, eps_frozen, t):
+    """Eq. (27)-(29): ||x0_online - x(x_t, eps_frozen, t)||^2, the frozen eps model as x0 target."""
+    return F.mse_loss(x0_online.float(), to_x0(x_t, eps_frozen.float(), t))
+
+
+def renoise_timesteps(generator, batch, weights=(1, 1, 1, 1)):
+    """Sec. 3.7.2: t* drawn from {10, 250, 500, 750} with weights 1:1:1:1, later 5:1:1:1, for
+    Eq. (25)-(26). (B,) long, on the generator's device."""
+    if len(weights) != len(RENOISE_T) or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"lightning_min: weights must be 4 non-negative numbers, got {weights}")
+    w = torch.tensor(weights, dtype=torch.float, device=generator.device)
+    idx = torch.multinomial(w, batch, replacement=True, generator=generator)
+    return torch.tensor(RENOISE_T, device=generator.device)[idx]
+
+
+def student_timesteps(student_steps):
+    """Sec. 3.7.1: the student trains at its own trailing timesteps (0 excluded); the 2- and 1-step
+    students at {250, 500, 750, 1000} for stability (and SDEdit at those t)."""
+    if student_steps <= 2:
+        return [1000, 750, 500, 250]
+    return trailing_timesteps(student_steps)[:-1]
+
+# -----------------------------------------------------------------------------
+# the stage table (Sec. 3.6, 3.7)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    teacher_steps: int  # the teacher's steps; 128 = SDXL base sampled on a 128-step grid
+    student_steps: int  # the steps the student is trained to sample with
+    n: int  # teacher steps per student step (teacher_steps / student_steps)
+    phases: tuple  # in training order
+    cfg: float = 1.0  # teacher guidance scale, zero uncond; 6.0 only in 128to32, <= 1 is off
+    skip_level_steps: int | None = None  # Sec. 3.4: the teacher one level further up, or None
+    skip_level_phases: tuple = ()  # phases that use the skip-level teacher
+
+    def __post_init__(self):
+        if self.teacher_steps != self.n * self.student_steps:
+            raise ValueError(f"lightning_min: stage {self.name}: n * student_steps != teacher_steps")
+
+
+STAGES = {s.name: s for s in [
+    Stage("128to32", 128, 32, 4, ("mse",), cfg=6.0),
+    Stage("32to8", 32, 8, 4, ("cond", "uncond", "full")),
+    Stage("8to4", 8, 4, 2, ("cond", "uncond", "full")),
+    Stage("4to2", 4, 2, 2, ("cond", "uncond", "full"),
+          skip_level_steps=8, skip_level_phases=("uncond", "full")),
+    Stage("2to1", 2, 1, 2, ("convert", "cond", "uncond"),
+          skip_level_steps=4, skip_level_phases=("uncond",)),
+]}
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    stage: str
+    phase: str
+    loss: str  # "mse" Eq. (16), "adversarial" Eq. (20)-(21), "convert" Eq. (29)
+    lora: bool  # train a LoRA (teacher = student with LoRA off) or the whole UNet
+    discriminator: str | None  # "conditional" Eq. (22), "unconditional" Eq. (23), None
+    teacher_steps: int  # the teacher of this phase (skip-level where it applies)
+    n: int  # its steps per student step
+    cfg: float  # teacher guidance scale
+    student_prediction: str  # "epsilon", or "sample" (x0) for the 1-step model (Sec. 3.7.3)
+    teacher_prediction: str  # always "epsilon": only the 1-step student switches
+    timesteps: tuple  # the student's training timesteps (Sec. 3.7.1)
+    lr: float  # Adam, student and discriminator alike
+    betas: tuple
+    weight_decay: float = 0.0
+
+
+def phase_spec(stage, phase):
+    """Everything train.py needs for one phase of one stage (Sec. 3.4, 3.6, 3.7)."""
+    if stage not in STAGES:
+        raise ValueError(f"lightning_min: unknown stage {stage!r}, valid: {list(STAGES)}")
+    st = STAGES[stage]
+    if phase not in st.phases:
+        raise ValueError(f"lightning_min: stage {stage} has no phase {phase!r}, valid: {list(st.phases)}")
+    # A skip-level teacher covers the same student step in more, smaller steps: a 2-step student
+    # step is 500 of t, which the 8-step teacher (s = 125) covers in n = 2 * 8/4 = 4 steps.
+    steps = st.skip_level_steps if phase in st.skip_level_phases else st.teacher_steps
+    # LoRA in the two adversarial objectives (Sec. 3.6), not for the 1-step model (Sec. 3.7.3);
+    # the paper names no LoRA for the MSE stage, so mse trains the whole UNet
+    lora = phase in ("cond", "uncond") and stage != "2to1"
+    if phase in ("mse", "convert"):  # MSE: Sec. 3.6's 128to32 settings; convert: our choice, same
+        loss, disc, lr, betas = phase, None, 1e-5, (0.9, 0.999)
+    else:
+        loss, disc = "adversarial", "conditional" if phase == "cond" else "unconditional"
+        lr, betas = (1e-6 if lora else 5e-7), (0.0, 0.99)
+    return PhaseSpec(
+        stage=stage, phase=phase, loss=loss, lora=lora, discriminator=disc, teacher_steps=steps,
+        n=st.n * steps // st.teacher_steps, cfg=st.cfg,
+        student_prediction="sample" if stage == "2to1" else "epsilon", teacher_prediction="epsilon",
+        timesteps=tuple(student_timesteps(st.student_steps)), lr=lr, betas=betas)
