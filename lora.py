@@ -1,0 +1,302 @@
+"""LoRA for our SDXL UNet in plain torch: the kohya file format, merging, training layers, saving.
+
+Sec. 3.6: at each adversarial stage the paper first trains a LoRA, then merges it and trains the whole
+UNet further; its LoRA settings are LCM-LoRA's, rank 64 on every conv and linear weight except the input
+and output convs and the shared time-embedding linears (`TARGET_EXCLUDE`), released with alpha 8 as
+`sdxl_lightning_{2,4,8}step_lora.safetensors` (Sec. 2.6: plug-and-play on other base models). A LoRA
+adds a low-rank update to a frozen weight, W' = W + (alpha / rank) * up @ down, with `down` (rank, in)
+and `up` (out, rank). For a conv, `down` is a conv with the base kernel (3x3 or 1x1) to `rank` channels
+and `up` a 1x1 conv, so the composition is again one conv of the base kernel and merges exactly.
+
+The kohya format stores, per wrapped module, `lora_unet_<path with '.' -> '_'>.lora_down.weight`,
+`.lora_up.weight` and a scalar `.alpha` (absent means alpha = rank). The path is spelled either as
+the diffusers module path (`down_blocks_1_attentions_0_...`) or as the original Stability (SGM) one
+(`input_blocks_4_1_...`); '_' makes names ambiguous, so both spellings are looked up in tables built
+from the UNet's real module names instead of being parsed.
+
+Read top to bottom: targets and names, the lookup tables, reading and merging files, then the
+training side (hooks on the targets, enable/disable, state dict, save, merge-and-remove).
+"""
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+import unet as unet_mod
+
+TARGET_EXCLUDE = ("conv_in", "conv_out", "time_embedding.", "add_embedding.")
+SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Targets and names
+
+def _unwrap(model):
+    """DDP keeps the UNet in `.module`; everything here works on the UNet itself."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _base_modules(unet):
+    """Every Linear/Conv2d of the UNet proper, skipping the LoRA layers themselves (`unet.lora.*`)."""
+    return [(n, m) for n, m in unet.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith("lora.")]
+
+
+def lora_targets(unet) -> list:
+    """Module names of every Linear/Conv2d the released LoRAs wrap (788 on SDXL)."""
+    return [n for n, _ in _base_modules(_unwrap(unet)) if not n.startswith(TARGET_EXCLUDE)]
+
+
+def kohya_name(module_name) -> str:
+    return "lora_unet_" + module_name.replace(".", "_")
+
+
+def _sgm_inverse(cfg):
+    """unet.sgm_unet_prefix_map and SGM_RESNET inverted: ({diffusers prefix: (SGM prefix, is_resnet)},
+    {diffusers resnet inner name: SGM inner name})."""
+    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in unet_mod.sgm_unet_prefix_map(cfg).items()}
+    resnet_inverse = {new: old for old, new in unet_mod.SGM_RESNET.items()}
+    return inverse, resnet_inverse
+
+
+def _to_sgm(name, inverse, resnet_inverse):
+    """One diffusers module name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
+        head = ".".join(parts[:cut])
+        if head in inverse:
+            sgm, is_resnet = inverse[head]
+            rest = ".".join(parts[cut:])
+            if is_resnet and rest in resnet_inverse:
+                rest = resnet_inverse[rest]  # conv1 -> in_layers.2, time_emb_proj -> emb_layers.1, ...
+            return sgm + ("." + rest if rest else "")
+    return None
+
+
+def lookup_table(unet) -> dict:
+    """{kohya name in either spelling: diffusers module name} for every Linear/Conv2d of the UNet.
+    Merging accepts any of them (a superset of `lora_targets`); add_lora wraps only the targets."""
+    unet = _unwrap(unet)
+    names = [n for n, _ in _base_modules(unet)]
+    table = {kohya_name(n): n for n in names}
+    cfg = getattr(unet, "config", None)
+    if isinstance(cfg, unet_mod.UNetConfig):
+        inverse, resnet_inverse = _sgm_inverse(cfg)
+        for n in names:
+            sgm = _to_sgm(n, inverse, resnet_inverse)
+            if sgm is None:
+                continue
+            k = kohya_name(sgm)
+            if table.get(k, n) != n:  # would silently merge into the wrong layer
+                raise ValueError(f"lora.py: SGM name {k} is ambiguous ({table[k]} and {n})")
+            table[k] = n
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading and merging kohya files
+
+def read_lora(path) -> dict:
+    """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        sd = load_file(path, device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    if not any(k.endswith(".lora_down.weight") for k in sd):
+        raise ValueError(f"{path}: not a kohya LoRA (no '*.lora_down.weight' tensors; {len(sd)} tensors, "
+                         f"first {sorted(sd)[:3]})")
+    return sd
+
+
+def _few(keys, n=5):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)} in all)")
+
+
+def _expected_shapes(module, rank):
+    """(down shape, up shape) a LoRA of this rank must have on this module."""
+    if isinstance(module, nn.Linear):
+        return (rank, module.in_features), (module.out_features, rank)
+    return (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+
+
+def _group(lora_sd, table, modules, source):
+    """Validate every key and shape of a kohya state dict. -> {module name: (down, up, alpha or None)}."""
+    layers, unknown, text = {}, [], []
+    for k in lora_sd:
+        name, _, suffix = k.partition(".")
+        if name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+            text.append(k)
+        elif suffix not in SUFFIXES or name not in table:
+            unknown.append(k)
+        else:
+            layers.setdefault(name, {})[suffix] = lora_sd[k]
+    if text:
+        raise ValueError(f"{source}: text-encoder LoRA keys are not supported (UNet LoRAs only): {_few(text)}")
+    if unknown:
+        raise ValueError(f"{source}: unknown LoRA keys, not 'lora_unet_<module>.{{lora_down.weight,"
+                         f"lora_up.weight,alpha}}' of a Linear/Conv2d of this UNet: {_few(unknown)}")
+    incomplete = [n for n, p in layers.items() if "lora_down.weight" not in p or "lora_up.weight" not in p]
+    if incomplete:
+        raise ValueError(f"{source}: layers without both lora_down and lora_up weights: {_few(incomplete)}")
+    out, bad = {}, []
+    for name, p in layers.items():
+        module_name = table[name]
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        want = _expected_shapes(modules[module_name], down.shape[0])
+        if (tuple(down.shape), tuple(up.shape)) != want:
+            bad.append(f"{name} down {tuple(down.shape)} up {tuple(up.shape)}, expected {want[0]} {want[1]}")
+            continue
+        alpha = p.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            bad.append(f"{name}.alpha has shape {tuple(alpha.shape)}, expected a scalar")
+            continue
+        if module_name in out:
+            bad.append(f"{name}: {module_name} appears twice (both the diffusers and the SGM spelling)")
+            continue
+        out[module_name] = (down, up, None if alpha is None else float(alpha))
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} LoRA layers do not fit this UNet: " + "; ".join(bad[:3]))
+    if not out:
+        raise ValueError(f"{source}: holds no LoRA layers")
+    return out
+
+
+@torch.no_grad()
+def _fuse(weight, down, up, factor):
+    """W += factor * up @ down, computed in float32, stored in the weight's dtype."""
+    d = down.to(weight.device, torch.float32).flatten(1)  # (rank, in * kh * kw)
+    u = up.to(weight.device, torch.float32).flatten(1)    # (out, rank): the up conv is 1x1
+    delta = (u @ d).reshape(weight.shape)                 # (out, in[, kh, kw])
+    weight.copy_((weight.float() + factor * delta).to(weight.dtype))
+
+
+def merge_lora(unet, lora_sd, scale=1.0, source="lora") -> int:
+    """Fuse a kohya LoRA into the UNet weights in place: W += scale * alpha / rank * up @ down.
+    Every key and shape is checked first, so a bad file changes nothing. Returns the layers merged."""
+    unet = _unwrap(unet)
+    modules = dict(_base_modules(unet))
+    layers = _group(lora_sd, lookup_table(unet), modules, source)
+    for module_name, (down, up, alpha) in layers.items():
+        rank = down.shape[0]
+        _fuse(modules[module_name].weight, down, up, scale * (rank if alpha is None else alpha) / rank)
+    return len(layers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: LoRA layers called by forward hooks on the targets
+
+class LoRALayer(nn.Module):
+    """down then up, scaled by alpha / rank; `alpha` is a buffer so the state dict is kohya's."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        kw = dict(device=base.weight.device, dtype=torch.float32)  # trainable params stay float32
+        if isinstance(base, nn.Linear):
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False, **kw)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False, **kw)
+        else:
+            if base.groups != 1 or base.dilation != (1, 1):
+                raise ValueError(f"lora.py: conv with groups={base.groups}, dilation={base.dilation} is unsupported")
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       bias=False, **kw)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **kw)
+        self.rank = rank
+        self.enabled = True  # off: the base model (the teacher in LoRA phases)
+        self.register_buffer("alpha", torch.tensor(float(alpha), device=kw["device"]))
+        # kohya and peft: down like nn.Linear's default init, up zero so training starts at the base model
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        # the base may be bf16/fp16 while these are fp32; under autocast the matmuls run in bf16 anyway
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * (self.alpha / self.rank)
+
+
+def _lora_hook(module, args, out):
+    # The layer hangs off the base module unregistered (not a submodule, so no duplicate state-dict
+    # keys); a deepcopy of the UNet copies it along with `unet.lora`, so copies never share LoRA layers.
+    layer = module.__dict__["_lora_layer"]
+    return out + layer(args[0]).to(out.dtype) if layer.enabled else out
+
+
+def add_lora(unet, rank=64, alpha=8.0) -> nn.ModuleDict:
+    """Register trainable LoRA layers as `unet.lora` (keyed by kohya names) and forward hooks on every
+    target, so out = base(x) + (alpha / rank) * up(down(x)). The layers are submodules of the UNet,
+    so optimizers, DDP, checkpointing and .to() see them; the hooks rerun under activation recompute."""
+    unet = _unwrap(unet)
+    if hasattr(unet, "lora"):
+        raise ValueError("add_lora: this UNet already has LoRA layers (unet.lora); merge_and_remove_lora first")
+    if rank < 1:
+        raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
+    lora_dict = nn.ModuleDict()
+    for name, module in _base_modules(unet):
+        if name.startswith(TARGET_EXCLUDE):
+            continue
+        layer = LoRALayer(module, rank, alpha)
+        lora_dict[kohya_name(name)] = layer
+        module.__dict__["_lora_layer"] = layer
+        layer.__dict__["_hook_handle"] = module.register_forward_hook(_lora_hook)
+    unet.lora = lora_dict
+    return lora_dict
+
+
+def _lora_dict(unet):
+    unet = _unwrap(unet)
+    if not isinstance(getattr(unet, "lora", None), nn.ModuleDict):
+        raise ValueError("this UNet has no LoRA layers (call lora.add_lora(unet) first)")
+    return unet.lora
+
+
+def set_lora_enabled(unet, enabled: bool):
+    """LoRA off gives the base model back: the teacher is the student with LoRA off, no second copy."""
+    for layer in _lora_dict(unet).values():
+        layer.enabled = bool(enabled)
+
+
+def lora_state_dict(unet) -> dict:
+    """Kohya format: `<kohya name>.lora_down.weight`, `.lora_up.weight`, `.alpha` (detached)."""
+    return {k: v.detach() for k, v in _lora_dict(unet).state_dict().items()}
+
+
+def save_lora(unet, path, dtype=torch.float16):
+    """Write the LoRA as a kohya `.safetensors` (diffusers' load_lora_weights and ComfyUI read it).
+    Atomic: a temp file next to `path`, then os.replace, so a crash never leaves half a file."""
+    from safetensors.torch import save_file
+    lora_dict = _lora_dict(unet)
+    sd = {k: v.to("cpu", dtype).contiguous() for k, v in lora_state_dict(unet).items()}
+    first = next(iter(lora_dict.values()))  # add_lora gives every layer the same rank and alpha
+    meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
+            "ss_network_alpha": f"{float(first.alpha):g}"}
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def merge_and_remove_lora(unet) -> None:
+    """Fuse the trained LoRA into the weights (whether enabled or not), remove the hooks and
+    `unet.lora`: a plain UNet whose state dict has exactly the diffusers keys again."""
+    unet = _unwrap(unet)
+    sd = lora_state_dict(unet)  # raises if there is no LoRA
+    for name, module in _base_modules(unet):
+        if "_lora_layer" in module.__dict__:
+            module.__dict__.pop("_lora_layer").__dict__.pop("_hook_handle").remove()
+    del unet.lora
+    merge_lora(unet, sd, source="unet.lora")
+
+
+def base_state_dict(unet) -> dict:
+    """The UNet's state dict without the LoRA entries (what a full-UNet checkpoint holds)."""
+    return {k: v for k, v in _unwrap(unet).state_dict().items() if not k.startswith("lora.")}
