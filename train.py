@@ -351,6 +351,14 @@ class Phase:
             grid.paste(im, ((i % 2) * res, (i // 2) * res))
         grid.save(self.dir / f"samples_{self.step:06d}.png")
 
+    def write_meta(self):
+        """phase.json: what this phase trains with, for the reader of a run folder (and the tests)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta = {"stage": self.stage, "phase": self.phase, "teacher": self.teacher_src,
+                "teacher_is_student_without_lora": self.teacher_is_student, "trainable_params": self.n_trainable,
+                "world_size": self.ctx["world"], "args": vars(self.args), **self.spec.__dict__}
+        (self.dir / "phase.json").write_text(json.dumps(meta, indent=1, default=str))
+
     def log(self, msg):
         if self.ctx["master"]:
             tqdm.write(f"[{self.stage}/{self.phase}] {msg}")
@@ -362,7 +370,6 @@ class Phase:
             return
         self.log(f"teacher {self.teacher_src}{' (the student with LoRA off)' if self.teacher_is_student else ''}; "
                  f"trainable {self.n_trainable:,} params; lr {a.lr or self.spec.lr}; timesteps {self.spec.timesteps}")
-        self.dir.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=a.max_steps, initial=self.step, disable=not ctx["master"], desc=f"{self.stage}/{self.phase}")
         while self.step < a.max_steps:
             t0 = time.time()
@@ -374,6 +381,8 @@ class Phase:
             logs.update(step=self.step, lr=self.opt_g.param_groups[0]["lr"], step_time=dt,
                         images_per_s=a.batch_size / dt, bad_steps=self.bad_total, skipped_images=self.skipped_images)
             if ctx["master"]:
+                if self.step == 1 or not self.dir.exists():
+                    self.write_meta()
                 with open(self.dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(logs) + "\n")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "d_"))})
@@ -503,7 +512,7 @@ def main(argv=None):
                     print(f"[{args.stage}/{phase}] finished already (--max-steps {args.max_steps}); skipped")
                 continue
             Phase(args, ctx, args.stage, phase, init, prev_lora).run()
-    except (weights.CheckpointError, ValueError) as e:
+    except (weights.CheckpointError, ValueError, RuntimeError) as e:
         if ctx["world"] > 1:
             dist.destroy_process_group()
         raise SystemExit(f"error: {e}")

@@ -210,8 +210,9 @@ class Upsample2D(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, size=None):
+        # `size` = the next skip's size, so latents not divisible by 4 (e.g. 1000 px images) still line up
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ class UNet(nn.Module):
                 if hasattr(block, "attentions"):
                     h = self._run(block.attentions[i], h, context)
             if hasattr(block, "upsamplers"):
-                h = block.upsamplers[0](h)
+                h = block.upsamplers[0](h, skips[-1].shape[-2:])
         assert not skips
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 

@@ -1,0 +1,383 @@
+"""Speed and memory: ours against diffusers, same config, weights, dtype and device, in the same run.
+
+    python bench.py --config tiny                              # smoke run, seconds
+    python bench.py --config mid --what unet --runs 5          # CPU: one UNet forward, 64x64 latents
+    python bench.py --config mid --what sample --runs 3        # CPU: text + 4 steps + VAE decode, 512 px
+    python bench.py --config sdxl --what all --json out.json   # GPU: full SDXL, 1024 px, bf16, 4 steps
+
+What is timed (median of --runs after --warmup, both under torch.no_grad):
+- `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
+  (diffusers' state dict loaded into ours strictly).
+- `sample`: the whole text-to-image call, `sample.generate` (text encoders, the Lightning sampler of
+  `lightning_min.sample`, VAE decode) against `StableDiffusionXLPipeline` with the model card's
+  `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
+  The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
+
+How to read the table: `ratio` = ours ms / diffusers ms, so < 1 means we are faster. Our calls and
+diffusers' are interleaved (AB, BA, AB, ...) so that load from other processes hits both alike.
+`peak MB` is the memory the call needs on top of what was allocated before it (activations and
+workspace; the weights are the same bytes for both and are not counted): on CUDA from
+torch.cuda.max_memory_allocated, on CPU the process RSS sampled every millisecond (psutil) after
+returning freed heap to the OS (malloc_trim), or, without psutil, the rise of ru_maxrss (a lower bound:
+only what goes above the process's earlier peak). Peak memory is read on the last warmup call (at
+least the second call: the first pays one-off allocations), so the sampling thread never runs during
+a timed call. `max|diff|` is the largest difference between the two outputs: it shows that the same
+computation was timed (0 when both ran the very same kernels in the same order).
+
+Attention: both sides use F.scaled_dot_product_attention. Our UNet and VAE call it directly; diffusers'
+UNet and VAE are set to `AttnProcessor2_0` (its default in torch 2, which calls the same function);
+this is checked before timing. Threads are the same for both (torch's default unless --threads) and
+printed in the header with the load average: on a shared CPU another busy process slows torch's thread
+pool by large factors, so compare ratios within one run, not times across runs.
+
+Random weights: speed does not depend on the values. Text encoders are full-size CLIP-L and OpenCLIP
+bigG configs (random weights, a tiny offline vocabulary) for `mid` and `sdxl`, tiny ones for `tiny`.
+On float16, diffusers' pipeline upcasts its VAE to float32 for every decode (its `force_upcast`
+recipe) while ours keeps a float32 VAE, as sample.py does; bfloat16 runs the VAE in bfloat16 on both.
+"""
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import lightning_min as lm
+import sample as sample_mod
+import text as text_mod
+import unet as unet_mod
+import vae as vae_mod
+import weights
+
+
+@dataclass
+class BenchConfig:
+    unet: unet_mod.UNetConfig                          # UNet architecture (both sides)
+    vae: vae_mod.VAEConfig                             # VAE architecture for the sample bench
+    text: str                                          # "full": CLIP-L + bigG sizes; "tiny": tests/tiny_text.py
+    latent: int                                        # latent height = width (pixels: latent * VAE factor)
+    dtype: dict = field(default_factory=lambda: {"cpu": "float32", "cuda": "bfloat16"})  # default per device
+
+
+CONFIGS = {
+    "tiny": BenchConfig(unet_mod.UNetConfig(block_out_channels=(64, 128), layers_per_block=1, transformer_depth=(0, 2),
+                                            num_heads=(1, 2), cross_attention_dim=80, pooled_dim=48),
+                        vae_mod.VAEConfig(block_out_channels=(32, 64), layers_per_block=1), "tiny", 32),
+    "mid": BenchConfig(unet_mod.UNetConfig(transformer_depth=(0, 2, 2)), vae_mod.VAEConfig(), "full", 64),
+    "sdxl": BenchConfig(unet_mod.UNetConfig(), vae_mod.VAEConfig(), "full", 128),
+}
+PROMPT = "photo of a red car in the snow"
+
+# ----------------------------------------------------------------------------------------------------
+# Clocks and memory
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """Wall time of one call in ms; CUDA work is waited for before each clock read."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+try:
+    import psutil
+except ImportError:
+    psutil = None
+
+
+def _trim_heap():
+    """Give freed heap pages back to the OS, so the RSS before a call is not inflated by earlier calls."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: RSS deltas may then read low
+
+
+def memory_method(device):
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus allocated before the call"
+    if psutil is not None:
+        return "peak process RSS (psutil, sampled every 1 ms) minus RSS before the call, after malloc_trim"
+    return "rise of ru_maxrss during the call (lower bound: only what exceeds the process's earlier peak)"
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m: fn()`, then m.mb: the peak above the level at entry, in MB."""
+
+    def __init__(self, device):
+        self.device, self.mb = device, float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        _trim_heap()
+        if psutil is None:
+            import resource
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+            return self
+        proc, self.stop = psutil.Process(), threading.Event()
+        self.base = self.peak = proc.memory_info().rss
+
+        def watch():  # torch releases the GIL in its kernels, so this thread keeps sampling
+            while not self.stop.wait(0.001):
+                self.peak = max(self.peak, proc.memory_info().rss)
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        elif psutil is None:
+            import resource
+            self.mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base, 0) / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)
+            self.mb = (self.peak - self.base) / 2**20
+
+
+def compare(what, ours, theirs, device, runs, warmup):
+    """Interleaved timing of two zero-argument callables. Returns a result row (dict)."""
+    peak, out, times = {}, {}, {"ours": [], "diffusers": []}
+    fns = {"ours": ours, "diffusers": theirs}
+    # untimed calls: at least 2, the last one measures memory (the first pays one-off allocations)
+    for i in range(max(warmup, 2)):
+        for name, fn in fns.items():
+            if i < max(warmup, 2) - 1:
+                fn()
+                continue
+            with PeakMemory(device) as m:
+                out[name] = fn()
+            peak[name] = m.mb
+    for i in range(runs):
+        for name in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
+            ms, _ = timed(fns[name], device)
+            times[name].append(ms)
+            print(f"  {what} run {i + 1}/{runs} {name}: {ms:.1f} ms", file=sys.stderr)
+    a, b = out["ours"].float(), out["diffusers"].float()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"what": what, "ours_ms": med["ours"], "diffusers_ms": med["diffusers"],
+            "ratio": med["ours"] / med["diffusers"], "ours_peak_mb": peak["ours"], "diffusers_peak_mb": peak["diffusers"],
+            "max_abs_diff": (a - b).abs().max().item(), "ours_runs_ms": times["ours"],
+            "diffusers_runs_ms": times["diffusers"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models: diffusers builds them, ours gets the same tensors
+
+
+def sdpa_everywhere(model):
+    """diffusers' UNet and VAE on AttnProcessor2_0, i.e. F.scaled_dot_product_attention, like ours."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    model.set_attn_processor(AttnProcessor2_0())
+    kinds = {type(p).__name__ for p in model.attn_processors.values()}
+    if kinds != {"AttnProcessor2_0"}:
+        raise RuntimeError(f"bench.py: diffusers {type(model).__name__} uses {kinds}, not AttnProcessor2_0")
+    return model
+
+
+def build_pair(diffusers_cls, our_cls, cfg, device, dtype):
+    """(ours, diffusers'): diffusers' randomly initialized model, its state dict loaded strictly into ours."""
+    kwargs = {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: a full SDXL UNet in float32 would not fit a small host
+        theirs = sdpa_everywhere(diffusers_cls(**kwargs)).to(dtype).eval()
+    sd = {k: v.clone() for k, v in theirs.state_dict().items()}  # own copies: no shared storage
+    ours = weights.build_strict(our_cls, cfg, sd, f"diffusers {diffusers_cls.__name__}", device, dtype).eval()
+    return ours, theirs
+
+
+def unet_inputs(cfg: BenchConfig, batch, device, dtype, context_dim=None):
+    """Random UNet inputs at the config's size; t = 999, the first Lightning step."""
+    g = torch.Generator().manual_seed(0)
+    u, n = cfg.unet, cfg.latent
+    x = torch.randn(batch, u.in_channels, n, n, generator=g)
+    context = torch.randn(batch, 77, context_dim or u.cross_attention_dim, generator=g)
+    pooled = torch.randn(batch, u.pooled_dim, generator=g)
+    px = n * cfg.vae.downscale
+    ids = torch.tensor([px, px, 0, 0, px, px], dtype=torch.float32).expand(batch, 6)
+    t = torch.full((batch,), 999, dtype=torch.long)
+    return [v.to(device, dtype) if v.is_floating_point() else v.to(device) for v in (x, t, context, pooled, ids)]
+
+
+def clip_configs(kind, vocab_size):
+    """CLIP-L (hidden 768, 12 layers, quick_gelu) and OpenCLIP bigG (1280, 32 layers, gelu, projection 1280)."""
+    from transformers import CLIPTextConfig
+    from tests.tiny_text import text_configs
+    if kind == "tiny":
+        return text_configs()
+    common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                  layer_norm_eps=1e-5)
+    return (CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                           hidden_act="quick_gelu", projection_dim=768, **common),
+            CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
+                           hidden_act="gelu", projection_dim=1280, **common))
+
+
+def build_text(cfg: BenchConfig, device, dtype):
+    """Two CLIP tokenizers (an offline vocabulary from tests/tiny_text.py) and two random text encoders."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from tests.tiny_text import write_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(f"{tmp}/tokenizer", pad_token="<|endoftext|>")  # CLIP-L pads with EOS
+        write_tokenizer(f"{tmp}/tokenizer_2", pad_token="!")  # bigG pads with "!"
+        tok, tok_2 = CLIPTokenizer.from_pretrained(f"{tmp}/tokenizer"), CLIPTokenizer.from_pretrained(f"{tmp}/tokenizer_2")
+    config, config_2 = clip_configs(cfg.text, 49408)
+    torch.manual_seed(0)
+    with torch.device(device):
+        enc, enc_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config_2)
+    if config.hidden_size + config_2.hidden_size != cfg.unet.cross_attention_dim or \
+            config_2.projection_dim != cfg.unet.pooled_dim:
+        raise ValueError(f"bench.py: text widths {config.hidden_size}+{config_2.hidden_size}/{config_2.projection_dim} "
+                         f"do not fit the UNet ({cfg.unet.cross_attention_dim}/{cfg.unet.pooled_dim})")
+    return tok, tok_2, enc.to(dtype).eval(), enc_2.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The benches: each returns a list of result rows. A `train` bench slots into BENCHES the same way.
+
+_cache = {}
+
+
+def unets(cfg, device, dtype):
+    if "unet" not in _cache:  # `--what all` builds the UNets once
+        from diffusers import UNet2DConditionModel
+        _cache["unet"] = build_pair(UNet2DConditionModel, unet_mod.UNet, cfg.unet, device, dtype)
+    return _cache["unet"]
+
+
+@torch.no_grad()
+def bench_unet(cfg, args, device, dtype):
+    ours, theirs = unets(cfg, device, dtype)
+    x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
+    added = {"text_embeds": pooled, "time_ids": ids}
+    return [compare("unet forward", lambda: ours(x, t, context, pooled, ids),
+                    lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0],
+                    device, args.runs, args.warmup)]
+
+
+@torch.no_grad()
+def bench_sample(cfg, args, device, dtype):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    unet, unet_ref = unets(cfg, device, dtype)
+    # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode (force_upcast)
+    vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
+    if dtype == torch.float16:
+        vae = vae.float()
+    tok, tok_2, enc, enc_2 = build_text(cfg, device, dtype)
+    text = text_mod.TextEncoders(tok, tok_2, enc, enc_2)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="trailing")
+    pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, scheduler=scheduler, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    px, prompts = cfg.latent * cfg.vae.downscale, [PROMPT] * args.batch
+
+    def ours():
+        images = sample_mod.generate(text, unet, vae, prompts, args.steps, 0, px, px, "epsilon", 0.0, dtype)
+        return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
+
+    def theirs():
+        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=0.0, width=px, height=px,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+    return [compare(f"sample {args.steps} steps {px}px", ours, theirs, device, args.runs, args.warmup)]
+
+
+BENCHES = {"unet": bench_unet, "sample": bench_sample}
+
+# ----------------------------------------------------------------------------------------------------
+# The command line
+
+
+def print_table(rows):
+    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'ours peak MB':>13} " \
+           f"{'diffusers peak MB':>18} {'max|diff|':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
+              f"{r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} {r['max_abs_diff']:>10.2e}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--what", choices=[*BENCHES, "all"], default="all", help="which bench to run (default all)")
+    p.add_argument("--config", choices=list(CONFIGS), default=None,
+                   help="model sizes: tiny (smoke run), mid (CPU-sized SDXL, 64x64 latents), sdxl (full SDXL, "
+                        "1024 px); default sdxl on CUDA, mid on CPU")
+    p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="dtype of both sides; default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--runs", type=int, default=5, help="timed calls per side; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls per side before timing, at least 2 are made; the last measures memory (default 2)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps of the sample bench (default 4)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads for both sides; default torch's own (the core count)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        raise SystemExit(f"error: --runs and --batch must be >= 1 and --warmup >= 0, got runs={args.runs}, "
+                         f"warmup={args.warmup}, batch={args.batch}")
+    try:
+        lm.trailing_timesteps(args.steps)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device}: CUDA is not available in this torch build")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config or ("sdxl" if device.type == "cuda" else "mid")]
+    dtype = getattr(torch, args.dtype or cfg.dtype.get(device.type, "float32"))
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()  # not its dtype-cast notices on randomly built models
+    info = {"config": args.config or ("sdxl" if device.type == "cuda" else "mid"), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
+            "steps": args.steps, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "threads": torch.get_num_threads(), "attention": "F.scaled_dot_product_attention (both)",
+            "peak_memory": memory_method(device), "load_average_1min": os.getloadavg()[0],
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    print(", ".join(f"{k} {v}" for k, v in info.items() if v is not None))
+    rows = []
+    for name in (BENCHES if args.what == "all" else [args.what]):
+        rows += BENCHES[name](cfg, args, device, dtype)
+    info["load_average_1min_end"] = os.getloadavg()[0]  # other processes on the machine skew CPU timings
+    print_table(rows)
+    print("ratio = ours / diffusers time (< 1: ours is faster); peak MB = " + info["peak_memory"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**info, "results": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

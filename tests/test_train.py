@@ -1,0 +1,245 @@
+"""train.py end to end on a tiny random-weight SDXL: every stage and phase, the exports diffusers loads,
+the techniques, DDP equivalence with torchrun (gloo), exact resume, learning, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+import lightning_min as lm
+import train
+import weights
+from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base, report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny base folder, teacher UNet files for every step count, and a small captioned image folder."""
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_base(root / "base")
+    teachers = {}
+    for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
+        teachers[steps] = root / f"teacher_{steps}.safetensors"
+        save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    return {"root": root, "base": root / "base", "teachers": teachers, "data": data}
+
+
+def run(argv):
+    train.main([str(a) for a in argv])
+
+
+def common(env, out, *extra):
+    return ["--data", str(env["data"]), "--base", str(env["base"]), "--out", str(out), "--resolution", "32",
+            "--min-size", "32", "--batch-size", "2", "--micro-batch-size", "1", *map(str, extra)]
+
+
+def stage_args(env, stage):
+    t = env["teachers"]
+    return {"128to32": [], "32to8": ["--teacher", t[32]], "8to4": ["--teacher", t[8]],
+            "4to2": ["--teacher", t[4], "--skip-level-teacher", t[8]],
+            "2to1": ["--teacher", t[2], "--skip-level-teacher", t[4]]}[stage]
+
+
+def diffusers_loads(path):
+    """The exported UNet loads strictly into diffusers' UNet2DConditionModel."""
+    from diffusers import UNet2DConditionModel
+    ref = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
+    ref.load_state_dict(load_file(path), strict=True)
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------
+# every stage and phase
+
+
+@pytest.mark.parametrize("stage", list(lm.STAGES))
+def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
+    out = tmp_path / "runs"
+    run(["--stage", stage, *common(env, out, "--max-steps", 1, "--sample-every", 1), *stage_args(env, stage)])
+    st = lm.STAGES[stage]
+    name = train.unet_filename(st.student_steps)
+    for phase in st.phases:
+        d = out / stage / phase
+        spec = lm.phase_spec(stage, phase)
+        assert (d / "checkpoint.pt").exists() and (d / f"samples_000001.png").exists()
+        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss, ["loss_d", "loss_g", "d_real", "d_fake"])
+        assert all(k in log[0] and math.isfinite(log[0][k]) for k in keys + ["lr", "step_time", "images_per_s"])
+        ref = diffusers_loads(d / name)
+        if spec.lora:  # diffusers reading our LoRA file fuses the same weights as our merged export
+            from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+            init = env["teachers"][st.teacher_steps] if stage != "128to32" else None
+            from diffusers import UNet2DConditionModel
+            fused = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
+            fused.load_state_dict(load_file(init), strict=True)
+            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / f"sdxl_lightning_{st.student_steps}step_lora.safetensors"),
+                                                                       unet_config=fused.config)
+            fused.load_lora_adapter(sd, prefix="unet")
+            fused.fuse_lora()
+            fused.unload_lora()
+            ours = ref.state_dict()
+            for k, v in fused.state_dict().items():
+                assert_close(v.half().float(), ours[k].float(), atol=2e-3, rtol=2e-3)
+    meta = {p: json.loads((out / stage / p / "phase.json").read_text()) for p in st.phases}
+    t = {s: str(p) for s, p in env["teachers"].items()}
+    if stage == "4to2":  # Sec. 3.4: the skip-level (8-step) teacher in the unconditional phases
+        assert meta["cond"]["teacher"] == t[4] and meta["cond"]["teacher_is_student_without_lora"]
+        assert meta["uncond"]["teacher"] == t[8] and meta["full"]["teacher"] == t[8] and meta["uncond"]["n"] == 4
+    if stage == "2to1":
+        assert meta["convert"]["teacher"] == t[2] and meta["cond"]["teacher"] == t[2] and meta["uncond"]["teacher"] == t[4]
+        assert meta["cond"]["student_prediction"] == "sample" and meta["cond"]["trainable_params"] == \
+            sum(v.numel() for v in diffusers_unet().state_dict().values())  # whole UNet, no LoRA
+    if stage == "128to32":
+        assert meta["mse"]["teacher"] == "base" and meta["mse"]["cfg"] == 6.0
+    if stage == "8to4":
+        assert meta["cond"]["teacher_is_student_without_lora"] and not meta["full"]["teacher_is_student_without_lora"]
+
+
+def test_exported_1step_model_samples_with_sample_py(env, tmp_path):
+    out = tmp_path / "runs"
+    run(["--stage", "2to1", "--phase", "convert", *common(env, out, "--max-steps", 1), "--teacher", env["teachers"][2]])
+    f = out / "2to1" / "convert" / "sdxl_lightning_1step_unet_x0.safetensors"
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "a cat", "--steps", "1", "--base", str(env["base"]),
+                        "--unet", str(f), "--prediction", "sample", "--width", "32", "--height", "32",
+                        "--out", str(tmp_path / "one.png")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "one.png").size == (32, 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDP and resume
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _compare(a, b, what, atol=1e-6, rtol=1e-5):
+    for part in ("student", "disc"):
+        if a[part] is None:
+            continue
+        for k in a[part]:
+            assert_close(a[part][k], b[part][k], atol=atol, rtol=rtol, msg=lambda m: f"{what} {part}.{k}: {m}")
+    d = max((a["student"][k] - b["student"][k]).abs().max().item() for k in a["student"])
+    print(f"{what}: max abs diff of student weights {d:.3e}")
+
+
+def _torchrun(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("phase", ["cond", "full"])
+def test_ddp_two_ranks_equal_one_rank(env, tmp_path, phase):
+    """2 ranks x micro-batch 1 == 1 rank x micro-batch 2: a LoRA phase, and a whole-UNet phase with ZeRO."""
+    args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", 2, "--lr", 1e-3]
+    one = [*args, *common(env, tmp_path / "one")]
+    one[one.index("--micro-batch-size") + 1] = "2"
+    run(one)
+    _torchrun([*args, *common(env, tmp_path / "two")], 2)
+    a, b = _state(tmp_path / "one/8to4" / phase / "checkpoint.pt"), _state(tmp_path / "two/8to4" / phase / "checkpoint.pt")
+    assert b["step"] == 2 and json.loads((tmp_path / "two/8to4" / phase / "phase.json").read_text())["world_size"] == 2
+    _compare(a, b, f"DDP {phase}", atol=2e-5, rtol=1e-4)
+    assert a["opt_g"]["state"] and b["opt_g"]["state"]
+
+
+def test_resume_is_exact(env, tmp_path):
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", 1e-3]
+    run([*args, *common(env, tmp_path / "a", "--max-steps", 2)])
+    run([*args, *common(env, tmp_path / "a", "--max-steps", 4)])  # continues from step 2
+    run([*args, *common(env, tmp_path / "b", "--max-steps", 4)])
+    a, b = _state(tmp_path / "a/8to4/full/checkpoint.pt"), _state(tmp_path / "b/8to4/full/checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    _compare(a, b, "resume", atol=0, rtol=0)
+    first = [json.loads(l) for l in (tmp_path / "a/8to4/full/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    run([*args, *common(env, tmp_path / "a", "--max-steps", 4)])  # finished: skipped
+    assert len((tmp_path / "a/8to4/full/log.jsonl").read_text().splitlines()) == 4
+
+
+# ----------------------------------------------------------------------------------------------------
+# learning happens
+
+
+def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
+    out = tmp_path / "runs"
+    run(["--stage", "128to32", *common(env, out, "--max-steps", 12, "--lr", 3e-4)])
+    ctx_base = str(env["base"])
+    text = weights.load_text(ctx_base)
+    teacher = weights.load_unet(ctx_base)
+    trained = weights.load_unet(str(out / "128to32/mse/sdxl_lightning_32step_unet.safetensors"), teacher.config)
+    import sample as sample_mod
+    g = torch.Generator().manual_seed(123)
+    x0, eps = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    t = torch.tensor([1000, 969, 500, 250])
+    ctx, pooled = text.encode(["a picture number 1"] * 4)
+    ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 4)
+    x_t = lm.forward_fixed(x0, eps, t)
+    t_tgt = lm.target_time(t, 4, 128)
+    with torch.no_grad():
+        tgt = lm.teacher_rollout(sample_mod.unet_model(teacher, ctx, pooled, ids, 6.0, torch.float32), x_t, t, t_tgt, 4, s=1000 / 128)
+        err = {name: lm.loss_mse(lm.student_jump(sample_mod.unet_model(m, ctx, pooled, ids, 0, torch.float32), x_t, t, t_tgt,
+                                                 "epsilon"), tgt).item() for name, m in (("before", teacher), ("after", trained))}
+    print(f"MSE of the student's one jump to the teacher's 4 CFG steps: {err}")
+    assert err["after"] < 0.9 * err["before"]
+
+
+def test_adversarial_discriminator_loss_falls_below_log4(env, tmp_path):
+    out = tmp_path / "runs"
+    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
+                              *common(env, out, "--max-steps", 15, "--lr", 2e-4)])
+    log = [json.loads(l) for l in (out / "8to4/cond/log.jsonl").read_text().splitlines()]
+    last = np.mean([r["loss_d"] for r in log[-3:]])
+    print(f"discriminator loss: first {log[0]['loss_d']:.4f}, mean of last 3 {last:.4f}, log 4 = {math.log(4):.4f}")
+    assert last < math.log(4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _fails(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code) + capsys.readouterr().err
+
+
+def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert "--data" in _fails(["--stage", "8to4"], capsys)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", empty, "--teacher", env["teachers"][8]], capsys)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.png").write_bytes(b"not an image" * 10)
+        (junk / f"{i}.txt").write_text("x")
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", junk, "--teacher", env["teachers"][8]], capsys)
+    wrong = tmp_path / "wrong.safetensors"
+    other = TINY_UNET.__class__(**{**TINY_UNET.__dict__, "block_out_channels": (32, 64), "num_heads": (1, 1)})
+    save_file({k: v.contiguous() for k, v in diffusers_unet(other).state_dict().items()}, wrong)
+    msg = _fails(["--stage", "8to4", *common(env, out, "--max-steps", 1), "--teacher", wrong], capsys)
+    assert "wrong.safetensors" in msg and "mis-shaped" in msg
+    assert "has no phase 'full'" in _fails(["--stage", "2to1", "--phase", "full", *common(env, out)], capsys)
+    assert "multiple of --micro-batch-size" in _fails(["--stage", "8to4", *common(env, out), "--batch-size", 3], capsys)
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
