@@ -13,8 +13,9 @@ What is timed (median of --runs after --warmup, both under torch.no_grad):
   `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
   The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
 
-How to read the table: `ratio` = ours ms / diffusers ms, so < 1 means we are faster. Our calls and
-diffusers' are interleaved (AB, BA, AB, ...) so that load from other processes hits both alike.
+How to read the table: times are medians; `ratio` = ours ms / diffusers ms, so < 1 means we are
+faster; `(min)` is the same ratio of the fastest runs, the steadier one on a machine shared with other
+work. Our calls and diffusers' are interleaved (AB, BA, AB, ...) so that load hits both alike.
 `peak MB` is the memory the call needs on top of what was allocated before it (activations and
 workspace; the weights are the same bytes for both and are not counted): on CUDA from
 torch.cuda.max_memory_allocated, on CPU the process RSS sampled every millisecond (psutil) after
@@ -178,7 +179,8 @@ def compare(what, ours, theirs, device, runs, warmup):
     a, b = out["ours"].float(), out["diffusers"].float()
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"what": what, "ours_ms": med["ours"], "diffusers_ms": med["diffusers"],
-            "ratio": med["ours"] / med["diffusers"], "ours_peak_mb": peak["ours"], "diffusers_peak_mb": peak["diffusers"],
+            "ratio": med["ours"] / med["diffusers"], "ratio_min": min(times["ours"]) / min(times["diffusers"]),
+            "ours_peak_mb": peak["ours"], "diffusers_peak_mb": peak["diffusers"],
             "max_abs_diff": (a - b).abs().max().item(), "ours_runs_ms": times["ours"],
             "diffusers_runs_ms": times["diffusers"]}
 
@@ -312,12 +314,12 @@ BENCHES = {"unet": bench_unet, "sample": bench_sample}
 
 
 def print_table(rows):
-    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'ours peak MB':>13} " \
+    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} {'ours peak MB':>13} " \
            f"{'diffusers peak MB':>18} {'max|diff|':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
+        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} {r['ratio_min']:>7.3f} "
               f"{r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} {r['max_abs_diff']:>10.2e}")
 
 

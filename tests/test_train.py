@@ -150,14 +150,42 @@ def _torchrun(args, nproc):
 @pytest.mark.parametrize("phase", ["cond", "full"])
 def test_ddp_two_ranks_equal_one_rank(env, tmp_path, phase):
     """2 ranks x micro-batch 1 == 1 rank x micro-batch 2: a LoRA phase, and a whole-UNet phase with ZeRO."""
-    args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", 2, "--lr", 1e-3]
+    lr = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
+    args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", 1, "--lr", lr]
     one = [*args, *common(env, tmp_path / "one")]
     one[one.index("--micro-batch-size") + 1] = "2"
     run(one)
     _torchrun([*args, *common(env, tmp_path / "two")], 2)
     a, b = _state(tmp_path / "one/8to4" / phase / "checkpoint.pt"), _state(tmp_path / "two/8to4" / phase / "checkpoint.pt")
-    assert b["step"] == 2 and json.loads((tmp_path / "two/8to4" / phase / "phase.json").read_text())["world_size"] == 2
-    _compare(a, b, f"DDP {phase}", atol=2e-5, rtol=1e-4)
+    assert b["step"] == 1 and json.loads((tmp_path / "two/8to4" / phase / "phase.json").read_text())["world_size"] == 2
+    # The gradients (Adam's exp_avg, which with beta1 = 0 is the step's gradient) agree to float tolerance.
+    for opt in ("opt_g", "opt_d"):
+        sa, sb = a[opt]["state"], b[opt]["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        worst = 0.0
+        for i in sa:
+            g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
+            assert_close(g_b, g_a, atol=1e-4 * g_a.abs().max().item() + 1e-12, rtol=1e-3)
+            worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
+        print(f"DDP {phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
+    # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
+    # either way; all but a handful of elements agree closely, and none by more than two such steps.
+    steps = 1
+    for part in ("student", "disc"):
+        total = close = 0
+        for k in a[part]:
+            d = (a[part][k] - b[part][k]).abs()
+            assert d.max() <= 2 * lr * steps, k
+            total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
+        print(f"DDP {phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel")
+        assert close / total > 0.999
+    if phase == "cond":  # LoRA up weights start at zero
+        moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
+    else:
+        init = load_file(env["teachers"][8])
+        moved = max((v - init[k].float()).abs().max().item() for k, v in a["student"].items())
+    print(f"DDP {phase}: weights moved up to {moved:.3e}")
+    assert moved > 0.5 * lr
     assert a["opt_g"]["state"] and b["opt_g"]["state"]
 
 
@@ -203,13 +231,17 @@ def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
 
 
 def test_adversarial_discriminator_loss_falls_below_log4(env, tmp_path):
+    """The discriminator learns to tell the teacher's x_{t-ns} from the student's: its loss (Eq. 20) starts at
+    log 4 (chance) and falls below it. The skip-level phase, since there teacher and student differ from step 0."""
     out = tmp_path / "runs"
-    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
-                              *common(env, out, "--max-steps", 15, "--lr", 2e-4)])
-    log = [json.loads(l) for l in (out / "8to4/cond/log.jsonl").read_text().splitlines()]
-    last = np.mean([r["loss_d"] for r in log[-3:]])
-    print(f"discriminator loss: first {log[0]['loss_d']:.4f}, mean of last 3 {last:.4f}, log 4 = {math.log(4):.4f}")
-    assert last < math.log(4)
+    run(["--stage", "4to2", "--phase", "uncond", "--teacher", env["teachers"][4], "--skip-level-teacher",
+         env["teachers"][8], *common(env, out, "--max-steps", 16, "--lr", 1e-4)])
+    log = [json.loads(l) for l in (out / "4to2/uncond/log.jsonl").read_text().splitlines()]
+    late = log[len(log) // 2:]
+    loss, real, fake = (float(np.mean([r[k] for r in late])) for k in ("loss_d", "d_real", "d_fake"))
+    print(f"discriminator loss: first {log[0]['loss_d']:.4f}, mean of the second half {loss:.4f} (log 4 = "
+          f"{math.log(4):.4f}); D(real) {real:.3f}, D(fake) {fake:.3f}")
+    assert loss < math.log(4) - 0.03 and real > fake
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,5 +273,6 @@ def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
     msg = _fails(["--stage", "8to4", *common(env, out, "--max-steps", 1), "--teacher", wrong], capsys)
     assert "wrong.safetensors" in msg and "mis-shaped" in msg
     assert "has no phase 'full'" in _fails(["--stage", "2to1", "--phase", "full", *common(env, out)], capsys)
-    assert "multiple of --micro-batch-size" in _fails(["--stage", "8to4", *common(env, out), "--batch-size", 3], capsys)
+    assert "multiple of --micro-batch-size" in _fails(["--stage", "8to4", *common(env, out), "--batch-size", 3,
+                                                      "--micro-batch-size", 2], capsys)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
