@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -64,7 +64,6 @@ class BenchConfig:
     vae: vae_mod.VAEConfig                             # VAE architecture for the sample bench
     text: str                                          # "full": CLIP-L + bigG sizes; "tiny": tests/tiny_text.py
     latent: int                                        # latent height = width (pixels: latent * VAE factor)
-    dtype: dict = field(default_factory=lambda: {"cpu": "float32", "cuda": "bfloat16"})  # default per device
 
 
 CONFIGS = {
@@ -210,12 +209,12 @@ def build_pair(diffusers_cls, our_cls, cfg, device, dtype):
     return ours, theirs
 
 
-def unet_inputs(cfg: BenchConfig, batch, device, dtype, context_dim=None):
+def unet_inputs(cfg: BenchConfig, batch, device, dtype):
     """Random UNet inputs at the config's size; t = 999, the first Lightning step."""
     g = torch.Generator().manual_seed(0)
     u, n = cfg.unet, cfg.latent
     x = torch.randn(batch, u.in_channels, n, n, generator=g)
-    context = torch.randn(batch, 77, context_dim or u.cross_attention_dim, generator=g)
+    context = torch.randn(batch, 77, u.cross_attention_dim, generator=g)
     pooled = torch.randn(batch, u.pooled_dim, generator=g)
     px = n * cfg.vae.downscale
     ids = torch.tensor([px, px, 0, 0, px, px], dtype=torch.float32).expand(batch, 6)
@@ -244,7 +243,7 @@ def build_text(cfg: BenchConfig, device, dtype):
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(f"{tmp}/tokenizer", pad_token="<|endoftext|>")  # CLIP-L pads with EOS
         write_tokenizer(f"{tmp}/tokenizer_2", pad_token="!")  # bigG pads with "!"
-        tok, tok_2 = CLIPTokenizer.from_pretrained(f"{tmp}/tokenizer"), CLIPTokenizer.from_pretrained(f"{tmp}/tokenizer_2")
+        tok, tok_2 = (CLIPTokenizer.from_pretrained(f"{tmp}/{sub}") for sub in ("tokenizer", "tokenizer_2"))
     config, config_2 = clip_configs(cfg.text, 49408)
     torch.manual_seed(0)
     with torch.device(device):
@@ -319,8 +318,9 @@ def print_table(rows):
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} {r['ratio_min']:>7.3f} "
-              f"{r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} {r['max_abs_diff']:>10.2e}")
+        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
+              f"{r['ratio_min']:>7.3f} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
+              f"{r['max_abs_diff']:>10.2e}")
 
 
 def parse_args(argv=None):
@@ -334,7 +334,8 @@ def parse_args(argv=None):
                    help="dtype of both sides; default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--runs", type=int, default=5, help="timed calls per side; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2,
-                   help="untimed calls per side before timing, at least 2 are made; the last measures memory (default 2)")
+                   help="untimed calls per side before timing (at least 2 are made; the last one measures "
+                        "memory) (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the sample bench (default 4)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, default=None,
@@ -350,20 +351,24 @@ def main(argv=None):
                          f"warmup={args.warmup}, batch={args.batch}")
     try:
         lm.trailing_timesteps(args.steps)
+    except ValueError as e:
+        raise SystemExit(f"error: --steps: {e}")
+    try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
+    except RuntimeError:
+        raise SystemExit(f"error: --device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: CUDA is not available in this torch build")
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    cfg = CONFIGS[args.config or ("sdxl" if device.type == "cuda" else "mid")]
-    dtype = getattr(torch, args.dtype or cfg.dtype.get(device.type, "float32"))
+    config = args.config or ("sdxl" if device.type == "cuda" else "mid")
+    # bfloat16 on GPU (the SDXL VAE overflows in float16); float32 on CPU, where half matmuls are slow
+    cfg, dtype = CONFIGS[config], getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     import diffusers
     diffusers.utils.logging.set_verbosity_error()  # not its dtype-cast notices on randomly built models
-    info = {"config": args.config or ("sdxl" if device.type == "cuda" else "mid"), "device": str(device),
+    info = {"config": config, "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
             "steps": args.steps, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "threads": torch.get_num_threads(), "attention": "F.scaled_dot_product_attention (both)",

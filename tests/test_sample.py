@@ -159,3 +159,37 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
     assert expect in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_lora_on_base_equals_diffusers_fuse_lora(base, tmp_path):
+    """`--unet base --lora FILE` (the README's LoRA recipe) gives diffusers' load_lora_weights + fuse_lora image."""
+    import lora as lora_mod
+    root, pipe = base
+    g = torch.Generator().manual_seed(3)
+    u = unet_mod.UNet(TINY_UNET)
+    sd = {}
+    for name in lora_mod.lora_targets(u):
+        w = u.get_submodule(name).weight
+        k = lora_mod.kohya_name(name)
+        sd[f"{k}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.3
+        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.3
+        sd[f"{k}.alpha"] = torch.tensor(8.0)
+    path = tmp_path / "my_lora.safetensors"
+    save_file(sd, path)
+    r = _cli("a cat", "--steps", "4", "--base", str(root), "--unet", "base", "--lora", str(path), "--width", str(W),
+             "--height", str(H), "--out", str(tmp_path / "lora.png"))
+    assert r.returncode == 0, r.stderr
+    from diffusers import StableDiffusionXLPipeline
+    import copy
+    ref = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})  # keep the fixture's clean
+    ref.scheduler = lightning_scheduler(pipe)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    img = ref("a cat", num_inference_steps=4, guidance_scale=0, width=W, height=H, output_type="pil",
+              generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    img.save(tmp_path / "ref.png")
+    a, b = _png(tmp_path / "lora.png"), _png(tmp_path / "ref.png")
+    plain = reference(pipe, root, 4, unet_file=None, prompt="a cat", output_type="pil")[0]
+    print(f"LoRA PNG vs diffusers fuse_lora: max abs diff {np.abs(a - b).max()}")
+    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
+    assert np.abs(a - np.asarray(plain).astype(np.int16)).max() > 10  # the LoRA changed the image
