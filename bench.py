@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -306,7 +307,79 @@ def bench_sample(cfg, args, device, dtype):
     return [compare(f"sample {args.steps} steps {px}px", ours, theirs, device, args.runs, args.warmup)]
 
 
-BENCHES = {"unet": bench_unet, "sample": bench_sample}
+# ----------------------------------------------------------------------------------------------------
+# Training: time per step, images/s, peak memory and FLOPs of every phase (ours alone: diffusers has no
+# distillation loop to compare with)
+
+TRAIN_PHASES = [(s, p) for s, st in lm.STAGES.items() for p in st.phases]
+
+
+def tiny_training_setup(root):
+    """A tiny base, random teachers for every step count, and captioned random images (no network)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tests.tiny import diffusers_unet, make_tiny_base
+    make_tiny_base(root / "base")
+    teachers = {}
+    for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
+        teachers[steps] = str(root / f"teacher_{steps}.safetensors")
+        save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
+    (root / "data").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "data" / f"{i}.png")
+        (root / "data" / f"{i}.txt").write_text(f"a picture number {i}")
+    return str(root / "base"), str(root / "data"), teachers, 32
+
+
+def bench_train(cfg, args, device, dtype):
+    from torch.utils.flop_counter import FlopCounterMode
+    import train
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    if args.train_base:  # real weights: --train-base (hub id / folder / file) and --train-data
+        base, data, teachers, res = args.train_base, args.train_data, {}, args.resolution
+    else:
+        base, data, teachers, res = tiny_training_setup(tmp)
+    rows = []
+    for stage, phase in TRAIN_PHASES:
+        if args.phases and f"{stage}/{phase}" not in args.phases:
+            continue
+        t = teachers
+        extra = {"128to32": [], "32to8": ["--teacher", t.get(32)], "8to4": ["--teacher", t.get(8)],
+                 "4to2": ["--teacher", t.get(4), "--skip-level-teacher", t.get(8)],
+                 "2to1": ["--teacher", t.get(2), "--skip-level-teacher", t.get(4)]}[stage] if teachers else []
+
+        def run(out, steps):
+            train.main(["--stage", stage, "--phase", phase, "--data", data, "--base", base, "--out", str(out),
+                        "--resolution", str(res), "--min-size", str(res), "--batch-size", str(args.batch),
+                        "--micro-batch-size", str(args.batch), "--max-steps", str(steps), "--save-every", "1000000",
+                        "--device", str(device), *(["--grad-checkpointing"] if args.grad_checkpointing else []), *extra])
+        with FlopCounterMode(display=False) as fc:  # one step, counted op by op (forward and backward)
+            run(tmp / f"flops_{stage}_{phase}", 1)
+        flops = fc.get_total_flops()
+        with PeakMemory(device) as m:
+            run(tmp / f"time_{stage}_{phase}", args.runs + 1)
+        log = [json.loads(line) for line in (tmp / f"time_{stage}_{phase}" / stage / phase / "log.jsonl").open()]
+        ms = statistics.median(r["step_time"] for r in log[1:]) * 1000  # the first step is warmup
+        tflops = flops / (ms / 1000) / 1e12
+        rows.append({"what": f"train {stage}/{phase}", "step_ms": ms, "images_per_s": args.batch / (ms / 1000),
+                     "peak_mb": m.mb, "gflop_per_step": flops / 1e9, "tflops": tflops,
+                     "mfu": tflops / args.peak_tflops if args.peak_tflops else None})
+    return rows
+
+
+def print_train_table(rows):
+    head = f"{'what':<24} {'step ms':>10} {'images/s':>9} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['what']:<24} {r['step_ms']:>10.1f} {r['images_per_s']:>9.2f} {r['peak_mb']:>9.1f} "
+              f"{r['gflop_per_step']:>11.2f} {r['tflops']:>8.3f} {mfu:>6}")
+
+
+BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
@@ -341,6 +414,14 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for both sides; default torch's own (the core count)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
+    p.add_argument("--phases", nargs="*", default=None, help="train bench: only these STAGE/PHASE (e.g. 8to4/cond)")
+    p.add_argument("--train-base", default=None, help="train bench: a real SDXL base (hub id, folder, file); "
+                   "default a generated tiny one (with --config tiny)")
+    p.add_argument("--train-data", default=None, help="train bench: image-caption data for --train-base")
+    p.add_argument("--resolution", type=int, default=1024, help="train bench with --train-base: pixels")
+    p.add_argument("--grad-checkpointing", action="store_true", help="train bench: activation checkpointing")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="train bench: the device's peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
     return p.parse_args(argv)
 
 
@@ -376,11 +457,16 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print(", ".join(f"{k} {v}" for k, v in info.items() if v is not None))
     rows = []
-    for name in (BENCHES if args.what == "all" else [args.what]):
+    for name in (["unet", "sample"] if args.what == "all" else [args.what]):
         rows += BENCHES[name](cfg, args, device, dtype)
     info["load_average_1min_end"] = os.getloadavg()[0]  # other processes on the machine skew CPU timings
-    print_table(rows)
-    print("ratio = ours / diffusers time (< 1: ours is faster); peak MB = " + info["peak_memory"])
+    if args.what == "train":
+        print_train_table(rows)
+    else:
+        print_table(rows)
+    print(("train: step time is the median after a warmup step; GFLOP counted by FlopCounterMode; peak MB = "
+           if args.what == "train" else "ratio = ours / diffusers time (< 1: ours is faster); peak MB = ")
+          + info["peak_memory"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "results": rows}, f, indent=2)

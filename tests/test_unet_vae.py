@@ -137,3 +137,17 @@ def test_vae_sgm_renames_equal_diffusers_converter():
     assert set(ours) == set(theirs)
     for k in ours:
         assert torch.equal(ours[k], theirs[k].reshape(ours[k].shape)), k
+
+
+def test_bench_runs_and_compares_the_same_computation(tmp_path):
+    """bench.py's smoke run: ours and diffusers computed the same UNet output (speed itself is not a test)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--what", "unet", "--runs", "1", "--warmup", "0",
+                        "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert res["max_abs_diff"] < 1e-4 and res["ours_ms"] > 0 and res["diffusers_ms"] > 0
