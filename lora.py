@@ -52,28 +52,6 @@ def kohya_name(module_name) -> str:
     return "lora_unet_" + module_name.replace(".", "_")
 
 
-def _sgm_inverse(cfg):
-    """unet.sgm_unet_prefix_map and SGM_RESNET inverted: ({diffusers prefix: (SGM prefix, is_resnet)},
-    {diffusers resnet inner name: SGM inner name})."""
-    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in unet_mod.sgm_unet_prefix_map(cfg).items()}
-    resnet_inverse = {new: old for old, new in unet_mod.SGM_RESNET.items()}
-    return inverse, resnet_inverse
-
-
-def _to_sgm(name, inverse, resnet_inverse):
-    """One diffusers module name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
-    parts = name.split(".")
-    for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
-        head = ".".join(parts[:cut])
-        if head in inverse:
-            sgm, is_resnet = inverse[head]
-            rest = ".".join(parts[cut:])
-            if is_resnet and rest in resnet_inverse:
-                rest = resnet_inverse[rest]  # conv1 -> in_layers.2, time_emb_proj -> emb_layers.1, ...
-            return sgm + ("." + rest if rest else "")
-    return None
-
-
 def lookup_table(unet) -> dict:
     """{kohya name in either spelling: diffusers module name} for every Linear/Conv2d of the UNet.
     Merging accepts any of them (a superset of `lora_targets`); add_lora wraps only the targets."""
@@ -82,12 +60,11 @@ def lookup_table(unet) -> dict:
     table = {kohya_name(n): n for n in names}
     cfg = getattr(unet, "config", None)
     if isinstance(cfg, unet_mod.UNetConfig):
-        inverse, resnet_inverse = _sgm_inverse(cfg)
         for n in names:
-            sgm = _to_sgm(n, inverse, resnet_inverse)
-            if sgm is None:
+            try:
+                k = kohya_name(unet_mod.diffusers_to_sgm_name(n, cfg))
+            except KeyError:
                 continue
-            k = kohya_name(sgm)
             if table.get(k, n) != n:  # would silently merge into the wrong layer
                 raise ValueError(f"lora.py: SGM name {k} is ambiguous ({table[k]} and {n})")
             table[k] = n

@@ -369,8 +369,9 @@ def sgm_unet_prefix_map(cfg: UNetConfig) -> dict:
     return m
 
 
-def sgm_to_diffusers_name(name: str, prefix_map: dict) -> str:
-    """One SGM parameter or module name (without 'model.diffusion_model.') -> the diffusers name."""
+def rename(name: str, prefix_map: dict, inner: dict) -> str:
+    """Rename one parameter or module name by its longest module prefix in `prefix_map`
+    ({old prefix: (new prefix, is_resnet)}); inside resnets also rename by `inner` (SGM_RESNET or its inverse)."""
     parts = name.split(".")
     for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
         head = ".".join(parts[:cut])
@@ -378,12 +379,23 @@ def sgm_to_diffusers_name(name: str, prefix_map: dict) -> str:
             new, is_resnet = prefix_map[head]
             rest = ".".join(parts[cut:])
             if is_resnet:
-                for old, repl in SGM_RESNET.items():
+                for old, repl in inner.items():
                     if rest == old or rest.startswith(old + "."):
                         rest = repl + rest[len(old):]
                         break
             return new + ("." + rest if rest else "")
     raise KeyError(name)
+
+
+def sgm_to_diffusers_name(name: str, prefix_map: dict) -> str:
+    """One SGM name (without 'model.diffusion_model.') -> the diffusers name."""
+    return rename(name, prefix_map, SGM_RESNET)
+
+
+def diffusers_to_sgm_name(name: str, cfg: UNetConfig) -> str:
+    """One diffusers name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
+    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in sgm_unet_prefix_map(cfg).items()}
+    return rename(name, inverse, {new: old for old, new in SGM_RESNET.items()})
 
 
 def config_from_sgm(sd: dict, prefix="model.diffusion_model.", source="checkpoint") -> UNetConfig:
@@ -423,25 +435,6 @@ def unet_from_sgm_state_dict(sd: dict, prefix="model.diffusion_model.", cfg=None
 
 def unet_to_sgm_state_dict(sd: dict, cfg: UNetConfig, prefix="model.diffusion_model.") -> dict:
     """The reverse rename: diffusers-named tensors -> SGM names (for exports and tests)."""
-    pm = sgm_unet_prefix_map(cfg)
-    inverse = {}
-    for sgm, (dif, is_resnet) in pm.items():
-        inverse[dif] = (sgm, is_resnet)
-    out = {}
-    for k, v in sd.items():
-        parts = k.split(".")
-        for cut in range(len(parts), 0, -1):
-            head = ".".join(parts[:cut])
-            if head in inverse:
-                sgm, is_resnet = inverse[head]
-                rest = ".".join(parts[cut:])
-                if is_resnet:
-                    for old, new in SGM_RESNET.items():
-                        if rest == new or rest.startswith(new + "."):
-                            rest = old + rest[len(new):]
-                            break
-                out[prefix + sgm + "." + rest] = v
-                break
-        else:
-            raise KeyError(k)
-    return out
+    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in sgm_unet_prefix_map(cfg).items()}
+    resnet_inverse = {new: old for old, new in SGM_RESNET.items()}
+    return {prefix + rename(k, inverse, resnet_inverse): v for k, v in sd.items()}
