@@ -11,7 +11,6 @@ weights; `--lora` is fused into that UNet. Weights come from the Hugging Face hu
 folder or a single .safetensors file (see weights.py).
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -31,7 +31,6 @@ import data as data_mod
 import lightning_min as lm
 import lora as lora_mod
 import sample as sample_mod
-import text as text_mod
 import weights
 from discriminator import Discriminator
 from safetensors.torch import save_file
@@ -100,7 +99,6 @@ class Phase:
         self.dir = phase_output(args, stage, phase)
         dev, self.dtype = ctx["device"], ctx["dtype"]
         lr = args.lr or spec.lr
-        base_cfg = ctx["unet_config"]
         # --- the student
         self.student = self.load_unet(init_unet).to(dev, torch.float32)  # fp32 master weights
         self.student.gradient_checkpointing = args.grad_checkpointing

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 import lightning_min as lm
 import train
 import weights
-from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base, report
+from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
     for phase in st.phases:
         d = out / stage / phase
         spec = lm.phase_spec(stage, phase)
-        assert (d / "checkpoint.pt").exists() and (d / f"samples_000001.png").exists()
+        assert (d / "checkpoint.pt").exists() and (d / "samples_000001.png").exists()
         log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
         keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss, ["loss_d", "loss_g", "d_real", "d_fake"])
         assert all(k in log[0] and math.isfinite(log[0][k]) for k in keys + ["lr", "step_time", "images_per_s"])
