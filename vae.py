@@ -256,22 +256,14 @@ def config_from_sgm(sd: dict, prefix="first_stage_model.", source="checkpoint") 
 
 def vae_to_sgm_state_dict(sd: dict, cfg: VAEConfig, prefix="first_stage_model.") -> dict:
     """The reverse rename (for tests and exports): diffusers names -> SGM names, 1x1-conv attention."""
-    n = len(cfg.block_out_channels)
-    # Enumerate SGM names from the diffusers names by inverting sgm_vae_name over a candidate list.
-    out = {}
-    inverse = {}
-    for k in sd:
-        inverse[k] = None
-    for name in _sgm_vae_names(cfg):
-        d = sgm_vae_name(name, n)
-        if d in inverse:
-            inverse[d] = name
-    missing = [k for k, v in inverse.items() if v is None]
+    inverse = {sgm_vae_name(name, len(cfg.block_out_channels)): name for name in _sgm_vae_names(cfg)}
+    missing = [k for k in sd if k not in inverse]
     if missing:
         raise KeyError(f"no SGM name for {missing[:5]}")
+    out = {}
     for k, v in sd.items():
         if ".attentions." in k and k.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]
+            v = v[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
         out[prefix + inverse[k]] = v
     return out
 

@@ -14,23 +14,16 @@ def _kwargs(cfg):
     return {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
 
 
-def test_full_size_unet_keys_and_shapes_equal_diffusers():
-    from diffusers import UNet2DConditionModel
+@pytest.mark.parametrize("part,n_keys,n_params", [("unet", 1680, 2_567_463_684), ("vae", 248, 83_653_863)])
+def test_full_size_keys_and_shapes_equal_diffusers(part, n_keys, n_params):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    ref_cls, cls, cfg = {"unet": (UNet2DConditionModel, unet_mod.UNet, unet_mod.UNetConfig()),
+                         "vae": (AutoencoderKL, vae_mod.VAE, vae_mod.VAEConfig())}[part]
     with torch.device("meta"):
-        ref, ours = UNet2DConditionModel(**_kwargs(unet_mod.UNetConfig())), unet_mod.UNet()
+        ref, ours = ref_cls(**_kwargs(cfg)), cls(cfg)
     a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    assert len(b) == 1680 and sum(v.numel() for v in ours.state_dict().values()) == 2_567_463_684
-    assert a == b
-
-
-def test_full_size_vae_keys_and_shapes_equal_diffusers():
-    from diffusers import AutoencoderKL
-    with torch.device("meta"):
-        ref, ours = AutoencoderKL(**_kwargs(vae_mod.VAEConfig())), vae_mod.VAE()
-    a = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    b = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    assert len(b) == 248 and sum(v.numel() for v in ours.state_dict().values()) == 83_653_863
+    assert len(b) == n_keys and sum(v.numel() for v in ours.state_dict().values()) == n_params
     assert a == b
 
 
