@@ -7,13 +7,20 @@ Laplacian filter"), SDXL's resize + center crop and its 6 time ids.
 Nothing here depends on the number of GPUs: the data order is a function of (seed, global sample
 position) only, so a run gives the same batches on 1 or 64 ranks and after a resume.
 
+A cache written by prepare.py (VAE latents and text embeddings, encoded once) is read by CachedData
+with the same order, so `open_data` hands train.py either reader.
+
 Plain Python + Pillow + numpy + torch; tar members are read by offset, never extracted.
 """
 
 import glob
 import hashlib
+import html
 import io
+import json
+import math
 import os
+import re
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -26,6 +33,15 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXT = ".txt"
 MAX_ATTEMPTS = 100  # replacement picks tried by `get` before we call the dataset broken
 HEADER_BYTES = 1 << 16  # enough for the size header of almost every JPEG/PNG/WebP; else read it all
+# Sec. 3.6 sharpness filter, on by default: the variance of the Laplacian of the R x R training crop (grayscale
+# 0..255) must reach this. 100 is the usual OpenCV blur-detection cut on the same 3x3 kernel; measured on
+# scikit-image's sample photos it keeps every sharp photo but one very smooth one (moon: 65; the others
+# 176..5300), and drops every 4x upscale (4..44) and Gaussian blur of sigma 2 (2..17). README: the table.
+DEFAULT_SHARPNESS = 100.0
+# The aesthetic score in a sample's metadata .json, first key present wins: img2dataset copies parquet columns
+# by name (LAION-Aesthetics V2: "aesthetic" / "AESTHETIC_SCORE", COYO-700M: "aesthetic_score_laion_v2").
+AESTHETIC_KEYS = ("aesthetic_score", "AESTHETIC_SCORE", "aesthetic", "aesthetic_score_laion_v2")
+META_EXT = ".json"
 
 # What a bad image file can make Pillow raise (truncated data is an OSError, bad headers are
 # SyntaxError/ValueError in some plugins, too many pixels is DecompressionBombError).
@@ -78,6 +94,30 @@ def resize_center_crop(img: Image.Image, R: int):
     return img.crop((left, top, left + R, top + R)), top, left
 
 
+_URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
+
+
+def clean_caption(text: str) -> str:
+    """Sec. 3.6 "clean up the text prompts": HTML entities decoded (twice: scraped alt text is often escaped
+    twice, `&amp;quot;`), URLs removed, runs of whitespace (any Unicode space, newlines, tabs) made one space."""
+    text = html.unescape(html.unescape(text))
+    text = _URL.sub(" ", text)
+    return " ".join(text.split())
+
+
+def aesthetic_score(meta: bytes, keys=AESTHETIC_KEYS):
+    """The score in a metadata .json (img2dataset writes one per sample), or None if absent or unreadable."""
+    try:
+        d = json.loads(meta)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for k in keys if isinstance(d, dict) else ():
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+    return None
+
+
 def _seed(*parts) -> int:
     """A 63-bit generator seed from a tuple of ints/strings; stable across processes and machines
     (unlike hash() of strings) and free of collisions like seed*K + epoch."""
@@ -120,6 +160,7 @@ def _split_ext(name: str):
 
 
 def _scan_folder_files(files, stats):
+    """[(item, (meta_file, offset, size) or None)]: the same-stem .json is img2dataset's metadata."""
     items = []
     for p in files:
         stem, ext = _split_ext(p)
@@ -130,7 +171,8 @@ def _scan_folder_files(files, stats):
         if not os.path.isfile(txt):
             stats["no_caption"] += 1
             continue
-        items.append((p, 0, -1, txt, 0, -1))
+        meta = stem + META_EXT
+        items.append(((p, 0, -1, txt, 0, -1), (meta, 0, -1) if os.path.isfile(meta) else None))
     return items
 
 
@@ -154,11 +196,34 @@ def _scan_tar(shard, stats):
             if CAPTION_EXT not in exts:
                 stats["no_caption"] += 1
                 continue
-            items.append((shard, *exts[ext], shard, *exts[CAPTION_EXT]))
+            meta = (shard, *exts[META_EXT]) if META_EXT in exts else None
+            items.append(((shard, *exts[ext], shard, *exts[CAPTION_EXT]), meta))
     return items
 
 
-def _expand(path):
+def _walk(folder, stats):
+    """os.walk following symlinks, but each real folder once: a symlink cycle (`a/loop -> ..`) would
+    otherwise recurse until the path is too long, exponentially with two such links. Repeats are counted."""
+    seen = {_dir_id(folder)}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            key = _dir_id(os.path.join(root, d))
+            if key in seen:
+                stats["repeated_dirs"] += 1
+            else:
+                seen.add(key)
+                keep.append(d)
+        dirs[:] = keep  # os.walk descends only into what is left here
+        yield root, names
+
+
+def _dir_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _expand(path, stats):
     """The path argument -> sorted loose files and .tar shards. A folder is searched recursively for
     both; a glob pattern or a list may name folders, shards and images."""
     if isinstance(path, (list, tuple)):
@@ -174,8 +239,7 @@ def _expand(path):
     files, shards = [], []
     for p in parts:
         if os.path.isdir(p):
-            for root, dirs, names in os.walk(p, followlinks=True):
-                dirs.sort()
+            for root, names in _walk(p, stats):
                 for n in names:
                     (shards if n.lower().endswith(".tar") else files).append(os.path.join(root, n))
         elif os.path.isfile(p):
@@ -193,6 +257,44 @@ def _expand(path):
 
 
 # -----------------------------------------------------------------------------
+# the data order, shared by the image reader and the cache reader
+
+
+class _Ordered:
+    """get(g): the sample at global position g, from (seed, g) only. Subclasses give __len__, load(i)
+    (a sample, or None for a bad index), self.seed, self.stats and self._perm_cache = (None, None)."""
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The data order of one epoch, drawn from (seed, epoch) only."""
+        if self._perm_cache[0] != epoch:
+            gen = torch.Generator().manual_seed(_seed(self.seed, "epoch", epoch))
+            self._perm_cache = (epoch, torch.randperm(len(self), generator=gen))
+        return self._perm_cache[1]
+
+    def get(self, g: int):
+        """The sample at global position g = step * global_batch + k (epoch g // len).
+
+        A bad pick is replaced by an index drawn from (seed, g, attempt), so the replacement, like
+        the pick, is the same on every rank count and after any resume."""
+        if g < 0:
+            raise ValueError(f"data.py: global sample position must be >= 0, got {g}")
+        n = len(self)
+        i = int(self.permutation(g // n)[g % n])
+        for attempt in range(MAX_ATTEMPTS):
+            sample = self.load(i)
+            if sample is not None:
+                return sample
+            self.stats["skipped"] += 1
+            gen = torch.Generator().manual_seed(_seed(self.seed, "retry", g, attempt))
+            i = int(torch.randint(n, (1,), generator=gen))
+        s = self.stats
+        raise RuntimeError(
+            f"data.py: {MAX_ATTEMPTS} picks in a row failed at position {g} in {self.path!r}: the data "
+            f"looks all corrupt or blurry (corrupt={s['corrupt']}, blurry={s['blurry']}, bad_caption="
+            f"{s['bad_caption']} of {n} indexed; sharpness threshold {self.sharpness})")
+
+
+# -----------------------------------------------------------------------------
 # the dataset
 
 
@@ -204,34 +306,48 @@ class Sample:
     index: int  # dataset index actually loaded (a replacement when the pick was bad)
 
 
-class ImageCaptionData:
+class ImageCaptionData(_Ordered):
     """Image-caption pairs with the paper's filters (Sec. 3.6), resized and center-cropped to R.
 
-    Filters: shorter side >= min_size (at init, from the header only) and, when sharpness > 0, the
-    Laplacian variance of the decoded grayscale image (original size) >= sharpness (at load time).
-    self.stats counts what was dropped: images (found), no_caption, too_small, corrupt (header at
-    init or decode at load), blurry, bad_shards, usable (the index size), skipped (bad picks that
-    `get` replaced). corrupt/blurry count each bad index once; later picks of it are only skipped."""
+    Filters, at init (headers and metadata only): a same-stem caption, shorter side >= min_size, and with
+    min_aesthetic > 0 an aesthetic score >= min_aesthetic in the sample's metadata .json (AESTHETIC_KEYS, or
+    `aesthetic_key`). At load time: a decodable image, a UTF-8 caption, and with sharpness > 0 the Laplacian
+    variance of the grayscale R x R crop (what the model sees, so the threshold does not depend on the
+    original size) >= sharpness. clean_captions applies clean_caption (URLs, HTML entities, whitespace).
+    self.stats counts: images (found), no_caption, no_aesthetic (no score or no .json), low_aesthetic,
+    too_small, corrupt (header at init or decode at load), bad_caption (not UTF-8), blurry, cleaned (captions
+    changed by the clean-up), bad_shards, repeated_dirs (folders reached again through a symlink: indexed
+    once), usable (the index size), skipped (bad picks that `get` replaced). Load-time counts are per bad
+    index, once; later picks of it are only skipped."""
 
-    def __init__(self, path, resolution=1024, min_size=1024, sharpness=0.0, seed=0):
+    def __init__(self, path, resolution=1024, min_size=1024, sharpness=DEFAULT_SHARPNESS, seed=0,
+                 min_aesthetic=0.0, clean_captions=False, aesthetic_key=None):
         if int(resolution) != resolution or resolution < 1:
             raise ValueError(f"data.py: resolution must be a positive integer, got {resolution!r}")
-        if min_size < 0 or sharpness < 0:
-            raise ValueError(f"data.py: min_size and sharpness must be >= 0 (0 disables), "
-                             f"got min_size={min_size!r}, sharpness={sharpness!r}")
+        if not (min_size >= 0 and sharpness >= 0 and min_aesthetic >= 0):  # also refuses NaN
+            raise ValueError(f"data.py: min_size, sharpness and min_aesthetic must be >= 0 (0 disables), got "
+                             f"min_size={min_size!r}, sharpness={sharpness!r}, min_aesthetic={min_aesthetic!r}")
         self.path, self.resolution, self.min_size = path, int(resolution), min_size
         self.sharpness, self.seed = float(sharpness), int(seed)
-        self.stats = dict(images=0, no_caption=0, too_small=0, corrupt=0, blurry=0, bad_shards=0,
-                          usable=0, skipped=0)
+        self.min_aesthetic, self.clean_captions = float(min_aesthetic), bool(clean_captions)
+        keys = AESTHETIC_KEYS if aesthetic_key is None else (aesthetic_key,)
+        self.stats = dict(images=0, no_caption=0, no_aesthetic=0, low_aesthetic=0, too_small=0, corrupt=0,
+                          bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0, skipped=0)
         self._bad = set()  # indices known to fail: a deterministic property of the file, so caching it
+        self._cleaned = set()  # indices whose caption the clean-up changed (counted once)
         self._perm_cache = (None, None)  # (epoch, permutation): one randperm per epoch, not per sample
 
-        files, shards = _expand(path)
+        files, shards = _expand(path, self.stats)
         candidates = _scan_folder_files(files, self.stats)
         for shard in shards:
             candidates += _scan_tar(shard, self.stats)
         self.items = []
-        for item in candidates:
+        for item, meta in candidates:
+            if self.min_aesthetic > 0:
+                score = None if meta is None else aesthetic_score(_read(*meta), keys)
+                if score is None or score < self.min_aesthetic:
+                    self.stats["no_aesthetic" if score is None else "low_aesthetic"] += 1
+                    continue
             try:
                 w, h = _image_size(*item[:3])
             except _BAD_IMAGE:
@@ -248,66 +364,237 @@ class ImageCaptionData:
                 f"data.py: no usable image-caption pairs in {path!r}: found {s['images']} images "
                 f"({', '.join(IMAGE_EXTS)}) in {len(files)} files and {len(shards)} .tar shards; skipped "
                 f"{s['no_caption']} without a same-stem {CAPTION_EXT} caption, {s['too_small']} with "
-                f"shorter side < min_size={min_size}, {s['corrupt']} unreadable")
+                f"shorter side < min_size={min_size}, {s['corrupt']} unreadable"
+                + (f", {s['no_aesthetic']} without an aesthetic score ({', '.join(keys)} in a same-stem "
+                   f"{META_EXT}), {s['low_aesthetic']} with a score < min_aesthetic={min_aesthetic}"
+                   if self.min_aesthetic > 0 else ""))
 
     def __len__(self):
         return len(self.items)
 
-    def load(self, i: int):
-        """Sample i, or None when its image is unreadable or fails the sharpness filter."""
+    def read(self, i: int):
+        """(Sample, "ok" | "cleaned") or (None, "corrupt" | "bad_caption" | "blurry"), counting nothing:
+        safe to call from threads (prepare.py)."""
         if not 0 <= i < len(self.items):
             raise IndexError(f"data.py: index {i} out of range for {len(self.items)} samples")
-        if i in self._bad:
-            return None
         img_file, img_off, img_size, txt_file, txt_off, txt_size = self.items[i]
+        try:
+            raw = _read(txt_file, txt_off, txt_size)
+        except OSError:
+            return None, "bad_caption"
+        try:  # strict: replacement characters would train the model on mojibake
+            caption = raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not part of the text
+        except UnicodeDecodeError:
+            return None, "bad_caption"
         try:
             with Image.open(io.BytesIO(_read(img_file, img_off, img_size))) as im:
                 im.load()  # decode now, inside the try: truncated data fails here
                 img = to_rgb(im)
-            caption = _read(txt_file, txt_off, txt_size).decode("utf-8", errors="replace").strip()
         except _BAD_IMAGE:
-            self.stats["corrupt"] += 1
-            self._bad.add(i)
-            return None
-        if self.sharpness > 0 and laplacian_variance(np.asarray(img.convert("L"))) < self.sharpness:
-            self.stats["blurry"] += 1
-            self._bad.add(i)
-            return None
+            return None, "corrupt"
         orig_w, orig_h = img.size
         R = self.resolution
         img, top, left = resize_center_crop(img, R)
+        if self.sharpness > 0 and laplacian_variance(np.asarray(img.convert("L"))) < self.sharpness:
+            return None, "blurry"
+        status = "ok"
+        if self.clean_captions:
+            cleaned = clean_caption(caption)
+            status, caption = ("cleaned" if cleaned != caption else "ok"), cleaned
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, R, R)
         pixels = pixels.float() / 255.0 * 2.0 - 1.0
         time_ids = torch.tensor([orig_h, orig_w, top, left, R, R], dtype=torch.float32)
-        return Sample(pixels=pixels, caption=caption, time_ids=time_ids, index=i)
+        return Sample(pixels=pixels, caption=caption, time_ids=time_ids, index=i), status
 
-    def permutation(self, epoch: int) -> torch.Tensor:
-        """The data order of one epoch, drawn from (seed, epoch) only."""
-        if self._perm_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, "epoch", epoch))
-            self._perm_cache = (epoch, torch.randperm(len(self.items), generator=gen))
-        return self._perm_cache[1]
+    def load(self, i: int):
+        """Sample i, or None when its image is unreadable, its caption not UTF-8, or it is blurry."""
+        if i in self._bad:
+            return None
+        sample, status = self.read(i)
+        if sample is None:
+            self.stats[status] += 1
+            self._bad.add(i)
+        elif status == "cleaned" and i not in self._cleaned:
+            self.stats["cleaned"] += 1
+            self._cleaned.add(i)
+        return sample
 
-    def get(self, g: int) -> Sample:
-        """The sample at global position g = step * global_batch + k (epoch g // len).
 
-        A bad pick is replaced by an index drawn from (seed, g, attempt), so the replacement, like
-        the pick, is the same on every rank count and after any resume."""
-        if g < 0:
-            raise ValueError(f"data.py: global sample position must be >= 0, got {g}")
-        n = len(self.items)
-        i = int(self.permutation(g // n)[g % n])
-        for attempt in range(MAX_ATTEMPTS):
-            sample = self.load(i)
-            if sample is not None:
-                return sample
-            self.stats["skipped"] += 1
-            gen = torch.Generator().manual_seed(_seed(self.seed, "retry", g, attempt))
-            i = int(torch.randint(n, (1,), generator=gen))
-        raise RuntimeError(
-            f"data.py: {MAX_ATTEMPTS} picks in a row failed at position {g} in {self.path!r}: the data "
-            f"looks all corrupt or blurry (corrupt={self.stats['corrupt']}, blurry={self.stats['blurry']} "
-            f"of {n} indexed; sharpness threshold {self.sharpness})")
+# -----------------------------------------------------------------------------
+# the cache written by prepare.py: one index JSON and safetensors shards
+# Shard k holds the usable samples among dataset indices [k*S, (k+1)*S) of the ImageCaptionData that
+# prepare.py built, so a sample keeps its index and CachedData.get(g) picks what ImageCaptionData.get(g)
+# picks. Tensors per shard (m usable samples): index (m,) int64, latent and latent_std (m, 4, h, w) (the
+# VAE's mean and std times its scaling factor: the UNet's scale), context (m, 77, C), pooled (m, P) in
+# the cache dtype, time_ids (m, 6) float32 (fp16 would round original sizes above 2048).
+
+CACHE_FORMAT, CACHE_VERSION = "sdxl-lightning-cache", 1
+CACHE_INDEX = "cache_index.json"
+CACHE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CACHE_TENSORS = ("index", "latent", "latent_std", "context", "pooled", "time_ids")
+
+
+def shard_name(k: int) -> str:
+    return f"shard_{k:06d}.safetensors"
+
+
+def is_cache(path) -> bool:
+    """A prepare.py cache: a folder holding cache_index.json, or that file itself."""
+    p = os.fspath(path) if not isinstance(path, (list, tuple)) else ""
+    return p.endswith(CACHE_INDEX) or os.path.isfile(os.path.join(p, CACHE_INDEX)) if p else False
+
+
+def same_base(a, b) -> bool:
+    """Two --base arguments name the same weights: local paths compared resolved, hub ids as written."""
+    norm = [os.path.realpath(x) if os.path.exists(x) else str(x) for x in (os.fspath(a), os.fspath(b))]
+    return norm[0] == norm[1]
+
+
+def shard_problem(meta: dict, shapes: dict, header: dict) -> str:
+    """Why a shard does not belong to a cache whose index says `header`, or "" if it does. `meta` is the
+    shard's safetensors metadata, `shapes` {tensor name: (shape, dtype name)}."""
+    if meta.get("format") != CACHE_FORMAT:
+        return f"not a {CACHE_FORMAT} shard (metadata format {meta.get('format')!r})"
+    if meta.get("version") != str(CACHE_VERSION):
+        return f"format version {meta.get('version')}, this code reads {CACHE_VERSION}"
+    if meta.get("fingerprint") != header["fingerprint"]:
+        mine = json.loads(meta.get("header", "{}"))
+        diff = [k for k in ("base", "resolution", "dtype", "data", "filters", "shard_size")
+                if mine.get(k) != header.get(k)]
+        return ("from another cache (differs in " + (", ".join(diff) if diff else "the data index") +
+                f"): made for {', '.join(f'{k}={mine.get(k)!r}' for k in diff) or 'other data'}")
+    if set(shapes) != set(CACHE_TENSORS):
+        return f"tensors {sorted(shapes)}, expected {list(CACHE_TENSORS)}"
+    m = shapes["index"][0][0] if len(shapes["index"][0]) == 1 else -1
+    dt = {"fp16": "F16", "bf16": "BF16"}[header["dtype"]]
+    want = {"index": ((m,), "I64"), "latent": ((m, *header["latent_shape"]), dt),
+            "latent_std": ((m, *header["latent_shape"]), dt), "context": ((m, *header["context_shape"]), dt),
+            "pooled": ((m, header["pooled_dim"]), dt), "time_ids": ((m, 6), "F32")}
+    bad = [f"{k} {tuple(shapes[k][0])} {shapes[k][1]} (expected {w[0]} {w[1]})" for k, w in want.items()
+           if (tuple(shapes[k][0]), shapes[k][1]) != w]
+    return "; ".join(bad)
+
+
+def read_shard_header(file, header=None):
+    """(metadata, {name: (shape, dtype)}) of a shard; a clear ValueError naming the file if it is not a
+    readable shard of the cache described by `header`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"data.py: {file}: not a readable cache shard ({e}); re-run prepare.py "
+                         f"(it rewrites missing shards)") from None
+    problem = shard_problem(meta, shapes, header) if header is not None else ""
+    if problem:
+        raise ValueError(f"data.py: {file}: {problem}")
+    return meta, shapes
+
+
+@dataclass
+class CachedSample:
+    latent: torch.Tensor  # (4, h, w) float32: the VAE latent mean in the UNet's scale (training's x0)
+    latent_std: torch.Tensor  # (4, h, w) float32: its std, for sampling the latent instead
+    context: torch.Tensor  # (77, C) float32: both CLIPs' penultimate states (text.TextEncoders.encode)
+    pooled: torch.Tensor  # (P,) float32: bigG's pooled output
+    time_ids: torch.Tensor  # (6,) float32, as Sample.time_ids
+    index: int  # dataset index actually loaded
+
+
+class CachedData(_Ordered):
+    """What a training step needs, read from a prepare.py cache with no VAE or text encoder: get(g) picks
+    the same dataset index as ImageCaptionData.get(g) on the data the cache was made from (same seed).
+
+    Every shard's header is checked at init (format version, the base, resolution, dtype and data it was
+    made for, tensor shapes): a missing, truncated or foreign file is refused with its name. Values are
+    checked finite when read."""
+
+    def __init__(self, path, resolution=None, seed=0, base=None):
+        path = os.fspath(path)
+        self.dir = os.path.dirname(path) if path.endswith(CACHE_INDEX) else path
+        self.path, self.seed = path, int(seed)
+        index_file = os.path.join(self.dir, CACHE_INDEX)
+        try:
+            with open(index_file) as f:
+                h = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.py: {index_file}: not a readable cache index ({e}); re-run prepare.py") from None
+        if not isinstance(h, dict) or h.get("format") != CACHE_FORMAT:
+            raise ValueError(f"data.py: {index_file}: not a {CACHE_FORMAT} index")
+        if h.get("version") != CACHE_VERSION:
+            raise ValueError(f"data.py: {index_file}: cache format version {h.get('version')}, this code reads "
+                             f"{CACHE_VERSION}; re-run prepare.py into a new folder")
+        need = ("base", "resolution", "dtype", "items", "shard_size", "shards", "fingerprint", "latent_shape",
+                "context_shape", "pooled_dim", "stats")
+        if any(k not in h for k in need) or h["dtype"] not in CACHE_DTYPES:
+            raise ValueError(f"data.py: {index_file}: incomplete cache index (missing "
+                             f"{[k for k in need if k not in h]} or bad dtype {h.get('dtype')!r})")
+        if resolution is not None and int(resolution) != h["resolution"]:
+            raise ValueError(f"data.py: {index_file}: the cache was made at resolution {h['resolution']}, "
+                             f"not {resolution}; run prepare.py with --resolution {resolution}")
+        if base is not None and not same_base(base, h["base"]):
+            raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
+                             f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
+        self.header, self.resolution = h, h["resolution"]
+        self.latent_shape, self.context_shape, self.pooled_dim = tuple(h["latent_shape"]), tuple(h["context_shape"]), h["pooled_dim"]
+        self.stats = {**h["stats"], "skipped": 0}
+        n, S = h["items"], h["shard_size"]
+        if len(h["shards"]) != -(-n // S):
+            raise ValueError(f"data.py: {index_file}: {len(h['shards'])} shards listed for {n} items of {S}")
+        # row of dataset index i in its shard i // S, or -1 when prepare.py filtered it out
+        self._row = np.full(n, -1, dtype=np.int64)
+        from safetensors import safe_open
+        for k, name in enumerate(h["shards"]):
+            file = os.path.join(self.dir, name)
+            meta, _ = read_shard_header(file, h)
+            with safe_open(file, framework="pt") as f:
+                idx = f.get_tensor("index").numpy()
+            if meta.get("shard") != str(k) or len(idx) and (idx.min() < k * S or idx.max() >= min(n, (k + 1) * S)
+                                                           or np.any(np.diff(idx) <= 0)):
+                raise ValueError(f"data.py: {file}: holds indices outside shard {k}'s range [{k * S}, "
+                                 f"{min(n, (k + 1) * S)}) (a renamed or corrupt shard)")
+            self._row[idx] = np.arange(len(idx))
+        self.usable = int((self._row >= 0).sum())
+        if self.usable != h["stats"].get("cached"):
+            raise ValueError(f"data.py: {index_file}: the shards hold {self.usable} samples, the index says "
+                             f"{h['stats'].get('cached')}")
+        self.sharpness = h.get("filters", {}).get("sharpness")
+        self._files = {}  # shard -> open safe_open handle (memory-mapped, opened on first use)
+        self._perm_cache = (None, None)
+
+    def __len__(self):
+        return self.header["items"]  # the dataset's index size, so the permutation equals ImageCaptionData's
+
+    def _shard(self, k):
+        if k not in self._files:
+            from safetensors import safe_open
+            self._files[k] = safe_open(os.path.join(self.dir, self.header["shards"][k]), framework="pt")
+        return self._files[k]
+
+    def load(self, i: int):
+        """Sample i, or None when prepare.py filtered it out (counted in stats then)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"data.py: index {i} out of range for {len(self)} samples")
+        row = int(self._row[i])
+        if row < 0:
+            return None
+        k = i // self.header["shard_size"]
+        f = self._shard(k)
+        t = {name: f.get_slice(name)[row:row + 1][0].float() for name in CACHE_TENSORS[1:]}
+        if not all(torch.isfinite(v).all() for v in t.values()):
+            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values "
+                             f"in the sample of index {i} (row {row}): a corrupt shard; delete it and re-run prepare.py")
+        return CachedSample(index=i, **t)
+
+
+def open_data(path, resolution, min_size=1024, sharpness=DEFAULT_SHARPNESS, min_aesthetic=0.0,
+              clean_captions=False, seed=0, base=None, aesthetic_key=None):
+    """The reader for --data: CachedData for a prepare.py cache (its filters were applied when it was
+    made; `base`, when given, must be the one it was encoded with), else ImageCaptionData."""
+    if is_cache(path):
+        return CachedData(path, resolution, seed, base)
+    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions, aesthetic_key)
 
 
 # -----------------------------------------------------------------------------
@@ -335,8 +622,29 @@ def rank_positions(step, global_batch, micro_batch, rank, world_size, accum_inde
 
 
 def batch(data, positions):
-    """Stack the samples at global positions: pixels (B, 3, R, R), captions [B], time_ids (B, 6)."""
+    """Images: stack the samples at global positions: pixels (B, 3, R, R), captions [B], time_ids (B, 6)."""
     samples = [data.get(g) for g in positions]
     pixels = torch.stack([s.pixels for s in samples])  # (B, 3, R, R)
     time_ids = torch.stack([s.time_ids for s in samples])  # (B, 6)
     return pixels, [s.caption for s in samples], time_ids
+
+
+def cached_batch(data, positions):
+    """A cache: x0 (B, 4, h, w) (the latent mean, as training encodes it), context (B, 77, C), pooled
+    (B, P), time_ids (B, 6), all float32."""
+    samples = [data.get(g) for g in positions]
+    return tuple(torch.stack([getattr(s, k) for s in samples]) for k in ("latent", "context", "pooled", "time_ids"))
+
+
+@torch.no_grad()
+def encode(vae, text, pixels, captions, slice_size=4):
+    """What prepare.py stores, computed as a training step does (vae.encode_latents, text.encode):
+    latent mean and std in the UNet's scale (B, 4, h, w), context (B, 77, C), pooled (B, P)."""
+    sf = vae.config.scaling_factor
+    means, stds = [], []
+    for x in pixels.split(slice_size):
+        mean, logvar = vae.encode(x)
+        means.append(mean * sf)
+        stds.append((0.5 * logvar).exp() * sf)
+    context, pooled = text.encode(list(captions))
+    return torch.cat(means), torch.cat(stds), context, pooled
