@@ -1,16 +1,20 @@
 """data.py: folder vs tar shards, the Sec. 3.6 filters, corrupt files, time ids, determinism."""
 
 import io
+import json
 import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from data import (ImageCaptionData, Sample, batch, laplacian_variance, rank_positions,
-                  resize_center_crop)
+from data import (DEFAULT_SHARPNESS, ImageCaptionData, Sample, aesthetic_score, batch, clean_caption,
+                  laplacian_variance, open_data, rank_positions, resize_center_crop)
 
 R = 32
 
@@ -310,3 +314,126 @@ def test_truncated_shard_keeps_what_it_can_read(tmp_path):
     ds = ImageCaptionData(tmp_path / "s.tar", resolution=R, min_size=32)
     assert ds.stats["bad_shards"] == 1 and 1 <= len(ds) < 4
     assert all(ds.load(i) is not None for i in range(len(ds)))
+
+
+# -----------------------------------------------------------------------------
+# issue 6: symlink cycles, captions that are not UTF-8
+
+
+def test_symlink_cycle_is_indexed_once(tmp_path):
+    """Two links back up the tree: following them naively recurses 2^40 times (ELOOP is the only stop).
+    Runs in a subprocess so that a hang is a failure, not a stuck test run."""
+    root = tmp_path / "d"
+    write_pair(root, "a.png", encode(noise_image(40, 40, 0), "PNG"), "a")
+    write_pair(root, "sub/b.png", encode(noise_image(40, 40, 1), "PNG"), "b")
+    os.symlink("..", root / "sub" / "up")  # sub/up -> d: a cycle
+    os.symlink(".", root / "sub" / "here")  # sub/here -> sub: another
+    write_pair(tmp_path / "elsewhere", "c.png", encode(noise_image(40, 40, 2), "PNG"), "c")
+    os.symlink(tmp_path / "elsewhere", root / "linked")  # a linked folder outside: still followed
+    code = ("import data, json; d = data.ImageCaptionData({!r}, 32, 32); "
+            "print(json.dumps([len(d), d.stats['repeated_dirs'], sorted(d.load(i).caption for i in range(len(d)))]))")
+    r = subprocess.run([sys.executable, "-c", code.format(str(root))], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, repeated, caps = json.loads(r.stdout.splitlines()[-1])
+    print(f"symlink cycles: {n} items, {repeated} repeated folders skipped")
+    assert n == 3 and caps == ["a", "b", "c"] and repeated == 2
+
+
+def test_caption_not_utf8_is_skipped_and_counted(tmp_path):
+    write_pair(tmp_path, "good.png", encode(noise_image(40, 40, 0), "PNG"), "good")
+    write_pair(tmp_path, "latin.png", encode(noise_image(40, 40, 1), "PNG"), None)
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))  # a valid Latin-1, invalid UTF-8
+    write_pair(tmp_path, "bom.png", encode(noise_image(40, 40, 2), "PNG"), None)
+    (tmp_path / "bom.txt").write_bytes("\ufeffcaf\xe9".encode("utf-8"))  # UTF-8 with a byte-order mark: fine
+    ds = ImageCaptionData(tmp_path, resolution=R, min_size=32)
+    caps = {ds.get(g).caption for g in range(4 * len(ds))}
+    assert caps == {"good", "caf\xe9"}  # no U+FFFD replacement characters, no BOM
+    assert ds.stats["bad_caption"] == 1 and ds.stats["skipped"] >= 1 and ds.stats["corrupt"] == 0
+
+
+# -----------------------------------------------------------------------------
+# issue 7.7: the paper's filters (Sec. 3.6), on by default where the paper is explicit
+
+
+def test_sharpness_on_by_default_and_measured_on_the_training_crop(tmp_path):
+    write_pair(tmp_path, "noisy.png", encode(noise_image(48, 48, 1), "PNG"), "noisy")
+    write_pair(tmp_path, "blurred.png", encode(noise_image(48, 48, 2).filter(ImageFilter.GaussianBlur(2)), "PNG"),
+               "blurred")
+    # an 8x upscale: blurry at its own 256 px, sharp again at a 32 px crop
+    write_pair(tmp_path, "up.png", encode(noise_image(32, 32, 3).resize((256, 256), Image.Resampling.BICUBIC), "PNG"),
+               "upscaled")
+    ds = ImageCaptionData(tmp_path, resolution=R, min_size=32)  # no sharpness argument: the default
+    assert ds.sharpness == DEFAULT_SHARPNESS == 100.0
+    assert {ds.get(g).caption for g in range(9)} == {"noisy", "upscaled"} and ds.stats["blurry"] == 1
+    big = ImageCaptionData(tmp_path, resolution=256, min_size=32)
+    assert {big.get(g).caption for g in range(9)} == {"noisy"} and big.stats["blurry"] == 2
+    v = laplacian_variance(np.asarray(Image.open(tmp_path / "up.png").convert("L")))
+    print(f"8x upscale: Laplacian variance {v:.1f} at 256 px")
+    assert v < DEFAULT_SHARPNESS
+
+
+def test_default_sharpness_keeps_the_train_and_bench_test_data(tmp_path):
+    """tests/test_train.py and bench.py train on 40x48 uniform noise at 32 px with --min-size 32."""
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a picture number {i}")
+    ds = ImageCaptionData(tmp_path, resolution=32, min_size=32)
+    scores = [laplacian_variance(np.asarray(resize_center_crop(Image.open(tmp_path / f"{i}.png").convert("RGB"),
+                                                               32)[0].convert("L"))) for i in range(8)]
+    print(f"test data Laplacian variance at 32 px: min {min(scores):.0f}")
+    assert all(ds.load(i) is not None for i in range(8)) and ds.stats["blurry"] == 0
+
+
+def test_aesthetic_score_from_img2dataset_metadata(tmp_path):
+    metas = {"s6": {"aesthetic_score": 6.0}, "u5": {"AESTHETIC_SCORE": 5.0}, "l56": {"aesthetic": 5.6},
+             "c7": {"aesthetic_score_laion_v2": 7}, "none": {"aesthetic_score": None}, "nokey": {"url": "x"},
+             "bad": "{not json", "nojson": None}
+    members = []
+    for k, (key, meta) in enumerate(metas.items()):
+        members += [(f"{key}.png", encode(noise_image(40, 40, k), "PNG")), (f"{key}.txt", key.encode())]
+        if meta is not None:
+            members.append((f"{key}.json", (meta if isinstance(meta, str) else json.dumps(meta)).encode()))
+    write_tar(tmp_path / "00000.tar", members)
+    off = ImageCaptionData(tmp_path, resolution=R, min_size=32)  # default: off, .json ignored
+    assert len(off) == 8 and off.stats["no_aesthetic"] == 0
+    ds = ImageCaptionData(tmp_path, resolution=R, min_size=32, min_aesthetic=5.5)
+    assert sorted(ds.load(i).caption for i in range(len(ds))) == ["c7", "l56", "s6"]
+    assert ds.stats["low_aesthetic"] == 1 and ds.stats["no_aesthetic"] == 4 and ds.stats["usable"] == 3
+    one_key = ImageCaptionData(tmp_path, resolution=R, min_size=32, min_aesthetic=4.0, aesthetic_key="AESTHETIC_SCORE")
+    assert [one_key.load(i).caption for i in range(len(one_key))] == ["u5"]
+    # a folder as img2dataset's "files" output format writes it: same-stem .json
+    folder = tmp_path / "files"
+    write_pair(folder, "a.png", encode(noise_image(40, 40, 0), "PNG"), "a")
+    (folder / "a.json").write_text(json.dumps({"aesthetic": 6.5}))
+    write_pair(folder, "b.png", encode(noise_image(40, 40, 1), "PNG"), "b")
+    (folder / "b.json").write_text(json.dumps({"aesthetic": 4.5}))
+    write_pair(folder, "c.png", encode(noise_image(40, 40, 2), "PNG"), "c")
+    f = ImageCaptionData(folder, resolution=R, min_size=32, min_aesthetic=5.5)
+    assert len(f) == 1 and f.load(0).caption == "a" and (f.stats["low_aesthetic"], f.stats["no_aesthetic"]) == (1, 1)
+    with pytest.raises(ValueError, match="1 without an aesthetic score"):
+        ImageCaptionData(folder, resolution=R, min_size=32, min_aesthetic=7)
+    assert aesthetic_score(b'{"aesthetic": true}') is None and aesthetic_score(b'{"aesthetic": NaN}') is None
+
+
+def test_clean_captions(tmp_path):
+    raw = "  Tom &amp;amp; Jerry&nbsp;on&#39;the\n\tbeach  https://example.com/a?b=1 see WWW.site.org/x &lt;3  "
+    assert clean_caption(raw) == "Tom & Jerry on'the beach see <3"
+    assert clean_caption("a plain caption") == "a plain caption"
+    write_pair(tmp_path, "a.png", encode(noise_image(40, 40, 0), "PNG"), raw)
+    write_pair(tmp_path, "b.png", encode(noise_image(40, 40, 1), "PNG"), "already clean")
+    off = ImageCaptionData(tmp_path, resolution=R, min_size=32)  # default: captions as written (stripped)
+    assert off.load(0).caption == raw.strip() and off.stats["cleaned"] == 0
+    on = ImageCaptionData(tmp_path, resolution=R, min_size=32, clean_captions=True)
+    caps = [on.get(g).caption for g in range(6)]
+    assert set(caps) == {"Tom & Jerry on'the beach see <3", "already clean"}
+    assert on.stats["cleaned"] == 1  # counted once per index, however often it is read
+
+
+def test_open_data_picks_the_reader(tmp_path):
+    write_pair(tmp_path, "a.png", encode(noise_image(40, 40, 0), "PNG"), "a")
+    ds = open_data(tmp_path, R, min_size=32, sharpness=0, seed=5, clean_captions=True)
+    assert isinstance(ds, ImageCaptionData) and ds.seed == 5 and ds.sharpness == 0 and ds.clean_captions
+    with pytest.raises(ValueError, match="min_aesthetic"):
+        open_data(tmp_path, R, min_aesthetic=float("nan"))
