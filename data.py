@@ -34,9 +34,9 @@ CAPTION_EXT = ".txt"
 MAX_ATTEMPTS = 100  # replacement picks tried by `get` before we call the dataset broken
 HEADER_BYTES = 1 << 16  # enough for the size header of almost every JPEG/PNG/WebP; else read it all
 # Sec. 3.6 sharpness filter, on by default: the variance of the Laplacian of the R x R training crop (grayscale
-# 0..255) must reach this. 100 is the usual OpenCV blur-detection cut on the same 3x3 kernel; measured on
-# scikit-image's sample photos it keeps every sharp photo but one very smooth one (moon: 65; the others
-# 176..5300), and drops every 4x upscale (4..44) and Gaussian blur of sigma 2 (2..17). README: the table.
+# 0..255) must reach this. 100 is the usual OpenCV blur-detection cut on the same 3x3 kernel. On scikit-image's
+# sample images (README table) it keeps the sharp photos (176..5300) but the low-contrast moon (65), and drops
+# the motion-blurred clock (24), every 4x upscale (4..44) and every Gaussian blur of sigma 2 (2..17).
 DEFAULT_SHARPNESS = 100.0
 # The aesthetic score in a sample's metadata .json, first key present wins: img2dataset copies parquet columns
 # by name (LAION-Aesthetics V2: "aesthetic" / "AESTHETIC_SCORE", COYO-700M: "aesthetic_score_laion_v2").
@@ -211,7 +211,7 @@ def _walk(folder, stats):
             key = _dir_id(os.path.join(root, d))
             if key in seen:
                 stats["repeated_dirs"] += 1
-            else:
+            elif key is not None:  # None: vanished or unreadable, as os.walk itself skips those
                 seen.add(key)
                 keep.append(d)
         dirs[:] = keep  # os.walk descends only into what is left here
@@ -219,7 +219,10 @@ def _walk(folder, stats):
 
 
 def _dir_id(path):
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
     return st.st_dev, st.st_ino
 
 
@@ -291,7 +294,7 @@ class _Ordered:
         raise RuntimeError(
             f"data.py: {MAX_ATTEMPTS} picks in a row failed at position {g} in {self.path!r}: the data "
             f"looks all corrupt or blurry (corrupt={s['corrupt']}, blurry={s['blurry']}, bad_caption="
-            f"{s['bad_caption']} of {n} indexed; sharpness threshold {self.sharpness})")
+            f"{s['bad_caption']} of {n} indexed; sharpness threshold {self.sharpness}, 0 turns it off)")
 
 
 # -----------------------------------------------------------------------------
@@ -344,7 +347,10 @@ class ImageCaptionData(_Ordered):
         self.items = []
         for item, meta in candidates:
             if self.min_aesthetic > 0:
-                score = None if meta is None else aesthetic_score(_read(*meta), keys)
+                try:
+                    score = None if meta is None else aesthetic_score(_read(*meta), keys)
+                except OSError:
+                    score = None
                 if score is None or score < self.min_aesthetic:
                     self.stats["no_aesthetic" if score is None else "low_aesthetic"] += 1
                     continue
@@ -537,7 +543,8 @@ class CachedData(_Ordered):
             raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
                              f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
         self.header, self.resolution = h, h["resolution"]
-        self.latent_shape, self.context_shape, self.pooled_dim = tuple(h["latent_shape"]), tuple(h["context_shape"]), h["pooled_dim"]
+        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])  # (4, h, w), (77, C)
+        self.pooled_dim = h["pooled_dim"]
         self.stats = {**h["stats"], "skipped": 0}
         n, S = h["items"], h["shard_size"]
         if len(h["shards"]) != -(-n // S):
@@ -583,8 +590,8 @@ class CachedData(_Ordered):
         f = self._shard(k)
         t = {name: f.get_slice(name)[row:row + 1][0].float() for name in CACHE_TENSORS[1:]}
         if not all(torch.isfinite(v).all() for v in t.values()):
-            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values "
-                             f"in the sample of index {i} (row {row}): a corrupt shard; delete it and re-run prepare.py")
+            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values in "
+                             f"the sample of index {i} (row {row}): a corrupt shard; delete it and re-run prepare.py")
         return CachedSample(index=i, **t)
 
 

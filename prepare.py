@@ -163,7 +163,7 @@ def check_args(args):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out}: exists and is not a folder")
-    if os.path.isfile(args.data) and args.data.endswith(data.CACHE_INDEX) or data.is_cache(args.data):
+    if data.is_cache(args.data):
         raise ValueError(f"--data {args.data}: is a cache already; give the images")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here")

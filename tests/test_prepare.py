@@ -117,10 +117,12 @@ def test_cached_sample_equals_encoded_image(env):
         images.load(i)
     for k in ("corrupt", "bad_caption", "blurry", "images", "usable", "too_small"):
         assert cached.stats[k] == images.stats[k], k
-    assert (cached.stats["corrupt"], cached.stats["bad_caption"], cached.stats["blurry"], cached.stats["cached"]) == (1, 1, 1, 6)
+    s = cached.stats
+    assert (s["corrupt"], s["bad_caption"], s["blurry"], s["cached"]) == (1, 1, 1, 6)
     # the batch function train.py calls
     x0, context, pooled, ids = data.cached_batch(cached, data.rank_positions(2, 4, 2, 1, 2, 0))
-    assert x0.shape == (2, 4, 16, 16) and context.shape == (2, 77, 80) and pooled.shape == (2, 48) and ids.shape == (2, 6)
+    assert x0.shape == (2, 4, 16, 16) and context.shape == (2, 77, 80) and pooled.shape == (2, 48)
+    assert ids.shape == (2, 6)
     assert torch.equal(x0[1], cached.get(11).latent) and torch.equal(ids[0], images.get(10).time_ids)
 
 
