@@ -543,7 +543,7 @@ class CachedData(_Ordered):
             raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
                              f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
         self.header, self.resolution = h, h["resolution"]
-        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])  # (4, h, w), (77, C)
+        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])  # (4,h,w), (77,C)
         self.pooled_dim = h["pooled_dim"]
         self.stats = {**h["stats"], "skipped": 0}
         n, S = h["items"], h["shard_size"]
