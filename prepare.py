@@ -15,6 +15,7 @@ rank 0, when every shard exists. Re-running the same command resumes: finished s
 The seed plays no part here: data.CachedData applies the training seed's order when it reads.
 """
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -106,8 +107,14 @@ def save_shard(tensors, counts, k, header, out):
     meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION), "fingerprint": header["fingerprint"],
             "shard": str(k), "stats": json.dumps(counts), "header": json.dumps(core)}
     tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise ValueError(f"{path}: could not write the shard{full}: {e.strerror or e}") from None
 
 
 def write_index(ds, header, out):
@@ -199,6 +206,9 @@ def main(argv=None):
         vae = weights.load_vae(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
         text = weights.load_text(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
         del sd
+        if args.resolution % vae.config.downscale:
+            raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale factor "
+                             f"{vae.config.downscale}")
         header = cache_header(ds, args, vae, text)
         index_file = os.path.join(args.out, data.CACHE_INDEX)
         if os.path.exists(index_file):

@@ -248,8 +248,21 @@ def test_prepare_bad_arguments_write_nothing(env, tmp_path):
             prepare.main(args(env, tmp_path / "out", *extra))
     with pytest.raises(SystemExit, match="exists and is not a folder"):
         prepare.main(args(env, f))
+    with pytest.raises(SystemExit, match="--resolution 37: must be a multiple of the VAE's downscale factor 2"):
+        prepare.main(args(env, tmp_path / "out", "--resolution", "37"))
     cmd = args(env, tmp_path / "out")
     cmd[cmd.index("--data") + 1] = str(env["cache"])
     with pytest.raises(SystemExit, match="is a cache already"):
         prepare.main(cmd)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_disk_full_names_the_shard_and_leaves_no_temp_file(env, tmp_path, monkeypatch):
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "save_file", full)
+    with pytest.raises(SystemExit, match=r"shard_000000.safetensors: could not write the shard \(the disk is full\)"):
+        prepare.main(args(env, tmp_path / "out"))
+    assert not list((tmp_path / "out").iterdir())
