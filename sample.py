@@ -385,7 +385,7 @@ def parse_lora(spec):
     return path, value
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
     p.add_argument("--prompts", default=None,
@@ -442,7 +442,11 @@ def parse_args(argv=None):
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (slow first call, faster steps; same images to float tolerance)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
