@@ -308,10 +308,10 @@ def check_out(out):
     a parent that is a file, a folder we cannot write in (tried with a real file, so root and read-only
     mounts are judged right)."""
     out = Path(out)
-    if out.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name like {out / 'image.png'}")
+    if out.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
     folder = out.absolute().parent
     while not folder.exists():  # created at save time
         folder = folder.parent

@@ -176,7 +176,7 @@ class TextEncoders(torch.nn.Module):
         """Pad with the tokenizer's own pad token (EOS for CLIP-L, "!" for bigG) and truncate to 77."""
         n = tokenizer.model_max_length
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-        full = tokenizer(prompts, truncation=False).input_ids
+        full = tokenizer(prompts, truncation=False, verbose=False).input_ids  # counted, warned below
         # BOS + (n - 2) tokens + EOS survive; what fell between them is lost
         return ids, [max(len(f) - n, 0) for f in full]  # (B, n), tokens dropped per prompt
 

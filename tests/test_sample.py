@@ -646,7 +646,7 @@ def test_long_prompt_warning_counts_tokens(base, tmp_path, capsys):
     root, _ = base
     tail = "the red snow car"
     long = "a photo of a cat " * 19 + tail  # 95 tokens + BOS/EOS
-    n_drop = len(weights.load_text(str(root)).tokenizer(long).input_ids) - 77
+    n_drop = len(weights.load_text(str(root)).tokenizer(long, verbose=False).input_ids) - 77
     _main(long, "--base", root, "--unet", "base", "--width", W, "--height", H, "--out", tmp_path / "x.png")
     err = capsys.readouterr().err
     print(err)
