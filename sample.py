@@ -165,7 +165,7 @@ def encode_image(vae, image, gens, batch, dtype):
     vae_dtype = next(vae.parameters()).dtype
     # diffusers casts the image to the run's dtype first, then upcasts for the VAE
     mean, logvar = vae.encode(image.to(dtype).to(next(vae.parameters()).device, vae_dtype))  # (1, 4, h, w)
-    draw = _randn(mean.shape if not isinstance(gens, list) else (len(gens), *mean.shape[1:]), gens, vae_dtype)
+    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)  # (B or 1, ...)
     z = (mean + (0.5 * logvar).exp() * draw.to(mean.device)).to(dtype) * vae.config.scaling_factor
     _check_finite(z, "the VAE encoder")
     return z.expand(batch, *z.shape[1:])
@@ -388,10 +388,10 @@ def parse_lora(spec):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
-    p.add_argument("--prompts", default=None,
+    p.add_argument("--prompts", default=None, metavar="FILE",
                    help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; writes "
                         f"OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per image)")
-    p.add_argument("--negative", default=None,
+    p.add_argument("--negative", default=None, metavar="TEXT",
                    help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's all-zero "
                         "input (diffusers' negative_prompt); needs --guidance > 1")
     p.add_argument("--steps", type=int, default=4,
@@ -427,7 +427,7 @@ def build_parser():
     p.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is off "
                         "(Lightning: off)")
-    p.add_argument("--image", default=None,
+    p.add_argument("--image", default=None, metavar="FILE",
                    help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time --strength "
                         "selects")
     p.add_argument("--strength", type=float, default=None,

@@ -445,7 +445,8 @@ def test_bad_lora_is_one_clear_line(base, tmp_path, case):
     path = tmp_path / "l.safetensors"
     sd = _write_lora(path, 3)
     if case == "rank0":
-        save_file({k: (v[:0] if "lora_down" in k else v[:, :0]) if "alpha" not in k else v for k, v in sd.items()}, path)
+        empty = {k: v if "alpha" in k else v[:0] if "lora_down" in k else v[:, :0] for k, v in sd.items()}
+        save_file(empty, path)
     if case == "sd15":
         save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
                    "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}, path)
@@ -545,7 +546,8 @@ def test_negative_prompt_equals_diffusers(base, tmp_path):
     assert (zero - ours).abs().max() > 0.05  # the negative prompt mattered
     common = ["a dog", "--base", root, "--unet", "base", "--width", W, "--height", H, "--seed", 3]
     _main(*common, "--guidance", 5, "--negative", "snow", "--out", tmp_path / "neg.png")
-    assert np.abs(_png(tmp_path / "neg.png") - np.asarray(sample.to_pil(ours[:1] * 2 - 1)[0]).astype(np.int16)).max() <= 1
+    want = np.asarray(sample.to_pil(ours[:1] * 2 - 1)[0]).astype(np.int16)
+    assert np.abs(_png(tmp_path / "neg.png") - want).max() <= 1
     for g in ("0", "1"):
         assert "--negative needs --guidance > 1" in _main_error(*common, "--negative", "snow", "--guidance", g,
                                                                 "--out", tmp_path / "x.png")
@@ -597,16 +599,19 @@ def test_bad_arguments_refused_before_work(base, tmp_path, case):
         out = tmp_path
     if case == "device" and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")
-    args = {"seed": ["--seed", 2**64 - 1, "--num", 2], "seed_neg": ["--seed", -1], "guidance_inf": ["--guidance", "inf"],
-            "guidance_nan": ["--guidance", "nan"], "device": ["--device", "cuda"], "size": ["--width", 12]}.get(case, [])
+    args = {"seed": ["--seed", 2**64 - 1, "--num", 2], "seed_neg": ["--seed", -1],
+            "guidance_inf": ["--guidance", "inf"], "guidance_nan": ["--guidance", "nan"],
+            "device": ["--device", "cuda"], "size": ["--width", 12]}.get(case, [])
     try:
         msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H, "--out", out, *args)
     finally:
         if case == "read_only":
             _chattr(ro, "-i") if os.geteuid() == 0 else ro.chmod(0o755)
-    expect = {"txt": "unknown image extension '.txt'", "folder": "is a folder", "parent_is_file": "is a file, not a folder",
+    expect = {"txt": "unknown image extension '.txt'", "folder": "is a folder",
+              "parent_is_file": "is a file, not a folder",
               "read_only": "cannot write in", "seed": "0..2**64-1", "seed_neg": "0..2**64-1",
-              "guidance_inf": "finite", "guidance_nan": "finite", "device": "no CUDA GPU", "size": "multiples of 8"}[case]
+              "guidance_inf": "finite", "guidance_nan": "finite", "device": "no CUDA GPU",
+              "size": "multiples of 8"}[case]
     assert expect in msg
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.tmp*"))
 
@@ -619,7 +624,8 @@ def test_full_disk_leaves_no_partial_png(base, tmp_path, monkeypatch):
         Path(fp).write_bytes(b"\x89PNG partial")
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(Image.Image, "save", full_disk)
-    msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H, "--out", tmp_path / "x.png")
+    msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H,
+                      "--out", tmp_path / "x.png")
     assert "x.png (the disk is full)" in msg
     assert list(tmp_path.iterdir()) == []  # neither the PNG nor its temp file
 
@@ -692,7 +698,7 @@ def _inductor_works():
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def test_compile_matches_eager(base):
+def test_compile_matches_eager(base, tmp_path):
     """--compile (torch.compile of the UNet) gives the eager latents to float tolerance: tiny UNet, one step."""
     why = _inductor_works()
     if why:
@@ -707,6 +713,11 @@ def test_compile_matches_eager(base):
     ours = sample.generate(text, compiled, vae, ["a cat"], 1, 0, W, H, "sample", decode=False)
     report("compiled vs eager latents, 1 step", ours, eager)
     assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+    common = ["a cat", "--base", root, "--unet", root / "student_unet.safetensors", "--steps", 1, "--width", W,
+              "--height", H]
+    _main(*common, "--compile", "--out", tmp_path / "compiled.png")  # the flag, as a user runs it
+    _main(*common, "--out", tmp_path / "eager.png")
+    assert np.abs(_png(tmp_path / "compiled.png") - _png(tmp_path / "eager.png")).max() <= 1
 
 
 def test_help_explains_every_flag():
