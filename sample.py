@@ -67,24 +67,28 @@ def pick_device_dtype(device=None, dtype=None):
 
 
 def unet_model(unet, cond, guidance=1.0, uncond=None):
-    """model(x, t) -> u (float32) at paper time t (the UNet is called with t - 1); cond = (context, pooled,
-    time_ids). guidance > 1: classifier-free guidance u_uncond + g (u_cond - u_uncond), in diffusers' order,
-    in one batched UNet call; uncond = (context, pooled, time_ids) of a negative prompt, or None for SDXL's
-    all-zero input (time ids stay those of cond). guidance <= 1 is off (one call), as in diffusers."""
+    """model(x, t) -> u (float32) at paper time t; cond = (context, pooled, time_ids); guidance > 1: CFG
+    u_uncond + g (u_cond - u_uncond) in one batched call, uncond = (context, pooled, time_ids) of a negative
+    prompt or None for SDXL's all-zero input (time ids stay those of cond).
+
+    The same adapter as lightning_min.unet_model (the training branch's): the UNet gets t - 1, its embedding
+    index (0 at t = 0); x is cast to the UNet's dtype, the time ids stay float32; guidance <= 1 is off, as in
+    diffusers, so the Lightning models cost one evaluation."""
     dtype = next(unet.parameters()).dtype
     context, pooled, ids = cond
+    ids = ids.float()
     if guidance > 1:
-        u_context, u_pooled, u_ids = (torch.zeros_like(context), torch.zeros_like(pooled), ids) if uncond is None \
-            else uncond
-        context, pooled = torch.cat([u_context, context]), torch.cat([u_pooled, pooled])  # (2B, 77, C), (2B, P)
-        ids = torch.cat([u_ids, ids])  # (2B, 6)
+        u_context, u_pooled = (torch.zeros_like(context), torch.zeros_like(pooled)) if uncond is None else \
+            (uncond[0].expand_as(context), uncond[1].expand_as(pooled))  # a (1, ...) negative serves the batch
 
     def model(x, t):
-        if guidance > 1:
-            u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]) - 1, context, pooled,
-                                    ids).float().chunk(2)
-            return u_uncond + guidance * (u_cond - u_uncond)
-        return unet(x.to(dtype), t - 1, context, pooled, ids).float()
+        t_unet = (torch.as_tensor(t, device=x.device) - 1).clamp(min=0)
+        if guidance <= 1:
+            return unet(x.to(dtype), t_unet, context, pooled, ids).float()
+        u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t_unet, t_unet]),  # (2B, ...)
+                                torch.cat([u_context, context]), torch.cat([u_pooled, pooled]),
+                                torch.cat([ids, ids])).float().chunk(2)
+        return u_uncond + guidance * (u_cond - u_uncond)
     return model
 
 
@@ -215,11 +219,10 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     ids = text_mod.time_ids(height, width).to(device, dtype).expand(len(prompts), 6)  # (B, 6)
 
     def encode(texts, names):
-        context, pooled = text.encode(texts, names=names)  # (b, 77, C), (b, P)
-        context, pooled = context.to(device, dtype), pooled.to(device, dtype)
-        return context.expand(len(prompts), -1, -1), pooled.expand(len(prompts), -1), ids
+        context, pooled = text.encode(texts, names=names)  # (B or 1, 77, C), (B or 1, P)
+        return context.to(device, dtype), pooled.to(device, dtype), ids
     cond = encode(prompts, names)
-    uncond = encode([negative], ["the negative prompt"]) if negative is not None else None
+    uncond = encode([negative], ["the negative prompt"]) if negative is not None else None  # encoded once
     # drawn on the CPU in the run's dtype, exactly as diffusers' randn_tensor with CPU generators
     seeds = [seed] if isinstance(seed, int) else list(seed)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -565,11 +565,14 @@ def test_unet_model_adapter(base):
     cond = sample.unet_model(unet, (ctx, pooled, ids))(x, t)
     assert_close(cond, unet(x, t - 1, ctx, pooled, ids))
     assert torch.equal(sample.unet_model(unet, (ctx, pooled, ids), guidance=1.0)(x, t), cond)  # <= 1: CFG off
-    for uncond in (None, (neg_ctx, neg_pooled, ids)):
-        u_ctx, u_pooled = (torch.zeros_like(ctx), torch.zeros_like(pooled)) if uncond is None else uncond[:2]
+    other_ids = text_mod.time_ids(2 * H, 2 * W).expand(2, 6)  # the uncond's time ids are not used: cond's are
+    for uncond in (None, (neg_ctx, neg_pooled, other_ids), (neg_ctx[:1], neg_pooled[:1], other_ids[:1])):
+        u_ctx, u_pooled = (torch.zeros_like(ctx), torch.zeros_like(pooled)) if uncond is None else (neg_ctx, neg_pooled)
         u = unet(x, t - 1, u_ctx, u_pooled, ids)
         assert_close(sample.unet_model(unet, (ctx, pooled, ids), 4.0, uncond)(x, t), u + 4.0 * (cond - u),
                      atol=1e-5, rtol=1e-5)
+    assert_close(sample.unet_model(unet, (ctx, pooled, ids))(x, torch.tensor([0, 1])),
+                 unet(x, torch.tensor([0, 0]), ctx, pooled, ids))  # t = 0 (clean data) -> embedding index 0
 
 
 def _chattr(path, flag):
