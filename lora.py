@@ -122,6 +122,12 @@ def _group(lora_sd, table, modules, source):
     incomplete = [n for n, p in layers.items() if "lora_down.weight" not in p or "lora_up.weight" not in p]
     if incomplete:
         raise ValueError(f"{source}: layers without both lora_down and lora_up weights: {_few(incomplete)}")
+    empty = [n for n, p in layers.items() if p["lora_down.weight"].shape[0] == 0]
+    if empty:  # alpha / rank would divide by zero
+        raise ValueError(f"{source}: LoRA layers of rank 0 (empty lora_down/lora_up): {_few(empty)}")
+    nonfinite = [k for k in lora_sd if k.partition(".")[0] in layers and not torch.isfinite(lora_sd[k]).all()]
+    if nonfinite:
+        raise ValueError(f"{source}: NaN or Inf values in {_few(nonfinite)}")
     out, bad = {}, []
     for name, p in layers.items():
         module_name = table[name]

@@ -3,49 +3,146 @@
     python sample.py "a cat in a spacesuit" --steps 4                      # official 4-step UNet
     python sample.py "a cat in a spacesuit" --steps 1                      # 1-step UNet, x0 prediction
     python sample.py "a cat" --steps 4 --unet base --lora sdxl_lightning_4step_lora.safetensors
+    python sample.py "a cat" --steps 4 --unet base --lora lightning.safetensors:0.8 --lora style.safetensors:0.5
     python sample.py "a cat" --steps 4 --base sdxl_lightning_4step.safetensors --unet base   # all-in-one file
-    python sample.py "a cat" --steps 32 --unet base --guidance 6          # the SDXL base itself (a teacher)
+    python sample.py "a cat" --steps 32 --unet base --guidance 6 --negative "blurry"  # the SDXL base (a teacher)
+    python sample.py "a cat, oil painting" --steps 4 --image photo.png --strength 0.5  # img2img (SDEdit)
+    python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png, ...
+    python sample.py "a cat" --steps 1 --unet runs/2to1/uncond/sdxl_lightning_1step_unet_x0.safetensors
 
 The base (`--base`) gives the text encoders, tokenizers, VAE and UNet architecture; `--unet` the UNet
-weights; `--lora` is fused into that UNet. Weights come from the Hugging Face hub cache, a diffusers
-folder or a single .safetensors file (see weights.py).
+weights; each `--lora` is fused into that UNet in order. Weights come from the Hugging Face hub cache, a
+diffusers folder or a single .safetensors file (see weights.py).
+
+Image i of a run (over --num copies of each prompt of --prompts) uses seed --seed + i, so any image comes
+back alone with `sample.py PROMPT --seed S` (prompts.jsonl lists prompt, seed and file of each).
+img2img noises the encoded image to the time the strength selects (Eq. 1) and runs the rest of the
+model's steps; the 1- and 2-step models were trained at t = 250, 500, 750, 1000 (Sec. 3.7.1), an N-step
+model on its N trailing timesteps, so those strengths are the valid ones (--force for others).
 """
 import argparse
+import errno
+import json
+import math
+import os
+import re
+import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 import lightning_min as lm
 import text as text_mod
 import weights
 
 # ----------------------------------------------------------------------------------------------------
-# The pipeline: text -> noise -> sampler -> VAE -> PNG
+# The pipeline: text -> noise (or a noised image) -> sampler -> VAE -> PNG
+
+
+class NonFiniteError(ValueError):
+    """A model produced NaN or Inf: the image would be black or garbage, so nothing is written."""
 
 
 def pick_device_dtype(device=None, dtype=None):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The device (refused if it is not there) and the run's dtype."""
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: not a torch device ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here")
     # the model card runs in float16 on GPU; CPU stays float32 (half matmuls there are slow and inexact)
     dtype = getattr(torch, dtype) if dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     return device, dtype
 
 
-def unet_model(unet, context, pooled, ids, guidance, dtype):
-    """The sampler's model(x, t) -> u: our UNet at paper time t (it is called with t - 1), with CFG
-    against SDXL's all-zero unconditional input in one batched call when guidance > 1 (as diffusers)."""
+def unet_model(unet, cond, guidance=1.0, uncond=None):
+    """model(x, t) -> u (float32) at paper time t; cond = (context, pooled, time_ids); guidance > 1: CFG
+    u_uncond + g (u_cond - u_uncond) in one batched call, uncond = (context, pooled, time_ids) of a negative
+    prompt or None for SDXL's all-zero input (time ids stay those of cond).
+
+    The same adapter as lightning_min.unet_model (the training branch's): the UNet gets t - 1, its embedding
+    index (0 at t = 0); x is cast to the UNet's dtype, the time ids stay float32; guidance <= 1 is off, as in
+    diffusers, so the Lightning models cost one evaluation."""
+    dtype = next(unet.parameters()).dtype
+    context, pooled, ids = cond
+    ids = ids.float()
     if guidance > 1:
-        context = torch.cat([torch.zeros_like(context), context])
-        pooled, ids = torch.cat([torch.zeros_like(pooled), pooled]), torch.cat([ids, ids])
+        u_context, u_pooled = (torch.zeros_like(context), torch.zeros_like(pooled)) if uncond is None else \
+            (uncond[0].expand_as(context), uncond[1].expand_as(pooled))  # a (1, ...) negative serves the batch
 
     def model(x, t):
-        if guidance > 1:
-            u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]) - 1, context, pooled, ids).float().chunk(2)
-            return u_uncond + guidance * (u_cond - u_uncond)
-        return unet(x.to(dtype), t - 1, context, pooled, ids).float()
+        t_unet = (torch.as_tensor(t, device=x.device) - 1).clamp(min=0)
+        if guidance <= 1:
+            return unet(x.to(dtype), t_unet, context, pooled, ids).float()
+        u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t_unet, t_unet]),  # (2B, ...)
+                                torch.cat([u_context, context]), torch.cat([u_pooled, pooled]),
+                                torch.cat([ids, ids])).float().chunk(2)
+        return u_uncond + guidance * (u_cond - u_uncond)
     return model
+
+
+def trained_strengths(steps):
+    """The img2img strengths a `steps`-step model was trained for: its training times / T (Sec. 3.7.1:
+    0.25, 0.5, 0.75, 1 for the 1- and 2-step models; k / N on the trailing grid for N steps)."""
+    return sorted(t / lm.T for t in lm.student_timesteps(steps))
+
+
+def timesteps(steps, strength=1.0):
+    """The times a `steps`-step model visits, from round(strength * T) to 0: each move is one of its own
+    steps, t -> t - T/steps on its trailing grid, clamped at 0 (lm.target_time, as it was trained, Eq. 13-15).
+    strength 1 gives the trailing timesteps [1000, ..., 0]; a 2-step model at 0.75 visits 750, 250, 0."""
+    t = round(strength * lm.T)
+    if not 1 <= t <= lm.T:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    ts = [t]
+    while ts[-1] > 0:
+        ts.append(int(lm.target_time(torch.tensor(ts[-1]), 1, steps)))
+    return ts
+
+
+def check_strength(steps, strength, force=False):
+    """Refuse an img2img strength off the model's training times, listing the valid ones."""
+    valid = trained_strengths(steps)
+    if round(strength * lm.T) not in [round(s * lm.T) for s in valid] and not force:
+        raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; valid: "
+                         f"{', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
+    timesteps(steps, strength)  # range check
+
+
+def load_image(path, width=None, height=None, resize="stretch"):
+    """An image file -> ((1, 3, H, W) in [-1, 1], float32; W, H) as diffusers' load_image + VaeImageProcessor:
+    EXIF rotation, RGB, Lanczos resize to width x height (default: its own size, rounded down to a multiple
+    of 8); "stretch" ignores the aspect ratio (diffusers' default), "crop" keeps it and cuts the centre."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+    width = width or im.width - im.width % 8
+    height = height or im.height - im.height % 8
+    if width < 8 or height < 8:
+        raise ValueError(f"--image {path}: {im.width}x{im.height} is too small")
+    if resize == "crop":  # diffusers' resize_mode="crop": scale to cover, paste centred
+        w = width if width / height > im.width / im.height else im.width * height // im.height
+        h = height if width / height <= im.width / im.height else im.height * width // im.width
+        canvas = Image.new("RGB", (width, height))
+        canvas.paste(im.resize((w, h), resample=Image.LANCZOS), box=(width // 2 - w // 2, height // 2 - h // 2))
+        im = canvas
+    else:
+        im = im.resize((width, height), resample=Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    return 2 * x - 1, (width, height)
 
 
 def to_pil(images):
@@ -54,29 +151,112 @@ def to_pil(images):
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
+def _randn(shape, gens, dtype):
+    """diffusers' randn_tensor on the CPU: one generator draws the batch, a list draws one row each."""
+    if isinstance(gens, list):
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=dtype) for g in gens])
+    return torch.randn(shape, generator=gens, dtype=dtype)
+
+
+def _check_finite(x, what):
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{what} produced NaN or Inf")
+
+
+def encode_image(vae, image, gens, batch, dtype):
+    """The image's latent as diffusers' img2img: one draw of the VAE posterior per generator (its first
+    draw), times the scaling factor, repeated to the batch. (1, 3, H, W) -> (B, 4, H/f, W/f)"""
+    vae_dtype = next(vae.parameters()).dtype
+    # diffusers casts the image to the run's dtype first, then upcasts for the VAE
+    mean, logvar = vae.encode(image.to(dtype).to(next(vae.parameters()).device, vae_dtype))  # (1, 4, h, w)
+    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)  # (B or 1, ...)
+    z = (mean + (0.5 * logvar).exp() * draw.to(mean.device)).to(dtype) * vae.config.scaling_factor
+    _check_finite(z, "the VAE encoder")
+    return z.expand(batch, *z.shape[1:])
+
+
+def denoise(model, x, ts, prediction="epsilon", progress=False):
+    """Eq. (5) along ts (t_0 > ... > 0) from x at time t_0: x_{t'} = move(x_t, model(x_t, t), t, t'). A model
+    output with NaN or Inf stops it (naming the step) instead of giving a black image."""
+    pairs = list(zip(ts[:-1], ts[1:]))
+    for k, (t, t_next) in enumerate(tqdm(pairs, disable=not progress)):
+        t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        u = model(x, t_b).float()
+        _check_finite(u, f"the UNet at t={t} (step {k + 1} of {len(pairs)})")
+        x = lm.move(x, u, t_b, t_next, prediction)
+    return x
+
+
+def _diagnose(unet, guidance, error):
+    """Say what made the NaN: broken weights (named), the guidance scale, or arithmetic (fp16 overflow)."""
+    bad = [n for n, p in unet.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return NonFiniteError(f"{error}: the UNet weights hold NaN/Inf in {len(bad)} tensors ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}): the --unet file or a --lora is broken")
+    if guidance > 1:
+        return NonFiniteError(f"{error} with --guidance {guidance:g}: lower the guidance scale")
+    return NonFiniteError(f"{error} from finite weights: try --dtype float32 or bfloat16 (float16 overflow?)")
+
+
 @torch.no_grad()
 def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, prediction="epsilon",
-             guidance=0.0, dtype=torch.float32, progress=False, decode=True):
-    """prompts (list of B str) -> images (B, 3, H, W) in [-1, 1], float32 (or the latents if not decode)."""
+             guidance=0.0, dtype=torch.float32, progress=False, decode=True, *, negative=None, image=None,
+             strength=1.0, names=None):
+    """prompts (list of B str) -> images (B, 3, H, W) in [-1, 1], float32 (or the latents if not decode).
+
+    seed: an int (one CPU generator draws the batch, as diffusers' `generator=`) or B ints (one generator per
+    image, as diffusers' list of generators: image i is the same whatever the batch around it).
+    negative: a negative prompt encoded as CFG's unconditional input (diffusers' negative_prompt); needs
+    guidance > 1. image: (1, 3, H, W) in [-1, 1] for img2img (SDEdit): its latent, noised to
+    round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (`timesteps`).
+    names: what warnings call each prompt (e.g. the file it will be written to)."""
     f = vae.config.downscale
     if width % f or height % f:
         raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got {width}x{height}")
+    if negative is not None and not guidance > 1:
+        raise ValueError("a negative prompt needs guidance > 1 (without CFG it does nothing)")
     device = next(unet.parameters()).device
-    context, pooled = text.encode(prompts)
-    context, pooled = context.to(device, dtype), pooled.to(device, dtype)
-    ids = text_mod.time_ids(height, width).to(device, dtype).expand(len(prompts), 6)
-    # drawn on the CPU in the run's dtype, exactly as diffusers' randn_tensor with a CPU generator
-    g = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((len(prompts), unet.config.in_channels, height // f, width // f), generator=g, dtype=dtype)
-    latents = lm.sample(unet_model(unet, context, pooled, ids, guidance, dtype), noise.to(device), steps,
-                        prediction, progress=progress)
+    ids = text_mod.time_ids(height, width).to(device, dtype).expand(len(prompts), 6)  # (B, 6)
+
+    def encode(texts, names):
+        context, pooled = text.encode(texts, names=names)  # (B or 1, 77, C), (B or 1, P)
+        return context.to(device, dtype), pooled.to(device, dtype), ids
+    cond = encode(prompts, names)
+    uncond = encode([negative], ["the negative prompt"]) if negative is not None else None  # encoded once
+    # drawn on the CPU in the run's dtype, exactly as diffusers' randn_tensor with CPU generators
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    gens = gens[0] if isinstance(seed, int) else gens
+    shape = (len(prompts), unet.config.in_channels, height // f, width // f)
+    ts = timesteps(steps, strength if image is not None else 1.0)
+    if image is None:  # diffusers' first UNet input is sqrt(1 - alpha_bar(T)) * noise, not Eq. (24)'s noise
+        x = _randn(shape, gens, dtype).float() * (1 - lm.alpha_bar(torch.tensor(lm.T))).sqrt()
+    else:
+        if tuple(image.shape[-2:]) != (height, width):
+            raise ValueError(f"the image is {image.shape[-1]}x{image.shape[-2]}, not {width}x{height}")
+        z0 = encode_image(vae, image, gens, len(prompts), dtype).to(device)  # first draw of each generator
+        x = lm.forward(z0, _randn(shape, gens, dtype).to(device), ts[0])  # Eq. (1), the second draw
+    try:
+        latents = denoise(unet_model(unet, cond, guidance, uncond), x.to(device), ts, prediction, progress)
+    except NonFiniteError as e:
+        raise _diagnose(unet, guidance, e) from None
     if not decode:
         return latents
-    return vae.decode_latents(latents.to(next(vae.parameters()).dtype)).float()
+    images = vae.decode_latents(latents.to(next(vae.parameters()).dtype)).float()
+    _check_finite(images, "the VAE decoder")
+    return images
 
 
-def load(base, unet_source, lora, steps, device, dtype):
-    """(text encoders, UNet, VAE, prediction type of the default UNet) from the sources on the command line."""
+def resolve_lora(lora):
+    """A local LoRA file, or an official file name fetched from the Lightning repo."""
+    if Path(lora).exists() or lora not in weights.LIGHTNING_LORAS.values():
+        return lora
+    return str(weights.fetch(weights.LIGHTNING_REPO, lora))
+
+
+def load(base, unet_source, loras, steps, device, dtype):
+    """(text encoders, UNet, VAE) from the sources on the command line. loras: None, one file, or a list of
+    (file, scale) fused in order, W += scale * alpha / rank * up @ down each (lora.merge_lora)."""
     single = weights.is_file(base)
     sd = weights.read_safetensors(base) if single else None  # a single file is read once for all parts
     variant = "fp16" if dtype == torch.float16 else None
@@ -93,81 +273,273 @@ def load(base, unet_source, lora, steps, device, dtype):
             cfg = weights.unet_mod.config_from_sgm(sd, source=base)
         unet = weights.load_unet(unet_source, cfg, device, dtype)
     del sd
-    if lora:
+    if loras:
         import lora as lora_mod
-        lora_mod.merge_lora(unet, lora_mod.read_lora(resolve_lora(lora)), source=lora)
+        for path, scale in [(loras, 1.0)] if isinstance(loras, (str, Path)) else loras:
+            lora_mod.merge_lora(unet, lora_mod.read_lora(resolve_lora(str(path))), scale, source=str(path))
     return text, unet.eval(), vae
 
 
-def resolve_lora(lora):
-    """A local LoRA file, or an official file name fetched from the Lightning repo."""
-    if Path(lora).exists() or "/" in lora:
-        return lora
-    return str(weights.fetch(weights.LIGHTNING_REPO, lora))
+def default_prediction(unet_source, base, steps):
+    """What the UNet predicts when --prediction is not given: x0 ("sample") for the official 1-step UNet and
+    for our own 1-step exports, known by a config.json next to the file with "prediction_type", or by "x0"
+    in the file name (train.py writes sdxl_lightning_1step_unet_x0.safetensors); else epsilon."""
+    if unet_source is None:
+        return "sample" if steps == 1 else "epsilon"
+    source = base if unet_source == "base" else unet_source  # an all-in-one file names its UNet too
+    if not weights.is_file(source):
+        return "epsilon"
+    config = Path(source).with_name("config.json")
+    if config.is_file():
+        kind = weights.read_json(config).get("prediction_type")
+        if kind is not None and kind not in lm.PREDICTIONS:
+            raise ValueError(f"{config}: prediction_type {kind!r} is not one of {', '.join(lm.PREDICTIONS)}")
+        if kind is not None:
+            return kind
+    return "sample" if re.search(r"(^|[_.-])x0($|[_.-])", Path(source).stem) else "epsilon"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output files: checked before any work, written atomically
+
+IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+MANIFEST = "prompts.jsonl"
+
+
+def check_out(out):
+    """Refuse an output path that would fail after the images are made: an unknown extension, a folder,
+    a parent that is a file, a folder we cannot write in (tried with a real file, so root and read-only
+    mounts are judged right)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name like {out / 'image.png'}")
+    if out.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
+    folder = out.absolute().parent
+    while not folder.exists():  # created at save time
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sample_probe")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror})") from None
+
+
+def output_paths(out, n, indexed):
+    """OUT itself for one image; OUT_00000.png, OUT_00001.png, ... (index = seed offset) when indexed."""
+    out = Path(out)
+    return [out.with_name(f"{out.stem}_{i:05d}{out.suffix}") for i in range(n)] if indexed else [out]
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temp file next to `path`, then rename: a crash or a full disk never leaves a partial
+    or 0-byte file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise OSError(f"cannot write {path}{full}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_image(img, path):
+    atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
+
+
+def read_prompts(path):
+    """One prompt per line of a UTF-8 file, blank lines skipped. -> [(line number, prompt)]"""
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"--prompts {path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"--prompts {path}: line {line} is not UTF-8 (byte {e.start})") from None
+    prompts = [(i + 1, s.strip()) for i, s in enumerate(lines) if s.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts (one per line, blank lines are skipped)")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
 
-def parse_args(argv=None):
+def parse_lora(spec):
+    """FILE[:SCALE] -> (FILE, SCALE); a colon not followed by a number belongs to the path (C:\\...)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale must be a finite number")
+    return path, value
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (official Lightning UNets: 1, 2, 4, 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (CPU generator, as diffusers)")
-    p.add_argument("--num", type=int, default=1, help="number of images, generated as one batch")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 8")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 8")
-    p.add_argument("--out", default="out.png", help="output PNG; with --num > 1, OUT_0.png, OUT_1.png, ...")
+    p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; writes "
+                        f"OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per image)")
+    p.add_argument("--negative", default=None, metavar="TEXT",
+                   help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's all-zero "
+                        "input (diffusers' negative_prompt); needs --guidance > 1")
+    p.add_argument("--steps", type=int, default=4,
+                   help="the model's steps (official Lightning UNets: 1, 2, 4, 8); with --image, the steps left "
+                        "after the time --strength selects are run")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of image 0's noise (CPU generator, as diffusers); image i uses seed + i, in 0..2**64-1")
+    p.add_argument("--num", type=int, default=1,
+                   help="images per prompt; more than one writes OUT_00000.png, ... and the manifest, as --prompts")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images generated together (memory vs speed); the images do not depend on it")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels, a multiple of 8; default 1024, or the --image's own width")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels, a multiple of 8; default 1024, or the --image's own height")
+    p.add_argument("--out", default="out.png",
+                   help=f"output image (.png, .jpg, .webp), written atomically; several images: OUT_00000.png, ... "
+                        f"with {MANIFEST} next to them")
     p.add_argument("--base", default=weights.SDXL_BASE,
                    help="SDXL base for text encoders, tokenizers, VAE and UNet config: a hub id, a diffusers "
                         "folder, or a single-file .safetensors checkpoint")
     p.add_argument("--unet", default=None,
                    help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a UNet "
                         ".safetensors file (diffusers or original layout); or 'base' for the base's own UNet")
-    p.add_argument("--lora", default=None, help="a kohya-format LoRA .safetensors fused into the UNet "
-                                                "(e.g. sdxl_lightning_4step_lora.safetensors, fetched from the hub)")
-    p.add_argument("--prediction", choices=["epsilon", "sample"], default=None,
-                   help="what the UNet predicts; default: 'sample' (x0) for the official 1-step UNet, else 'epsilon'")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a kohya-format LoRA .safetensors fused into the UNet at SCALE (default 1); repeat to "
+                        "stack, fused in order (official names like sdxl_lightning_4step_lora.safetensors come "
+                        "from the hub)")
+    p.add_argument("--prediction", choices=lm.PREDICTIONS, default=None,
+                   help="what the UNet predicts; default 'sample' (x0) for the official 1-step UNet and for files "
+                        "named *_x0* or with a config.json saying prediction_type 'sample' next to them, "
+                        "else 'epsilon'")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance scale against an all-zero uncond; <= 1 is off (Lightning: off)")
+                   help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is off "
+                        "(Lightning: off)")
+    p.add_argument("--image", default=None, metavar="FILE",
+                   help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time --strength "
+                        "selects")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much to change, 1 = all (t = strength * 1000); must be a time the model "
+                        "was trained at: 0.25/0.5/0.75/1 for 1 and 2 steps, k/N for N steps")
+    p.add_argument("--force", action="store_true", help="accept a --strength the model was not trained at")
+    p.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
+                   help="how --image is fit to --width x --height: 'stretch' (diffusers' default) or 'crop' "
+                        "(keep the aspect ratio, cut the centre)")
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
-    return p.parse_args(argv)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (slow first call, faster steps; same images to float tolerance)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args):
+    """Every argument and the output path, before anything is loaded. -> [(prompt, seed, name)] per image"""
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("give a PROMPT or --prompts FILE (one of them)")
+    for name in ("width", "height"):
+        v = getattr(args, name)
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"--width/--height must be positive multiples of 8, got {args.width}x{args.height}")
+    if args.num < 1 or args.batch_size < 1:
+        raise ValueError("--num and --batch-size must be at least 1")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    if args.negative is not None and not args.guidance > 1:
+        raise ValueError("--negative needs --guidance > 1 (without classifier-free guidance it would do nothing)")
+    if args.unet is None:
+        weights.lightning_unet_file(args.steps)  # refuse an unsupported step count before loading anything
+    else:
+        lm.trailing_timesteps(args.steps)
+    if args.image is None and (args.strength is not None or args.force):
+        raise ValueError("--strength and --force need --image")
+    if args.image is not None:
+        if args.strength is None:
+            raise ValueError(f"--image needs --strength; the {args.steps}-step model was trained for "
+                             f"{', '.join(f'{s:.3g}' for s in trained_strengths(args.steps))}")
+        check_strength(args.steps, args.strength, args.force)
+    lines = read_prompts(args.prompts) if args.prompts else [(None, args.prompt)]
+    n = len(lines) * args.num
+    if args.seed < 0 or args.seed + n - 1 >= 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1 for all {n} images (seed + index), got {args.seed}")
+    check_out(args.out)
+    if args.prompts and (Path(args.out).absolute().parent / MANIFEST).resolve() == Path(args.prompts).resolve():
+        raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change --out")
+    for spec in args.lora:
+        path = parse_lora(spec)[0]
+        if not Path(path).is_file() and path not in weights.LIGHTNING_LORAS.values():
+            raise ValueError(f"--lora {path}: no such file (official names, fetched from the hub: "
+                             f"{', '.join(weights.LIGHTNING_LORAS.values())})")
+    jobs = []
+    for line, prompt in lines:
+        for _ in range(args.num):
+            where = f"{args.prompts}:{line}" if line else "the prompt"  # names it in warnings
+            jobs.append((prompt, args.seed + len(jobs), where))
+    return jobs
 
 
 def main(argv=None):
     args = parse_args(argv)
-    f = 8
-    if args.width % f or args.height % f or args.width <= 0 or args.height <= 0:
-        raise SystemExit(f"error: --width/--height must be positive multiples of {f}, got {args.width}x{args.height}")
-    if args.num < 1:
-        raise SystemExit("error: --num must be at least 1")
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)  # one line each
+        run(args)
+
+
+def run(args):
     try:
-        if args.unet is None:
-            weights.lightning_unet_file(args.steps)  # refuse an unsupported step count before loading anything
-        else:
-            lm.trailing_timesteps(args.steps)
-        prediction = args.prediction or ("sample" if args.unet is None and args.steps == 1 else "epsilon")
+        jobs = check_args(args)
+        image, size = None, (args.width or 1024, args.height or 1024)
+        if args.image is not None:
+            image, size = load_image(args.image, args.width, args.height, args.resize)
+        prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         t0 = time.time()
-        text, unet, vae = load(args.base, args.unet, args.lora, args.steps, device, dtype)
+        text, unet, vae = load(args.base, args.unet, [parse_lora(s) for s in args.lora], args.steps, device, dtype)
+        if args.compile:
+            unet.compile()
         t1 = time.time()
-        images = to_pil(generate(text, unet, vae, [args.prompt] * args.num, args.steps, args.seed, args.width,
-                                 args.height, prediction, args.guidance, dtype, progress=True))
+        indexed = len(jobs) > 1 or args.prompts is not None
+        paths = output_paths(args.out, len(jobs), indexed)
+        manifest = []
+        for b in range(0, len(jobs), args.batch_size):
+            batch, files = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
+            images = generate(text, unet, vae, [p for p, _, _ in batch], args.steps, [s for _, s, _ in batch],
+                              *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
+                              negative=args.negative, image=image, strength=args.strength or 1.0,
+                              names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, files)])
+            for img, (prompt, seed, _), path in zip(to_pil(images), batch, files):
+                save_image(img, path)
+                manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
+            if indexed:  # rewritten after each batch: it always lists exactly the images on disk
+                text_out = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
+                atomic_write(paths[0].parent / MANIFEST, lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.time()
     except (weights.CheckpointError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-    for img, path in zip(images, paths):
-        img.save(path)
-    print(f"saved {', '.join(map(str, paths))} ({args.steps} steps, {prediction}, {args.width}x{args.height}, "
-          f"{device} {str(dtype).removeprefix('torch.')}): load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s")
+    shown = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
+    print(f"saved {shown} ({args.steps} steps, {prediction}, {size[0]}x{size[1]}, {device} "
+          f"{str(dtype).removeprefix('torch.')}): load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s")
 
 
 if __name__ == "__main__":

@@ -176,21 +176,23 @@ class TextEncoders(torch.nn.Module):
         """Pad with the tokenizer's own pad token (EOS for CLIP-L, "!" for bigG) and truncate to 77."""
         n = tokenizer.model_max_length
         ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
-        full = tokenizer(prompts, truncation=False).input_ids
+        full = tokenizer(prompts, truncation=False, verbose=False).input_ids  # counted, warned below
         # BOS + (n - 2) tokens + EOS survive; what fell between them is lost
-        dropped = [(len(f) - n, tokenizer.decode(f[n - 1:-1])) for f in full]
-        return ids, dropped  # (B, n), per prompt (count, text)
+        return ids, [max(len(f) - n, 0) for f in full]  # (B, n), tokens dropped per prompt
 
     @torch.no_grad()
-    def encode(self, prompts):
-        """prompts (list of B str) -> context (B, 77, 2048), pooled (B, 1280) in the encoders' device and dtype."""
+    def encode(self, prompts, names=None):
+        """prompts (list of B str) -> context (B, 77, 2048), pooled (B, 1280) in the encoders' device and dtype.
+        A prompt longer than 77 tokens is cut, with a warning that counts the lost tokens (not their text,
+        which floods a log); `names` (B str) says which prompt it is, default "prompt i"."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, dropped = self._tokenize(self.tokenizer, prompts)
         ids_2, dropped_2 = self._tokenize(self.tokenizer_2, prompts)
-        for i, ((n, removed), (n_2, _)) in enumerate(zip(dropped, dropped_2)):
+        for i, (n, n_2) in enumerate(zip(dropped, dropped_2)):
             if max(n, n_2) > 0:
-                warnings.warn(f"text.py: prompt {i} is longer than CLIP's {self.seq_len} tokens; "
-                              f"{max(n, n_2)} tokens were dropped: {removed!r}", stacklevel=3)
+                name = names[i] if names is not None else f"prompt {i}"
+                warnings.warn(f"text.py: {name} is longer than CLIP's {self.seq_len} tokens; "
+                              f"{max(n, n_2)} tokens were dropped", stacklevel=3)
         out = self.text_encoder(ids.to(self.text_encoder.device), output_hidden_states=True)
         out_2 = self.text_encoder_2(ids_2.to(self.device), output_hidden_states=True)
         # penultimate layer (before the last block and the final layer norm) of both, as SDXL was trained
