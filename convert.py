@@ -407,6 +407,26 @@ def kohya_table(module_names, cfg: UNetConfig = None) -> dict:
     return table
 
 
+def kohya_respell(lora_sd: dict, cfg: UNetConfig, to="sgm", source="lora") -> dict:
+    """A kohya LoRA state dict in the other spelling, same tensors: to='sgm' (lora_unet_input_blocks_...)
+    or to='diffusers' (lora_unet_down_blocks_...). Keys of no Linear/Conv2d of this UNet are refused."""
+    from unet import UNet
+    with torch.device("meta"):
+        names = [n for n, m in UNet(cfg).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    table, to_sgm = kohya_table(names, cfg), _to_sgm(cfg)
+    out, unknown = {}, []
+    for k, v in lora_sd.items():
+        name, _, suffix = k.partition(".")
+        if name not in table:
+            unknown.append(k)
+            continue
+        module = table[name]
+        out[f"{kohya_name(to_sgm(module) if to == 'sgm' else module)}.{suffix}"] = v
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} LoRA keys name no Linear/Conv2d of this UNet: {sorted(unknown)[:3]}")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # The whole single file
 

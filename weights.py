@@ -152,7 +152,7 @@ def detect_layout(sd: dict, source: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parts
 
-def single_file_parts(sd: dict, source: str) -> dict:
+def checked_single_file(sd: dict, source: str) -> dict:
     """A single file's tensors after checking that every key belongs to a part (convert.check_single_file)."""
     try:
         convert.check_single_file(sd, source)
@@ -177,7 +177,7 @@ def unet_state_dict(sd: dict, source: str, cfg=None) -> tuple:
     """(diffusers-named UNet tensors, config) from a file's tensors in either layout."""
     if detect_layout(sd, source) == "sgm":
         try:
-            cfg = cfg or convert.unet_config_from_sgm(single_file_parts(sd, source), source=source)
+            cfg = cfg or convert.unet_config_from_sgm(checked_single_file(sd, source), source=source)
             return convert.unet_from_sgm(sd, cfg, source=source), cfg
         except ValueError as e:
             raise CheckpointError(str(e)) from None
@@ -199,7 +199,7 @@ def load_unet(source: str, cfg=None, device="cpu", dtype=torch.float32, variant=
 def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=None) -> vae_mod.VAE:
     """The VAE of a base; `sd`: the already-read tensors of a single file (read once for all parts)."""
     if is_file(source):
-        sd = single_file_parts(read_safetensors(source) if sd is None else sd, str(source))
+        sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
         try:
             cfg = convert.vae_config_from_sgm(sd, source=str(source))
             vae_sd = convert.vae_from_sgm(sd, cfg, source=str(source))
@@ -232,7 +232,7 @@ def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, toke
 def load_text_encoders(source: str, device="cpu", dtype=torch.float32, sd=None) -> tuple:
     """(CLIP-L, bigG) transformers models of a single file, without tokenizers."""
     import text as text_mod
-    sd = single_file_parts(read_safetensors(source) if sd is None else sd, str(source))
+    sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
     try:
         return text_mod.encoders_from_single_file(sd, dtype=dtype, device=device)
     except ValueError as e:

@@ -26,6 +26,21 @@ def _kwargs(cfg):
     return {k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}
 
 
+def _random_lora(seed, rank=4):
+    """A kohya LoRA (diffusers spelling) with random nonzero down and up on every target of the tiny UNet."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        m = unet_mod.UNet(TINY_UNET)
+    sd = {}
+    for name in lora.lora_targets(m):
+        w = m.get_submodule(name).weight
+        k = convert.kohya_name(name)
+        sd[f"{k}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
+        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
+        sd[f"{k}.alpha"] = torch.tensor(8.0)
+    return sd
+
+
 # ----------------------------------------------------------------------------------------------------
 # Layouts
 
@@ -99,6 +114,23 @@ def test_kohya_table_both_spellings():
         table["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"]
     assert table["lora_unet_output_blocks_8_0_skip_connection"] == "up_blocks.2.resnets.2.conv_shortcut"
     assert convert.kohya_table(names) == {convert.kohya_name(n): n for n in names}  # no config: diffusers spelling
+
+
+def test_kohya_respell_both_ways_equals_diffusers_reading():
+    """diffusers' kohya reader (it renames SGM block numbers itself) gives the same peft tensors for both spellings."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    sd = _random_lora(1)
+    sgm = convert.kohya_respell(sd, TINY_UNET, to="sgm")
+    assert sgm.keys() != sd.keys() and any(k.startswith("lora_unet_input_blocks_") for k in sgm)
+    assert any("_in_layers_2." in k for k in sgm) and any("_skip_connection." in k for k in sgm)
+    back = convert.kohya_respell(sgm, TINY_UNET, to="diffusers")
+    assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
+    config = diffusers_unet().config
+    a, alphas_a = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(sd), unet_config=config)
+    b, alphas_b = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(sgm), unet_config=config)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and alphas_a == alphas_b
+    with pytest.raises(ValueError, match="lora_unet_nowhere"):
+        convert.kohya_respell({**sd, "lora_unet_nowhere.alpha": torch.tensor(1.0)}, TINY_UNET)
 
 
 def test_parse_lora_spec():
@@ -191,19 +223,6 @@ def test_single_file_to_diffusers_folder_samples_the_same(base, single, tmp_path
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def _random_lora(seed, rank=4):
-    g = torch.Generator().manual_seed(seed)
-    m = unet_mod.UNet(TINY_UNET)
-    sd = {}
-    for name in lora.lora_targets(m):
-        w = m.get_submodule(name).weight
-        k = convert.kohya_name(name)
-        sd[f"{k}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
-        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
-        sd[f"{k}.alpha"] = torch.tensor(8.0)
-    return sd
-
-
 def test_training_export_with_lora_equals_diffusers_fuse_lora(base, tmp_path):
     """Our training export (a diffusers-layout UNet file + config.json) + --lora FILE:0.7 with --base: the single
     file diffusers loads samples as diffusers' load_lora_weights + fuse_lora(lora_scale=0.7) on that UNet."""
@@ -237,11 +256,12 @@ def test_training_export_with_lora_equals_diffusers_fuse_lora(base, tmp_path):
 
 
 def test_stacked_loras_and_fp16(base, single, tmp_path):
-    """Two LoRAs fused in order at their scales into an all-in-one file; --fp16 stores exactly the cast."""
+    """Two LoRAs (both spellings, two ranks) fused in order at their scales into an all-in-one file, as
+    merge_lora twice (itself equal to diffusers' fuse_lora in test_lora.py); --fp16 stores exactly the cast."""
     root, pipe = base
     a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file(_random_lora(1), a_path)
-    save_file(_random_lora(2, rank=8), b_path)
+    save_file(convert.kohya_respell(_random_lora(2, rank=8), TINY_UNET, to="sgm"), b_path)  # the other spelling
     out32, out16 = tmp_path / "fp32.safetensors", tmp_path / "fp16.safetensors"
     spec = ["--lora", f"{a_path}:0.5", "--lora", str(b_path)]
     convert.main([str(single), str(out32), "--to", "single-file", *spec])
