@@ -423,7 +423,8 @@ def kohya_respell(lora_sd: dict, cfg: UNetConfig, to="sgm", source="lora") -> di
         module = table[name]
         out[f"{kohya_name(to_sgm(module) if to == 'sgm' else module)}.{suffix}"] = v
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} LoRA keys name no Linear/Conv2d of this UNet: {sorted(unknown)[:3]}")
+        raise ValueError(f"{source}: {len(unknown)} LoRA keys name no Linear/Conv2d of this UNet: "
+                         f"{sorted(unknown)[:3]}")
     return out
 
 
@@ -438,7 +439,8 @@ def check_single_file(sd: dict, source="checkpoint"):
     unknown = sorted(k for k in sd if not k.startswith(tuple(SGM_PARTS.values())) and k not in SGM_UNUSED)
     if unknown:
         raise ValueError(f"{source}: {len(unknown)} keys belong to no SDXL part (UNet {SGM_UNET}*, VAE {SGM_VAE}*, "
-                         f"text {SGM_CLIP_L}*, {SGM_BIGG}*): {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}")
+                         f"text {SGM_CLIP_L}*, {SGM_BIGG}*): {', '.join(unknown[:3])}"
+                         f"{', ...' if len(unknown) > 3 else ''}")
 
 
 def to_single_file(unet_sd, unet_cfg, vae_sd, vae_cfg, clip_l_sd, bigg_sd) -> dict:
@@ -477,9 +479,10 @@ def parse_lora(spec: str) -> tuple:
 
 
 def load_parts(args):
-    """(UNet model, VAE model, CLIP-L model, bigG model, tokenizer source or TextEncoders) from IN and --base."""
+    """(UNet, VAE, (CLIP-L, bigG), TextEncoders or None) from IN and --base, every part loaded strictly,
+    in the source's dtypes; the LoRAs fused into the UNet. Tokenizers are loaded only where they are at hand
+    or needed (--to diffusers)."""
     import lora as lora_mod
-    import text as text_mod
     import weights
     src, base = args.input, args.base
     single = weights.is_file(src)

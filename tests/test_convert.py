@@ -1,6 +1,7 @@
 """convert.py: every layout conversion against diffusers' own converters (tiny random weights and the full
 SDXL key sets on the meta device), and the command that writes single files and diffusers folders,
 checked by loading what it writes with diffusers (`from_single_file`, `from_pretrained`) and sampling."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,8 @@ def test_single_file_loads_in_diffusers_and_samples_the_same(base, single):
     counts = {part: sum(k.startswith(prefix) for k in sd) for part, prefix in convert.SGM_PARTS.items()}
     n = {part: len(getattr(pipe, part).state_dict()) for part in PARTS}
     fused = 4 * pipe.text_encoder_2.config.num_hidden_layers  # q, k, v weights and biases -> in_proj weight, bias
-    assert counts == {"unet": n["unet"], "vae": n["vae"], "clip_l": n["text_encoder"], "bigg": n["text_encoder_2"] - fused}
+    assert counts == {"unet": n["unet"], "vae": n["vae"], "clip_l": n["text_encoder"],
+                      "bigg": n["text_encoder_2"] - fused}
     assert sum(counts.values()) == len(sd)
     theirs = StableDiffusionXLPipeline.from_single_file(str(single), config=str(root), local_files_only=True)
     _same_weights(_diffusers_weights(pipe), _diffusers_weights(theirs))
@@ -233,12 +235,13 @@ def test_training_export_with_lora_equals_diffusers_fuse_lora(base, tmp_path):
     export = tmp_path / "run" / "8to4" / "full"
     export.mkdir(parents=True)
     student = diffusers_unet(seed=7)
-    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, export / "sdxl_lightning_4step_unet.safetensors")
-    (export / "config.json").write_text(__import__("json").dumps(TINY_UNET.to_diffusers()))
+    unet_file = export / "sdxl_lightning_4step_unet.safetensors"
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, unet_file)
+    (export / "config.json").write_text(json.dumps(TINY_UNET.to_diffusers()))
     lora_path = tmp_path / "style.safetensors"
     save_file(_random_lora(3), lora_path)
     out = tmp_path / "mine.safetensors"
-    convert.main([str(export / "sdxl_lightning_4step_unet.safetensors"), str(out), "--to", "single-file",
+    convert.main([str(unet_file), str(out), "--to", "single-file",
                   "--base", str(root), "--lora", f"{lora_path}:0.7"])
     ours = StableDiffusionXLPipeline.from_single_file(str(out), config=str(root), local_files_only=True)
     ref = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(student)})
@@ -344,8 +347,8 @@ def test_failed_write_leaves_nothing(base, single, tmp_path, monkeypatch):
         Path(path).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(convert, "write_single_file", half_then_fail)
-    _assert_refused([str(single), str(tmp_path / "o.safetensors"), "--to", "single-file"], "writing " + str(tmp_path / "o.safetensors") + ": [Errno 28] No space left",
-                    tmp_path / "o.safetensors")
+    out = tmp_path / "o.safetensors"
+    _assert_refused([str(single), str(out), "--to", "single-file"], f"writing {out}: [Errno 28] No space left", out)
 
 
 def test_command_line_help_and_exit_code(single, tmp_path):
@@ -355,7 +358,7 @@ def test_command_line_help_and_exit_code(single, tmp_path):
         assert action.help, action.dest
     r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--to" in r.stdout and "--fp16" in r.stdout and "--lora" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(single), str(tmp_path / "x"), "--to", "single-file"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(single), str(tmp_path / "x"),
+                        "--to", "single-file"], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: OUT {tmp_path / 'x'} must end in "
                                                                     ".safetensors for --to single-file"]
