@@ -2,6 +2,7 @@
 SDXL key sets on the meta device), and the command that writes single files and diffusers folders,
 checked by loading what it writes with diffusers (`from_single_file`, `from_pretrained`) and sampling."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -362,3 +363,46 @@ def test_command_line_help_and_exit_code(single, tmp_path):
                         "--to", "single-file"], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: OUT {tmp_path / 'x'} must end in "
                                                                     ".safetensors for --to single-file"]
+
+
+def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
+    """The README's "Make your own SDXL fine-tune Lightning", as users run it, on tiny models: a fine-tune as one
+    file, + the 8-step LoRA as the teacher, train.py 8to4 (every phase, one step each), convert.py to one file."""
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from tests.tiny import fill_hub_cache
+    root, pipe = base
+    cache = tmp_path / "hub"  # a single file carries no tokenizers: they come from the SDXL base repo's cache
+    fill_hub_cache(cache, weights.SDXL_BASE, {str(p.relative_to(root)): p for p in root.rglob("*")
+                                               if p.is_file() and "tokenizer" in str(p.parent)})
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a red car number {i}")
+    lora_8step = tmp_path / "sdxl_lightning_8step_lora.safetensors"  # stand-in for the official LoRA
+    save_file(_random_lora(4), lora_8step)
+    my_8step = tmp_path / "my_8step.safetensors"
+    convert.main([str(single), str(my_8step), "--to", "single-file", "--lora", str(lora_8step)])
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", "8to4", "--base", str(single),
+                        "--teacher", str(my_8step), "--data", str(data), "--out", str(tmp_path / "runs"),
+                        "--resolution", "32", "--min-size", "32", "--batch-size", "2", "--max-steps", "1"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = tmp_path / "runs" / "8to4" / "full" / "sdxl_lightning_4step_unet.safetensors"
+    final = tmp_path / "my_model_4step.safetensors"
+    convert.main([str(export), str(final), "--to", "single-file", "--base", str(single), "--fp16"])
+    ours = StableDiffusionXLPipeline.from_single_file(str(final), config=str(root), local_files_only=True)
+    trained = load_file(export)
+    assert all(torch.equal(ours.unet.state_dict()[k], v.half()) for k, v in trained.items())
+    _same_weights({p: {k: v.half() for k, v in sd.items()} for p, sd in _diffusers_weights(pipe).items()},
+                  _diffusers_weights(ours), parts=("vae", "text_encoder", "text_encoder_2"))
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "a red car", "--steps", "4", "--base", str(final),
+                        "--unet", "base", "--width", str(W), "--height", str(H), "--out", str(tmp_path / "car.png")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert Image.open(tmp_path / "car.png").size == (W, H)
