@@ -15,7 +15,7 @@ Three layouts meet here:
 Read top to bottom: UNet, VAE, text encoders, LoRA names, the whole single file, then the command:
 
     python convert.py my_sdxl_finetune/ my_finetune.safetensors --to single-file         # diffusers folder
-    python convert.py out/8to4/full/sdxl_lightning_4step_unet.safetensors my4step.safetensors \\
+    python convert.py runs/8to4/full/sdxl_lightning_4step_unet.safetensors my4step.safetensors \\
         --to single-file --base my_finetune.safetensors --fp16                           # a training export
     python convert.py my_finetune.safetensors my_finetune_4step.safetensors --to single-file \\
         --lora sdxl_lightning_4step_lora.safetensors:1.0                                 # LoRA fused in

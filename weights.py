@@ -7,6 +7,7 @@ A source is one of:
 - a single `.safetensors` file: a UNet alone (diffusers keys, or SGM `model.diffusion_model.*` keys) or a
   whole SGM checkpoint (UNet, `first_stage_model.*` VAE, `conditioner.embedders.*` text encoders).
 Only `.safetensors` is read: pickled checkpoints (`.ckpt`, `.bin`, `.pt`) are refused, never unpickled.
+The renames between layouts are convert.py's; this file decides which to apply and loads the result strictly.
 """
 import json
 import os
@@ -176,8 +177,9 @@ def unet_config(base: str, sd=None) -> unet_mod.UNetConfig:
 def unet_state_dict(sd: dict, source: str, cfg=None) -> tuple:
     """(diffusers-named UNet tensors, config) from a file's tensors in either layout."""
     if detect_layout(sd, source) == "sgm":
+        checked_single_file(sd, source)
         try:
-            cfg = cfg or convert.unet_config_from_sgm(checked_single_file(sd, source), source=source)
+            cfg = cfg or convert.unet_config_from_sgm(sd, source=source)
             return convert.unet_from_sgm(sd, cfg, source=source), cfg
         except ValueError as e:
             raise CheckpointError(str(e)) from None

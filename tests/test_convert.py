@@ -81,6 +81,33 @@ def test_full_size_sgm_key_sets():
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae_names.items()}
 
 
+def test_full_size_single_file_is_recognised_as_sdxl():
+    """All of SDXL at full size (meta device) as one single file: diffusers' model-type detection (what it and
+    other tools key on) calls it SDXL base, our key check passes, the text configs come back from the shapes."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    hub = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+               pad_token_id=1)  # stabilityai/stable-diffusion-xl-base-1.0 text_encoder*/config.json
+    cfg_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           hidden_act="quick_gelu", **hub)
+    cfg_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                           projection_dim=1280, hidden_act="gelu", **hub)
+    with torch.device("meta"):
+        unet, vae = unet_mod.UNet(), vae_mod.VAE()
+        clip_l, bigg = CLIPTextModel(cfg_l), CLIPTextModelWithProjection(cfg_g)
+    sd = convert.to_single_file(unet.state_dict(), unet.config, vae.state_dict(), vae.config,
+                                convert.canonical_state_dict(clip_l), convert.canonical_state_dict(bigg))
+    assert len(sd) == 1680 + 248 + 196 + 389  # CLIP-L 2 + 12 x 16 + 2; bigG 5 + 32 x 12 (q, k, v fused)
+    assert infer_diffusers_model_type(sd) == "xl_base"
+    convert.check_single_file(sd)
+    (got_l, config_l), (got_g, config_g) = convert.text_from_sgm(sd)
+    assert got_l.keys() == convert.canonical_state_dict(clip_l).keys()
+    assert got_g.keys() == convert.canonical_state_dict(bigg).keys()
+    for got, want in ((config_l, cfg_l), (config_g, cfg_g)):
+        for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
+            assert getattr(got, f) == getattr(want, f), f
+
+
 def test_vae_sgm_renames_equal_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ref = diffusers_vae()
