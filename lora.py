@@ -12,7 +12,7 @@ The kohya format stores, per wrapped module, `lora_unet_<path with '.' -> '_'>.l
 `.lora_up.weight` and a scalar `.alpha` (absent means alpha = rank). The path is spelled either as
 the diffusers module path (`down_blocks_1_attentions_0_...`) or as the original Stability (SGM) one
 (`input_blocks_4_1_...`); '_' makes names ambiguous, so both spellings are looked up in tables built
-from the UNet's real module names instead of being parsed.
+from the UNet's real module names instead of being parsed (convert.py holds both spellings).
 
 Read top to bottom: targets and names, the lookup tables, reading and merging files, then the
 training side (hooks on the targets, enable/disable, state dict, save, merge-and-remove).
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import unet as unet_mod
+from convert import kohya_name, kohya_table
 
 TARGET_EXCLUDE = ("conv_in", "conv_out", "time_embedding.", "add_embedding.")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -48,27 +49,12 @@ def lora_targets(unet) -> list:
     return [n for n, _ in _base_modules(_unwrap(unet)) if not n.startswith(TARGET_EXCLUDE)]
 
 
-def kohya_name(module_name) -> str:
-    return "lora_unet_" + module_name.replace(".", "_")
-
-
 def lookup_table(unet) -> dict:
     """{kohya name in either spelling: diffusers module name} for every Linear/Conv2d of the UNet.
     Merging accepts any of them (a superset of `lora_targets`); add_lora wraps only the targets."""
     unet = _unwrap(unet)
-    names = [n for n, _ in _base_modules(unet)]
-    table = {kohya_name(n): n for n in names}
     cfg = getattr(unet, "config", None)
-    if isinstance(cfg, unet_mod.UNetConfig):
-        for n in names:
-            try:
-                k = kohya_name(unet_mod.diffusers_to_sgm_name(n, cfg))
-            except KeyError:
-                continue
-            if table.get(k, n) != n:  # would silently merge into the wrong layer
-                raise ValueError(f"lora.py: SGM name {k} is ambiguous ({table[k]} and {n})")
-            table[k] = n
-    return table
+    return kohya_table([n for n, _ in _base_modules(unet)], cfg if isinstance(cfg, unet_mod.UNetConfig) else None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def load(base, unet_source, loras, steps, device, dtype):
         if unet_source is None:  # the official Lightning UNet for this step count
             unet_source = str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
         if single:
-            cfg = weights.unet_mod.config_from_sgm(sd, source=base)
+            cfg = weights.unet_config(base, sd)
         unet = weights.load_unet(unet_source, cfg, device, dtype)
     del sd
     if loras:

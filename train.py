@@ -484,8 +484,7 @@ def main(argv=None):
         ctx["text"] = weights.load_text(args.base, dev, ctx["dtype"], sd=ctx["base_sd"])
         ctx["vae_dtype"] = ctx["dtype"]
         ctx["vae"] = weights.load_vae(args.base, dev, ctx["vae_dtype"], sd=ctx["base_sd"]).eval().requires_grad_(False)
-        ctx["unet_config"] = weights.unet_config(args.base) if not single else \
-            weights.unet_mod.config_from_sgm(ctx["base_sd"], source=args.base)
+        ctx["unet_config"] = weights.unet_config(args.base, ctx["base_sd"])
         if ctx["master"]:
             print(f"data: {len(ctx['data'])} usable images {ctx['data'].stats}; world {ctx['world']}; device {dev}")
         all_phases = lm.STAGES[args.stage].phases

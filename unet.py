@@ -1,13 +1,13 @@
 """The SDXL UNet in plain torch.
 
 Module and attribute names equal the keys of diffusers' `UNet2DConditionModel` checkpoints, so the
-official `sdxl_lightning_*_unet.safetensors` load with `load_state_dict(strict=True)` and no renaming.
-The original Stability (SGM) single-file layout (`model.diffusion_model.*`) loads through one table,
-`sgm_unet_key_map`, built from the config; `config_from_sgm` derives the architecture from tensor
-names and shapes. `UNet.encode` is the encoder path (conv_in .. mid_block) the discriminator reuses.
+official `sdxl_lightning_*_unet.safetensors` load with `load_state_dict(strict=True)` and no renaming
+(the original single-file layout is renamed in convert.py). `UNet.encode` is the encoder path
+(conv_in .. mid_block) the discriminator reuses.
 
-Read bottom-up: embeddings, ResnetBlock2D, attention, transformer, blocks, then UNet.forward with its
-skip connections pushed in the down path and popped in the up path.
+Top to bottom: the config, the pieces (time embedding, resnet, attention, transformer, samplers), the
+blocks of one resolution level, then the UNet, whose forward pushes a skip connection at every step
+of the down path and pops one at every step of the up path.
 """
 import math
 from dataclasses import dataclass
@@ -327,114 +327,3 @@ class UNet(nn.Module):
                 h = block.upsamplers[0](h, skips[-1].shape[-2:])
         assert not skips
         return self.conv_out(F.silu(self.conv_norm_out(h)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# The original Stability (SGM) single-file layout: one table of renames, built from the config.
-# SGM numbers modules by position: input_blocks.k.{0: resnet or downsampler op, 1: attention},
-# middle_block.{0,1,2}, output_blocks.k.{0: resnet, 1: attention, last: upsampler}.
-
-SGM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-SGM_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-             "middle_block.1": "mid_block.attentions.0"}
-
-
-def sgm_unet_prefix_map(cfg: UNetConfig) -> dict:
-    """{sgm module prefix: (diffusers module prefix, is_resnet)} for every module of the UNet."""
-    m = {k: (v, False) for k, v in SGM_FIXED.items()}
-    m["middle_block.0"], m["middle_block.2"] = ("mid_block.resnets.0", True), ("mid_block.resnets.1", True)
-    L, n, k = len(cfg.block_out_channels), cfg.layers_per_block, 1
-    for b in range(L):
-        for i in range(n):
-            m[f"input_blocks.{k}.0"] = (f"down_blocks.{b}.resnets.{i}", True)
-            if cfg.transformer_depth[b]:
-                m[f"input_blocks.{k}.1"] = (f"down_blocks.{b}.attentions.{i}", False)
-            k += 1
-        if b < L - 1:
-            m[f"input_blocks.{k}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", False)
-            k += 1
-    k = 0
-    for b in range(L):
-        has_attn = cfg.transformer_depth[L - 1 - b] > 0
-        for i in range(n + 1):
-            m[f"output_blocks.{k}.0"] = (f"up_blocks.{b}.resnets.{i}", True)
-            if has_attn:
-                m[f"output_blocks.{k}.1"] = (f"up_blocks.{b}.attentions.{i}", False)
-            if i == n and b < L - 1:
-                m[f"output_blocks.{k}.{2 if has_attn else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", False)
-            k += 1
-    return m
-
-
-def rename(name: str, prefix_map: dict, inner: dict) -> str:
-    """Rename one parameter or module name by its longest module prefix in `prefix_map`
-    ({old prefix: (new prefix, is_resnet)}); inside resnets also rename by `inner` (SGM_RESNET or its inverse)."""
-    parts = name.split(".")
-    for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
-        head = ".".join(parts[:cut])
-        if head in prefix_map:
-            new, is_resnet = prefix_map[head]
-            rest = ".".join(parts[cut:])
-            if is_resnet:
-                for old, repl in inner.items():
-                    if rest == old or rest.startswith(old + "."):
-                        rest = repl + rest[len(old):]
-                        break
-            return new + ("." + rest if rest else "")
-    raise KeyError(name)
-
-
-def sgm_to_diffusers_name(name: str, prefix_map: dict) -> str:
-    """One SGM name (without 'model.diffusion_model.') -> the diffusers name."""
-    return rename(name, prefix_map, SGM_RESNET)
-
-
-def diffusers_to_sgm_name(name: str, cfg: UNetConfig) -> str:
-    """One diffusers name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
-    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in sgm_unet_prefix_map(cfg).items()}
-    return rename(name, inverse, {new: old for old, new in SGM_RESNET.items()})
-
-
-def config_from_sgm(sd: dict, prefix="model.diffusion_model.", source="checkpoint") -> UNetConfig:
-    """Derive the UNet architecture from SGM tensor names and shapes (no config in a single file).
-    Head width is taken as 64, as in SDXL; the 6 time ids have 256 sinusoidal channels each."""
-    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if "label_emb.0.0.weight" not in keys:
-        raise ValueError(f"{source}: not an SDXL-architecture UNet (no {prefix}label_emb: an SD1.x/2.x checkpoint?)")
-    blocks, k = [], 1  # per level: [width, resnets, depth]
-    while f"input_blocks.{k}.0.op.weight" in keys or f"input_blocks.{k}.0.in_layers.0.weight" in keys:
-        if f"input_blocks.{k}.0.op.weight" in keys:
-            blocks.append(None)  # level boundary
-        else:
-            if not blocks or blocks[-1] is None:
-                blocks.append([0, 0, 0])
-            depth = len({kk.split(".")[4] for kk in keys if kk.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
-            blocks[-1] = [keys[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0], blocks[-1][1] + 1, depth]
-        k += 1
-    levels = [b for b in blocks if b is not None]
-    if not levels or len({b[1] for b in levels}) != 1:
-        raise ValueError(f"{source}: cannot derive the UNet's levels from its input_blocks")
-    to_k = [v for kk, v in keys.items() if kk.endswith("attn2.to_k.weight")]
-    add_in = keys["label_emb.0.0.weight"].shape[1]
-    return UNetConfig(in_channels=keys["input_blocks.0.0.weight"].shape[1], out_channels=keys["out.2.weight"].shape[0],
-                      block_out_channels=tuple(b[0] for b in levels), layers_per_block=levels[0][1],
-                      transformer_depth=tuple(b[2] for b in levels),
-                      num_heads=tuple(max(b[0] // 64, 1) for b in levels),
-                      cross_attention_dim=to_k[0].shape[1] if to_k else 2048,
-                      pooled_dim=add_in - 6 * 256)
-
-
-def unet_from_sgm_state_dict(sd: dict, prefix="model.diffusion_model.", cfg=None) -> dict:
-    """Rename SGM UNet tensors to diffusers names (the caller loads them strictly)."""
-    pm = sgm_unet_prefix_map(cfg or config_from_sgm(sd, prefix))
-    return {sgm_to_diffusers_name(k[len(prefix):], pm): v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def unet_to_sgm_state_dict(sd: dict, cfg: UNetConfig, prefix="model.diffusion_model.") -> dict:
-    """The reverse rename: diffusers-named tensors -> SGM names (for exports and tests)."""
-    inverse = {dif: (sgm, is_resnet) for sgm, (dif, is_resnet) in sgm_unet_prefix_map(cfg).items()}
-    resnet_inverse = {new: old for old, new in SGM_RESNET.items()}
-    return {prefix + rename(k, inverse, resnet_inverse): v for k, v in sd.items()}

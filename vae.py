@@ -1,8 +1,7 @@
 """The SDXL VAE (AutoencoderKL) in plain torch.
 
-Module names equal diffusers' `AutoencoderKL` checkpoint keys; the original Stability (SGM) layout
-(`first_stage_model.*`, attention as 1x1 convs, decoder levels numbered bottom-up) loads through
-`vae_from_sgm_state_dict`. Latents are `mean * scaling_factor` (0.13025 for SDXL). The SDXL VAE
+Module names equal diffusers' `AutoencoderKL` checkpoint keys (the original single-file layout,
+`first_stage_model.*`, is renamed in convert.py). Latents are `mean * scaling_factor` (0.13025 for SDXL). The SDXL VAE
 overflows in fp16 (diffusers' `force_upcast`): decode in float32 or bfloat16.
 """
 from dataclasses import dataclass
@@ -198,85 +197,3 @@ class VAE(nn.Module):
 
     def decode_latents(self, latents, slice_size=1):
         return torch.cat([self.decode(z / self.config.scaling_factor) for z in latents.split(slice_size)])
-
-
-# ----------------------------------------------------------------------------------------------------
-# The SGM single-file layout (`first_stage_model.*`)
-
-SGM_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
-SGM_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-
-
-def sgm_vae_name(name: str, n_levels: int) -> str:
-    """One SGM VAE name (without 'first_stage_model.') -> the diffusers name."""
-    p = name.split(".")
-    if p[0] in ("encoder", "decoder"):
-        if p[1] in ("down", "up"):  # encoder.down.i.block.j / downsample; decoder.up.i counts bottom-up
-            i = int(p[2]) if p[1] == "down" else n_levels - 1 - int(p[2])
-            blocks = "down_blocks" if p[1] == "down" else "up_blocks"
-            if p[3] == "block":
-                rest = SGM_VAE_RESNET.get(p[5], p[5])
-                return ".".join([p[0], blocks, str(i), "resnets", p[4], rest] + p[6:])
-            sampler = {"downsample": "downsamplers.0", "upsample": "upsamplers.0"}[p[3]]
-            return ".".join([p[0], blocks, str(i), sampler] + p[4:])
-        if p[1] == "mid":
-            if p[2].startswith("block_"):
-                rest = SGM_VAE_RESNET.get(p[3], p[3])
-                return ".".join([p[0], "mid_block.resnets", str(int(p[2][-1]) - 1), rest] + p[4:])
-            return ".".join([p[0], "mid_block.attentions.0", SGM_VAE_ATTN[p[3]]] + p[4:])
-        if p[1] == "norm_out":
-            return ".".join([p[0], "conv_norm_out"] + p[2:])
-    return name  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
-
-
-def vae_from_sgm_state_dict(sd: dict, prefix="first_stage_model.", n_levels=None) -> dict:
-    """Rename SGM VAE tensors to diffusers names; attention 1x1 conv weights become Linear weights."""
-    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    n_levels = n_levels or len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
-    out = {}
-    for k, v in keys.items():
-        name = sgm_vae_name(k, n_levels)
-        if ".attentions." in name and name.endswith("weight") and v.ndim == 4:
-            v = v[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
-        out[name] = v
-    return out
-
-
-def config_from_sgm(sd: dict, prefix="first_stage_model.", source="checkpoint") -> VAEConfig:
-    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    if "encoder.conv_in.weight" not in keys:
-        raise ValueError(f"{source}: no VAE ({prefix}encoder.*) in this file")
-    n = len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
-    widths = tuple(keys[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n))
-    layers = len({k.split(".")[4] for k in keys if k.startswith("encoder.down.0.block.")})
-    return VAEConfig(in_channels=keys["encoder.conv_in.weight"].shape[1], out_channels=keys["decoder.conv_out.weight"].shape[0],
-                     latent_channels=keys["post_quant_conv.weight"].shape[0], block_out_channels=widths,
-                     layers_per_block=layers)
-
-
-def vae_to_sgm_state_dict(sd: dict, cfg: VAEConfig, prefix="first_stage_model.") -> dict:
-    """The reverse rename (for tests and exports): diffusers names -> SGM names, 1x1-conv attention."""
-    inverse = {sgm_vae_name(name, len(cfg.block_out_channels)): name for name in _sgm_vae_names(cfg)}
-    missing = [k for k in sd if k not in inverse]
-    if missing:
-        raise KeyError(f"no SGM name for {missing[:5]}")
-    out = {}
-    for k, v in sd.items():
-        if ".attentions." in k and k.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        out[prefix + inverse[k]] = v
-    return out
-
-
-def _sgm_vae_names(cfg):
-    n, L = len(cfg.block_out_channels), cfg.layers_per_block
-    res = ["norm1", "conv1", "norm2", "conv2", "nin_shortcut"]
-    names = ["quant_conv", "post_quant_conv"]
-    for part, lvl, m in (("encoder", "down", L), ("decoder", "up", L + 1)):
-        names += [f"{part}.conv_in", f"{part}.conv_out", f"{part}.norm_out"]
-        names += [f"{part}.mid.block_{i}.{r}" for i in (1, 2) for r in res]
-        names += [f"{part}.mid.attn_1.{a}" for a in SGM_VAE_ATTN]
-        for i in range(n):
-            names += [f"{part}.{lvl}.{i}.block.{j}.{r}" for j in range(m) for r in res]
-            names += [f"{part}.{lvl}.{i}.{lvl}sample.conv"]
-    return [f"{n_}.{w}" for n_ in names for w in ("weight", "bias")]

@@ -7,6 +7,7 @@ A source is one of:
 - a single `.safetensors` file: a UNet alone (diffusers keys, or SGM `model.diffusion_model.*` keys) or a
   whole SGM checkpoint (UNet, `first_stage_model.*` VAE, `conditioner.embedders.*` text encoders).
 Only `.safetensors` is read: pickled checkpoints (`.ckpt`, `.bin`, `.pt`) are refused, never unpickled.
+The renames between layouts are convert.py's; this file decides which to apply and loads the result strictly.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import convert
 import unet as unet_mod
 import vae as vae_mod
 
@@ -151,10 +153,23 @@ def detect_layout(sd: dict, source: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parts
 
-def unet_config(base: str) -> unet_mod.UNetConfig:
-    """The UNet architecture: from `unet/config.json` of a diffusers base, or from a single file's shapes."""
+def checked_single_file(sd: dict, source: str) -> dict:
+    """A single file's tensors after checking that every key belongs to a part (convert.check_single_file)."""
+    try:
+        convert.check_single_file(sd, source)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return sd
+
+
+def unet_config(base: str, sd=None) -> unet_mod.UNetConfig:
+    """The UNet architecture: from `unet/config.json` of a diffusers base, or from a single file's shapes
+    (`sd`: its already-read tensors)."""
     if is_file(base):
-        return unet_mod.config_from_sgm(read_safetensors(base), source=str(base))
+        try:
+            return convert.unet_config_from_sgm(read_safetensors(base) if sd is None else sd, source=str(base))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     p = fetch(base, "unet/config.json")
     return unet_mod.UNetConfig.from_diffusers(read_json(p), str(p))
 
@@ -162,11 +177,12 @@ def unet_config(base: str) -> unet_mod.UNetConfig:
 def unet_state_dict(sd: dict, source: str, cfg=None) -> tuple:
     """(diffusers-named UNet tensors, config) from a file's tensors in either layout."""
     if detect_layout(sd, source) == "sgm":
-        cfg = cfg or unet_mod.config_from_sgm(sd, source=source)
+        checked_single_file(sd, source)
         try:
-            return unet_mod.unet_from_sgm_state_dict(sd, cfg=cfg), cfg
-        except KeyError as e:
-            raise CheckpointError(f"{source}: unexpected UNet key model.diffusion_model.{e.args[0]}") from None
+            cfg = cfg or convert.unet_config_from_sgm(sd, source=source)
+            return convert.unet_from_sgm(sd, cfg, source=source), cfg
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if cfg is None:
         raise CheckpointError(f"{source}: a diffusers-layout UNet file carries no config; give a base")
     return sd, cfg
@@ -185,9 +201,13 @@ def load_unet(source: str, cfg=None, device="cpu", dtype=torch.float32, variant=
 def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=None) -> vae_mod.VAE:
     """The VAE of a base; `sd`: the already-read tensors of a single file (read once for all parts)."""
     if is_file(source):
-        sd = read_safetensors(source) if sd is None else sd
-        cfg = vae_mod.config_from_sgm(sd, source=str(source))
-        return build_strict(vae_mod.VAE, cfg, vae_mod.vae_from_sgm_state_dict(sd), str(source), device, dtype)
+        sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
+        try:
+            cfg = convert.vae_config_from_sgm(sd, source=str(source))
+            vae_sd = convert.vae_from_sgm(sd, cfg, source=str(source))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        return build_strict(vae_mod.VAE, cfg, vae_sd, str(source), device, dtype)
     cfg_path = fetch(source, "vae/config.json")
     cfg = vae_mod.VAEConfig.from_diffusers(read_json(cfg_path), str(cfg_path))
     path = fetch_variant(source, "vae/diffusion_pytorch_model{v}.safetensors", variant)
@@ -205,14 +225,20 @@ def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, toke
         folder = fetch_folder(tokenizers, TOKENIZER_FILES)
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
-        try:
-            sd = read_safetensors(source) if sd is None else sd
-            return text_mod.text_from_single_file(sd, tok, tok2, dtype=dtype, device=device)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{source}: {e}") from None
+        return text_mod.TextEncoders(tok, tok2, *load_text_encoders(source, device, dtype, sd))
     v = "" if variant is None else f".{variant}"
     folder = fetch_folder(source, [p.format(v=v) for p in TEXT_FILES])
     return text_mod.TextEncoders.from_diffusers(folder, dtype=dtype, device=device)
+
+
+def load_text_encoders(source: str, device="cpu", dtype=torch.float32, sd=None) -> tuple:
+    """(CLIP-L, bigG) transformers models of a single file, without tokenizers."""
+    import text as text_mod
+    sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
+    try:
+        return text_mod.encoders_from_single_file(sd, dtype=dtype, device=device)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def fetch_variant(source, pattern, variant):

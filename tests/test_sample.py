@@ -18,8 +18,6 @@ from torch.testing import assert_close
 import lightning_min as lm
 import sample
 import unet as unet_mod
-import vae as vae_mod
-import text as text_mod
 import weights
 from tests.tiny import TINY_UNET, diffusers_unet, fill_hub_cache, lightning_scheduler, make_tiny_base, report
 
@@ -108,11 +106,12 @@ def test_default_hub_path_offline_equals_pipeline_png(base, tmp_path):
 
 def _single_file(root, pipe, path):
     """A tiny all-in-one checkpoint in the original (SGM) layout, written from the diffusers weights."""
+    import convert
     from tests.tiny import TINY_VAE
-    sd = unet_mod.unet_to_sgm_state_dict(pipe.unet.state_dict(), TINY_UNET)
-    sd.update(vae_mod.vae_to_sgm_state_dict(pipe.vae.state_dict(), TINY_VAE))
     te = weights.load_text(str(root))
-    sd.update(text_mod.text_to_single_file(te))
+    sd = convert.to_single_file(pipe.unet.state_dict(), TINY_UNET, pipe.vae.state_dict(), TINY_VAE,
+                                convert.canonical_state_dict(te.text_encoder),
+                                convert.canonical_state_dict(te.text_encoder_2))
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import convert
 import text
 from tests.tiny_text import CONTEXT_DIM, MAX_LENGTH, POOLED_DIM, make_tiny_text_folder
 
@@ -39,12 +40,18 @@ def pipe(te):
                                      tokenizer_2=te.tokenizer_2, add_watermarker=False)
 
 
+def _to_sgm(te):
+    """The text encoders' part of a single file (CLIP-L in transformers' layout, bigG in OpenCLIP's)."""
+    return convert.text_to_sgm(convert.canonical_state_dict(te.text_encoder),
+                               convert.canonical_state_dict(te.text_encoder_2))
+
+
 @pytest.fixture(scope="module")
 def single_file(te, tmp_path_factory):
     """A written-and-read SGM file, with the unused tensors real files carry and a UNet key to ignore."""
-    sd = text.text_to_single_file(te)
-    sd[text.SGM_CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH)[None]
-    sd[text.SGM_BIGG + "logit_scale"] = torch.tensor(4.6052)
+    sd = _to_sgm(te)
+    sd[convert.SGM_CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH)[None]
+    sd[convert.SGM_BIGG + "logit_scale"] = torch.tensor(4.6052)
     sd["model.diffusion_model.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
     path = tmp_path_factory.mktemp("sgm") / "tiny_sdxl.safetensors"
     save_file(sd, path)  # also proves the export has no shared or non-contiguous tensors
@@ -137,12 +144,12 @@ def test_single_file_matches_diffusers_conversion(te, root, single_file):
     # diffusers' own conversion of the same file gives the same tensors under the same (canonical) names
     want = convert_ldm_clip_checkpoint(single_file)
     want.pop("text_model.embeddings.position_ids")
-    got = text.canonical_state_dict(ours.text_encoder)
+    got = convert.canonical_state_dict(ours.text_encoder)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
-    want = convert_open_clip_checkpoint(te.text_encoder_2, single_file, prefix=text.SGM_BIGG)
-    got = text.canonical_state_dict(ours.text_encoder_2)
+    want = convert_open_clip_checkpoint(te.text_encoder_2, single_file, prefix=convert.SGM_BIGG)
+    got = convert.canonical_state_dict(ours.text_encoder_2)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
@@ -158,23 +165,23 @@ def test_single_file_matches_diffusers_conversion(te, root, single_file):
     want_context, want_pooled = te.encode(PROMPTS)
     report("single file round trip context", context, want_context)
     report("single file round trip pooled", pooled, want_pooled)
-    torch.testing.assert_close(text.text_to_single_file(ours),
-                               {k: v for k, v in single_file.items() if k in text.text_to_single_file(te)})
+    torch.testing.assert_close(_to_sgm(ours),
+                               {k: v for k, v in single_file.items() if k in _to_sgm(te)})
 
 
 def test_single_file_errors(te, single_file):
     def load(sd, **kw):
         return text.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, **kw)
 
-    for key in (text.SGM_BIGG + "transformer.resblocks.0.attn.extra", text.SGM_BIGG + "attn_mask",
-                text.SGM_CLIP_L + "text_model.extra.weight"):
+    for key in (convert.SGM_BIGG + "transformer.resblocks.0.attn.extra", convert.SGM_BIGG + "attn_mask",
+                convert.SGM_CLIP_L + "text_model.extra.weight"):
         with pytest.raises(ValueError, match=re.escape(key)):
             load({**single_file, key: torch.zeros(3)})
-    missing = text.SGM_BIGG + "transformer.resblocks.1.ln_2.bias"
+    missing = convert.SGM_BIGG + "transformer.resblocks.1.ln_2.bias"
     with pytest.raises(ValueError, match="resblocks.1.ln_2.bias|layers.1.layer_norm2.bias"):
         load({k: v for k, v in single_file.items() if k != missing})
     with pytest.raises(ValueError, match="no OpenCLIP bigG"):
-        load({k: v for k, v in single_file.items() if not k.startswith(text.SGM_BIGG)})
+        load({k: v for k, v in single_file.items() if not k.startswith(convert.SGM_BIGG)})
     with pytest.raises(ValueError, match="head_dim"):
         load(single_file, head_dim=7)
     with pytest.raises(ValueError, match="token_embedding"):
@@ -193,9 +200,9 @@ def test_full_size_single_file_config(te):
                             projection_dim=1280, hidden_act="gelu", **hub)
     with torch.device("meta"):
         full = SimpleNamespace(text_encoder=CLIPTextModel(want), text_encoder_2=CLIPTextModelWithProjection(want_2))
-    sd = text.text_to_single_file(full)
-    assert sd[text.SGM_BIGG + "text_projection"].shape == (1280, 1280)
-    assert sd[text.SGM_BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
+    sd = _to_sgm(full)
+    assert sd[convert.SGM_BIGG + "text_projection"].shape == (1280, 1280)
+    assert sd[convert.SGM_BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
     got = text.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, device="meta")
     for a, b in ((got.text_encoder.config, want), (got.text_encoder_2.config, want_2)):
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",

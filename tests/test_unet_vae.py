@@ -1,6 +1,5 @@
 """Our UNet and VAE against diffusers: same keys and shapes at full SDXL size (meta device), same
-numbers on tiny random-weight configs in float32, and the SGM single-file renames against diffusers'
-own converter."""
+numbers on tiny random-weight configs in float32. The single-file renames are tested in test_convert.py."""
 import pytest
 import torch
 from torch.testing import assert_close
@@ -78,27 +77,6 @@ def test_unet_gradient_checkpointing_same_grads():
         assert_close(p.grad, g1[k], atol=1e-6, rtol=1e-5)
 
 
-def test_unet_sgm_renames_equal_diffusers_converter():
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-    ref = diffusers_unet()
-    sgm = unet_mod.unet_to_sgm_state_dict(ref.state_dict(), TINY_UNET)
-    assert all(k.startswith("model.diffusion_model.") for k in sgm)
-    assert unet_mod.config_from_sgm(sgm) == TINY_UNET
-    ours = unet_mod.unet_from_sgm_state_dict(sgm)
-    theirs = convert_ldm_unet_checkpoint(sgm, _kwargs(TINY_UNET))
-    assert set(ours) == set(theirs)
-    for k in ours:
-        assert torch.equal(ours[k], theirs[k]), k
-    full = unet_mod.UNetConfig()
-    with torch.device("meta"):
-        names = unet_mod.UNet(full).state_dict()
-    sgm_full = unet_mod.unet_to_sgm_state_dict(names, full)
-    assert unet_mod.config_from_sgm(sgm_full) == full
-    assert set(unet_mod.unet_from_sgm_state_dict(sgm_full)) == set(names)
-    assert "model.diffusion_model.output_blocks.2.2.conv.weight" in sgm_full  # DESIGN's block map
-    assert "model.diffusion_model.input_blocks.3.0.op.weight" in sgm_full
-
-
 def test_vae_encode_decode_equal_diffusers():
     ref = diffusers_vae()
     ours = vae_mod.VAE(TINY_VAE).eval()
@@ -117,19 +95,6 @@ def test_vae_encode_decode_equal_diffusers():
     assert_close(logvar, dist.logvar, atol=1e-5, rtol=1e-5)
     assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert_close(sliced, dist.mean * TINY_VAE.scaling_factor, atol=1e-5, rtol=1e-5)
-
-
-def test_vae_sgm_renames_equal_diffusers_converter():
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    ref = diffusers_vae()
-    sgm = vae_mod.vae_to_sgm_state_dict(ref.state_dict(), TINY_VAE)
-    assert sgm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
-    assert vae_mod.config_from_sgm(sgm) == TINY_VAE
-    ours = vae_mod.vae_from_sgm_state_dict(sgm)
-    theirs = convert_ldm_vae_checkpoint(sgm, _kwargs(TINY_VAE))
-    assert set(ours) == set(theirs)
-    for k in ours:
-        assert torch.equal(ours[k], theirs[k].reshape(ours[k].shape)), k
 
 
 def test_bench_runs_and_compares_the_same_computation(tmp_path):
