@@ -1,8 +1,10 @@
 """train.py end to end on a tiny random-weight SDXL: every stage and phase, the exports diffusers loads,
 the techniques, DDP equivalence with torchrun (gloo), exact resume, learning, and bad input."""
+import errno
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import discriminator
+import files
 import lightning_min as lm
+import lora
 import train
+import unet as unet_lib
 import weights
 from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base
 
@@ -97,6 +103,10 @@ def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
             for k, v in fused.state_dict().items():
                 assert_close(v.half().float(), ours[k].float(), atol=2e-3, rtol=2e-3)
     meta = {p: json.loads((out / stage / p / "phase.json").read_text()) for p in st.phases}
+    for p in st.phases:  # Sec. 3.7.2: re-noising on by default in the one- and two-step stages only
+        assert meta[p]["renoise"] == (stage in ("4to2", "2to1") and meta[p]["discriminator"] is not None), p
+        assert not (out / stage / p / "train.lock").exists() and not list((out / stage / p).glob("*.tmp"))
+    assert not (out / "train.lock").exists()
     t = {s: str(p) for s, p in env["teachers"].items()}
     if stage == "4to2":  # Sec. 3.4: the skip-level (8-step) teacher in the unconditional phases
         assert meta["cond"]["teacher"] == t[4] and meta["cond"]["teacher_is_student_without_lora"]
@@ -147,46 +157,123 @@ def _torchrun(args, nproc):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("phase", ["cond", "full"])
-def test_ddp_two_ranks_equal_one_rank(env, tmp_path, phase):
-    """2 ranks x micro-batch 1 == 1 rank x micro-batch 2: a LoRA phase, and a whole-UNet phase with ZeRO."""
-    lr = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
-    args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", 1, "--lr", lr]
-    one = [*args, *common(env, tmp_path / "one")]
-    one[one.index("--micro-batch-size") + 1] = "2"
-    run(one)
-    _torchrun([*args, *common(env, tmp_path / "two")], 2)
-    a, b = _state(tmp_path / "one/8to4" / phase / "checkpoint.pt"), _state(tmp_path / "two/8to4" / phase / "checkpoint.pt")
-    assert b["step"] == 1 and json.loads((tmp_path / "two/8to4" / phase / "phase.json").read_text())["world_size"] == 2
-    # The gradients (Adam's exp_avg, which with beta1 = 0 is the step's gradient) agree to float tolerance.
-    for opt in ("opt_g", "opt_d"):
-        sa, sb = a[opt]["state"], b[opt]["state"]
-        assert sa.keys() == sb.keys() and len(sa) > 0
-        worst = 0.0
-        for i in sa:
-            g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
-            assert_close(g_b, g_a, atol=1e-4 * g_a.abs().max().item() + 1e-12, rtol=1e-3)
-            worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
-        print(f"DDP {phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
-    # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
-    # either way; all but a handful of elements agree closely, and none by more than two such steps.
-    steps = 1
-    for part in ("student", "disc"):
-        total = close = 0
-        for k in a[part]:
-            d = (a[part][k] - b[part][k]).abs()
-            assert d.max() <= 2 * lr * steps, k
-            total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
-        print(f"DDP {phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel")
-        assert close / total > 0.999
-    if phase == "cond":  # LoRA up weights start at zero
-        moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
-    else:
-        init = load_file(env["teachers"][8])
-        moved = max((v - init[k].float()).abs().max().item() for k, v in a["student"].items())
-    print(f"DDP {phase}: weights moved up to {moved:.3e}")
-    assert moved > 0.5 * lr
-    assert a["opt_g"]["state"] and b["opt_g"]["state"]
+DDP_LR = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
+
+
+@pytest.fixture(scope="module")
+def one_rank(env, tmp_path_factory):
+    """Whole stages on 1 rank with micro-batch 2, one step per phase: the DDP tests' reference, and the run whose
+    hand-offs (discriminator, fp32 student, next stage's teacher) the hand-off tests inspect."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"one_{stage}")
+            argv = ["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, *common(env, out)]
+            argv[argv.index("--micro-batch-size") + 1] = "2"
+            run(argv)
+            runs[stage] = out
+        return runs[stage]
+    return get
+
+
+@pytest.mark.parametrize("stage", ["8to4", "2to1"])
+def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank, tmp_path, stage):
+    """Issue 6.2: `torchrun --nproc_per_node 2 train.py --stage S` runs every phase of the stage end to end (8to4:
+    cond -> uncond -> full, LoRA then ZeRO; 2to1: convert -> cond -> uncond, whole UNet), each phase starting from
+    the previous one's checkpoint once every rank may read it, and equals 1 rank x micro-batch 2 phase by phase."""
+    _torchrun(["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR,
+               *common(env, tmp_path / "two")], 2)
+    steps = 0
+    for phase in lm.STAGES[stage].phases:
+        a = _state(one_rank(stage) / stage / phase / "checkpoint.pt")
+        b = _state(tmp_path / "two" / stage / phase / "checkpoint.pt")
+        assert b["step"] == 1 and json.loads((tmp_path / "two" / stage / phase / "phase.json").read_text())[
+            "world_size"] == 2
+        steps += 1
+        # The gradients (Adam's exp_avg: with beta1 = 0 the step's gradient, else 0.1 of it) agree to float tolerance.
+        for opt in ("opt_g", "opt_d"):
+            if a[opt] is None:
+                continue
+            sa, sb = a[opt]["state"], b[opt]["state"]
+            assert sa.keys() == sb.keys() and len(sa) > 0
+            worst = 0.0
+            for i in sa:
+                g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
+                assert_close(g_b, g_a, atol=1e-3 * g_a.abs().max().item() + 1e-12, rtol=1e-2)
+                worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
+            print(f"DDP {stage}/{phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
+        # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
+        # either way; all but a handful of elements agree closely, and none by more than two such steps per step.
+        for part in ("student", "disc"):
+            if a[part] is None:
+                continue
+            total = close = 0
+            worst = 0.0
+            for k in a[part]:
+                d = (a[part][k] - b[part][k]).abs()
+                worst = max(worst, d.max().item())
+                total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
+            print(f"DDP {stage}/{phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel; "
+                  f"max diff {worst:.2e} (lr {DDP_LR:g} x {steps} steps)")
+            assert worst <= 2 * DDP_LR * steps and close / total > 0.999
+        if phase == "cond" and stage == "8to4":  # LoRA up weights start at zero
+            moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
+            print(f"DDP {stage}/{phase}: LoRA up weights moved up to {moved:.3e}")
+            assert moved > 0.5 * DDP_LR
+    assert not (tmp_path / "two" / "train.lock").exists()
+
+
+def test_handoffs_keep_the_discriminator_and_fp32_masters(env, one_rank, tmp_path):
+    """Issue 7.1-7.2 (Sec. 3.6): the discriminator starts from the base at the stage's first adversarial phase;
+    uncond keeps cond's backbone (and the head's weights that read x_{t-ns}); full keeps uncond's discriminator
+    and its Adam state. The student of full is uncond's base + LoRA merged in fp32, not the fp16 release file,
+    and the next stage's teacher is this stage's fp32 checkpoint. A phase run alone (or resumed) does the same."""
+    out = one_rank("8to4")
+    ck = {p: _state(out / "8to4" / p / "checkpoint.pt") for p in ("cond", "uncond", "full")}
+    meta = {p: json.loads((out / "8to4" / p / "phase.json").read_text()) for p in ("cond", "uncond", "full")}
+    assert meta["cond"]["discriminator_from"] == "base"
+    assert meta["uncond"]["discriminator_from"] == str(out / "8to4/cond/checkpoint.pt")
+    assert meta["full"]["discriminator_from"] == str(out / "8to4/uncond/checkpoint.pt")
+
+    def phase(name, keep):  # the phase as train.main builds it before its first step, in a copy of the run
+        import shutil
+        root = tmp_path / name
+        shutil.copytree(out / "8to4", root / "8to4")
+        for p in ("cond", "uncond", "full")[keep:]:
+            shutil.rmtree(root / "8to4" / p)
+        args = train.parse_args(["--stage", "8to4", "--phase", name, *map(str, stage_args(env, "8to4")),
+                                 "--max-steps", "2", "--lr", str(DDP_LR), *common(env, root)])
+        ctx = train.setup_ddp(args)
+        train.load_frozen(args, ctx)
+        return train.Phase(args, ctx, "8to4", name)
+
+    unc = phase("uncond", 1)  # run alone, after cond: cond's backbone and the x_{t-ns} half of its head
+    d = unc.disc.state_dict()
+    for k, v in ck["cond"]["disc"].items():
+        want = v[:, : v.shape[1] // 2] if k == "head.0.weight" else v
+        assert torch.equal(d[k], want), k
+    full = phase("full", 2)  # uncond's discriminator and Adam state; the student merged in fp32
+    for k, v in ck["uncond"]["disc"].items():
+        assert torch.equal(full.disc.state_dict()[k], v), k
+    sd_opt = full.opt_d.state_dict()["state"]
+    assert sd_opt.keys() == ck["uncond"]["opt_d"]["state"].keys()
+    for i, st in ck["uncond"]["opt_d"]["state"].items():
+        assert torch.equal(sd_opt[i]["exp_avg_sq"], st["exp_avg_sq"]) and torch.equal(sd_opt[i]["step"], st["step"])
+    assert full.opt_d.param_groups[0]["lr"] == DDP_LR
+    base = weights.load_unet(str(env["teachers"][8]), full.ctx["unet_config"])
+    lora.merge_lora(base, {k: v.clone() for k, v in ck["uncond"]["student"].items()})
+    fp16 = load_file(out / "8to4/uncond/sdxl_lightning_4step_unet.safetensors")
+    differs = 0
+    for k, v in base.state_dict().items():
+        assert torch.equal(full.student.state_dict()[k], v), k
+        differs += int(not torch.equal(v, fp16[k].float()))
+    print(f"full's student: equal to the fp32 merge; {differs} tensors differ from the fp16 release file")
+    assert differs > 0
+    # the next stage's teacher: this stage's fp32 master
+    args = train.parse_args(["--stage", "4to2", *common(env, out)])
+    plan = train.plan_phase(args, "4to2", "cond")
+    assert plan["teacher"] == plan["init"] == str(out / "8to4/full/checkpoint.pt")
 
 
 def test_resume_is_exact(env, tmp_path):
@@ -214,7 +301,6 @@ def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
     text = weights.load_text(ctx_base)
     teacher = weights.load_unet(ctx_base)
     trained = weights.load_unet(str(out / "128to32/mse/sdxl_lightning_32step_unet.safetensors"), teacher.config)
-    import sample as sample_mod
     g = torch.Generator().manual_seed(123)
     x0, eps = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
     t = torch.tensor([1000, 969, 500, 250])
@@ -223,9 +309,9 @@ def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
     x_t = lm.forward_fixed(x0, eps, t)
     t_tgt = lm.target_time(t, 4, 128)
     with torch.no_grad():
-        tgt = lm.teacher_rollout(sample_mod.unet_model(teacher, ctx, pooled, ids, 6.0, torch.float32), x_t, t, t_tgt, 4, s=1000 / 128)
-        err = {name: lm.loss_mse(lm.student_jump(sample_mod.unet_model(m, ctx, pooled, ids, 0, torch.float32), x_t, t, t_tgt,
-                                                 "epsilon"), tgt).item() for name, m in (("before", teacher), ("after", trained))}
+        tgt = lm.teacher_rollout(lm.unet_model(teacher, (ctx, pooled, ids), 6.0), x_t, t, t_tgt, 4, s=1000 / 128)
+        err = {name: lm.loss_mse(lm.student_jump(lm.unet_model(m, (ctx, pooled, ids)), x_t, t, t_tgt, "epsilon"),
+                                 tgt).item() for name, m in (("before", teacher), ("after", trained))}
     print(f"MSE of the student's one jump to the teacher's 4 CFG steps: {err}")
     assert err["after"] < 0.9 * err["before"]
 
@@ -237,6 +323,9 @@ def test_adversarial_discriminator_loss_falls_below_log4(env, tmp_path):
     run(["--stage", "4to2", "--phase", "uncond", "--teacher", env["teachers"][4], "--skip-level-teacher",
          env["teachers"][8], *common(env, out, "--max-steps", 16, "--lr", 1e-4)])
     log = [json.loads(l) for l in (out / "4to2/uncond/log.jsonl").read_text().splitlines()]
+    # Sec. 3.7.2: 1:1:1:1, then 5:1:1:1 from half the phase's steps (the default switch), in phase.json and the log
+    assert json.loads((out / "4to2/uncond/phase.json").read_text())["renoise_switch_step"] == 8
+    assert [r["renoise_weights"] for r in log] == ["1,1,1,1"] * 8 + ["5,1,1,1"] * 8
     late = log[len(log) // 2:]
     loss, real, fake = (float(np.mean([r[k] for r in late])) for k in ("loss_d", "d_real", "d_fake"))
     print(f"discriminator loss: first {log[0]['loss_d']:.4f}, mean of the second half {loss:.4f} (log 4 = "
