@@ -18,6 +18,8 @@ written, not renamed), "exports" (exports written, progress.json not).
 import errno
 import json
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
@@ -177,10 +179,12 @@ def read_checkpoint(path, stage=None, phase=None):
         raise RunError(f"{path}: the file is empty (an interrupted copy?); delete it to restart the phase")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 -- torch raises many kinds for a foreign or pickled file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a train.py checkpoint (cannot be read as plain tensors: {first[:200]})") \
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle what we did not write
+        raise RunError(f"{path}: not a train.py checkpoint (it holds pickled Python objects, not plain tensors)") \
             from None
+    except Exception as e:  # noqa: BLE001 -- torch raises many kinds for a foreign file
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0] or type(e).__name__
+        raise RunError(f"{path}: not a train.py checkpoint (cannot be read: {first[:200]})") from None
     missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
     if missing:
         raise RunError(f"{path}: not a train.py checkpoint (missing {', '.join(sorted(missing))})")

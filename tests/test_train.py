@@ -74,10 +74,30 @@ def diffusers_loads(path):
 # every stage and phase
 
 
+DDP_LR = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
+
+
+@pytest.fixture(scope="module")
+def one_rank(env, tmp_path_factory):
+    """Whole stages on 1 rank with micro-batch 2, one step per phase: the DDP tests' reference, and the run whose
+    hand-offs (discriminator, fp32 student, next stage's teacher) the hand-off tests inspect."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"one_{stage}")
+            argv = ["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, "--sample-every", 1,
+                    *common(env, out)]
+            argv[argv.index("--micro-batch-size") + 1] = "2"
+            run(argv)
+            runs[stage] = out
+        return runs[stage]
+    return get
+
+
 @pytest.mark.parametrize("stage", list(lm.STAGES))
-def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
-    out = tmp_path / "runs"
-    run(["--stage", stage, *common(env, out, "--max-steps", 1, "--sample-every", 1), *stage_args(env, stage)])
+def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
+    out = one_rank(stage)  # the whole stage, one step per phase, a sample grid each
     st = lm.STAGES[stage]
     name = train.unet_filename(st.student_steps)
     for phase in st.phases:
@@ -155,26 +175,6 @@ def _torchrun(args, nproc):
            str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-DDP_LR = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
-
-
-@pytest.fixture(scope="module")
-def one_rank(env, tmp_path_factory):
-    """Whole stages on 1 rank with micro-batch 2, one step per phase: the DDP tests' reference, and the run whose
-    hand-offs (discriminator, fp32 student, next stage's teacher) the hand-off tests inspect."""
-    runs = {}
-
-    def get(stage):
-        if stage not in runs:
-            out = tmp_path_factory.mktemp(f"one_{stage}")
-            argv = ["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, *common(env, out)]
-            argv[argv.index("--micro-batch-size") + 1] = "2"
-            run(argv)
-            runs[stage] = out
-        return runs[stage]
-    return get
 
 
 @pytest.mark.parametrize("stage", ["8to4", "2to1"])
@@ -290,6 +290,138 @@ def test_resume_is_exact(env, tmp_path):
     assert len((tmp_path / "a/8to4/full/log.jsonl").read_text().splitlines()) == 4
 
 
+def _cond_run(env, out, *extra):
+    """8to4 cond (a LoRA phase: export merges, the teacher is the student with LoRA off) at a large lr."""
+    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
+         *common(env, out, *extra)])
+    return out / "8to4" / "cond"
+
+
+def _same_files(a, b, names):
+    for name in names:
+        if name.endswith(".pt"):
+            _compare(_state(a / name), _state(b / name), name, atol=0, rtol=0)
+        elif name.endswith(".safetensors"):  # the header's metadata order is not fixed: compare tensors
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(v, tb[k]) for k, v in ta.items()), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+EXPORTS = ["checkpoint.pt", "sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_4step_lora.safetensors"]
+
+
+def test_exports_leave_the_student_untouched_and_kills_resume_exactly(env, tmp_path, monkeypatch):
+    """Issue 6.1: exporting merges the LoRA into a copy, never into the student's base (the teacher): every
+    export leaves the base bitwise unchanged, a run with --save-every 1 ends bitwise equal to one with
+    --save-every 100, and a run killed after any step and re-run ends bitwise equal too."""
+    export = train.Phase.export
+
+    def checked_export(self):
+        before = {k: v.clone() for k, v in lora.base_state_dict(self.student).items()}
+        export(self)
+        assert all(torch.equal(v, before[k]) for k, v in lora.base_state_dict(self.student).items())
+        checked_export.calls += 1
+    checked_export.calls = 0
+    monkeypatch.setattr(train.Phase, "export", checked_export)
+    every1 = _cond_run(env, tmp_path / "every1", "--max-steps", 3, "--save-every", 1)
+    assert checked_export.calls == 3
+    every100 = _cond_run(env, tmp_path / "every100", "--max-steps", 3, "--save-every", 100)
+    _same_files(every1, every100, EXPORTS)
+    for k in (2, 3):  # killed after step k, before its save (so it resumes from step k - 1), then re-run
+        monkeypatch.setenv("LIGHTNING_CRASH_AT", f"step{k}")
+        with pytest.raises(files.SimulatedCrash):
+            _cond_run(env, tmp_path / f"kill{k}", "--max-steps", 3, "--save-every", 1)
+        monkeypatch.delenv("LIGHTNING_CRASH_AT")
+        assert _state(tmp_path / f"kill{k}/8to4/cond/checkpoint.pt")["step"] == k - 1
+        killed = _cond_run(env, tmp_path / f"kill{k}", "--max-steps", 3, "--save-every", 1)
+        _same_files(every1, killed, EXPORTS)
+        assert [json.loads(l)["step"] for l in (killed / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def cond_one_step(env, tmp_path_factory):
+    return _cond_run(env, tmp_path_factory.mktemp("cond1"), "--max-steps", 1)
+
+
+@pytest.mark.parametrize("point", ["checkpoint.tmp", "checkpoint", "export.tmp", "exports"])
+def test_interrupted_save_is_completed_by_a_rerun(env, cond_one_step, tmp_path, monkeypatch, point):
+    """Issue 6.3: the final save interrupted at each point (temp checkpoint written; checkpoint written, no
+    exports; an export half-written; exports written, progress.json not) leaves a state that re-running the
+    same command completes: no *.tmp left, exports and checkpoint equal to an uninterrupted run, bitwise."""
+    monkeypatch.setenv("LIGHTNING_CRASH_AT", point)
+    with pytest.raises(files.SimulatedCrash):
+        _cond_run(env, tmp_path, "--max-steps", 1)
+    d = tmp_path / "8to4" / "cond"
+    assert files.progress_step(d) == 0 and (d / "checkpoint.pt").exists() == (point != "checkpoint.tmp")
+    assert bool(list(d.glob("*.tmp"))) == point.endswith(".tmp")  # what a kill leaves
+    monkeypatch.delenv("LIGHTNING_CRASH_AT")
+    _cond_run(env, tmp_path, "--max-steps", 1)
+    assert not list(tmp_path.rglob("*.tmp*")) and files.progress_step(d) == 1
+    _same_files(cond_one_step, d, EXPORTS + ["config.json"])
+
+
+def test_disk_full_names_the_file(env, tmp_path, monkeypatch):
+    """Issue 6.3: a full disk while saving says so, names the file, leaves no temp file, and the lock goes."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("checkpoint.pt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(SystemExit) as e:
+        _cond_run(env, tmp_path, "--max-steps", 1)
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith("error: ") and "checkpoint.pt" in msg and "disk is full" in msg and "\n" not in msg
+    assert not list(tmp_path.rglob("*.tmp*")) and not (tmp_path / "train.lock").exists()
+
+
+def test_output_lock_refuses_a_second_run_and_takes_a_stale_one(env, tmp_path, capsys):
+    """Issue 6.4: a live run's lock on --out refuses a second run (nothing touched); a dead process's lock is stale."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    lock = out / "train.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    msg = _fails(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
+                  *common(env, out, "--max-steps", 1)], capsys)
+    assert f"in use by another train.py run (pid {os.getpid()}" in msg and lock.exists()
+    assert sorted(p.name for p in out.rglob("*")) == ["train.lock"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    _cond_run(env, out, "--max-steps", 1)
+    assert files.progress_step(out / "8to4" / "cond") == 1 and not lock.exists()
+
+
+def test_time_ids_stay_float32_in_training_conditioning():
+    """Issue 7.4: the batch's conditioning keeps the 6 time ids float32 while text runs in the compute dtype."""
+    class Text:
+        def encode(self, captions):
+            return torch.randn(len(captions), 77, 16), torch.randn(len(captions), 8)
+    ids = torch.tensor([[1365.0, 2999.0, 0, 0, 1024, 1024]])
+    context, pooled, got = train.conditioning(Text(), ["a"], ids, torch.device("cpu"), torch.bfloat16)
+    assert context.dtype == pooled.dtype == torch.bfloat16 and got.dtype == torch.float32 and torch.equal(got, ids)
+
+
+def test_disc_input_renoised_only_where_on():
+    """Sec. 3.7.2: with re-noising on, a clean target (t - ns = 0) reaches D noised to t* with the fresh noise;
+    off (the default outside 4to2 / 2to1), D sees it clean at t = 0. Samples not at 0 are never touched."""
+    seen = []
+    disc = lambda x, t, cond, x_t, t_x_t: seen.append((x, t)) or torch.zeros(x.shape[0])  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x, eps2 = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    for on in (True, False):
+        b = train.Batch(x0=None, cond=None, eps=None, eps2=eps2, t=torch.tensor([500, 250]),
+                        t_star=torch.tensor([10, 750]), renoise=on, t_tgt=torch.tensor([0, 125]))
+        train.disc_logits(disc, x, b)
+    (x_on, t_on), (x_off, t_off) = seen
+    assert t_on.tolist() == [10, 125] and t_off.tolist() == [0, 125]
+    assert_close(x_on[0], lm.forward(x[:1], eps2[:1], torch.tensor([10]))[0])
+    assert torch.equal(x_on[1], x[1]) and torch.equal(x_off, x)
+
+
 # ----------------------------------------------------------------------------------------------------
 # learning happens
 
@@ -365,3 +497,66 @@ def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
     assert "multiple of --micro-batch-size" in _fails(["--stage", "8to4", *common(env, out), "--batch-size", 3,
                                                       "--micro-batch-size", 2], capsys)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_bad_arguments_refused_before_any_work(env, tmp_path, capsys, monkeypatch):
+    """Issue 6: each refused in one line starting 'error:', before any work (no data indexed, no model
+    loaded), and nothing written."""
+    out = tmp_path / "runs"
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
+    base = ["--stage", "8to4", "--teacher", env["teachers"][8]]
+    cases = [(["--batch-size", 0], "--batch-size must be at least 1"),
+             (["--micro-batch-size", 0], "--micro-batch-size must be at least 1"),
+             (["--save-every", 0], "--save-every must be at least 1"),
+             (["--max-steps", -1], "--max-steps must be at least 1"),
+             (["--renoise-weights-late", "5,1,1"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "a,b,c,d"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "0,0,0,0"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "5,1,1,nan"], "--renoise-weights-late must be 4")]
+    for extra, want in cases:
+        msg = _fails([*base, *common(env, out), *map(str, extra)], capsys)
+        assert msg.startswith("error: ") and want in msg and "\n" not in msg.strip(), (extra, msg)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in _fails([*base, *common(env, a_file)], capsys)
+    assert "is a file, not a folder" in _fails([*base, *common(env, a_file / "sub")], capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert "is not writable" in _fails([*base, *common(env, ro / "runs")], capsys)
+    assert not out.exists() and a_file.read_text() == "x"
+
+
+def test_resume_with_other_arguments_or_a_bad_checkpoint(env, tmp_path, capsys):
+    """Issue 6: a resume whose arguments changed is refused naming the argument (--lora-rank, --batch-size,
+    --seed) or honoured (--lr, from the resumed step on); a checkpoint.pt that is empty, foreign or pickled is
+    refused naming the file. Nothing is written in either refusal."""
+    out = tmp_path / "runs"
+    argv = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], *common(env, out)]
+    run([*argv, "--max-steps", 1])
+    d = out / "8to4" / "cond"
+    snapshot = {p: p.read_bytes() for p in d.iterdir()}
+
+    def unchanged():
+        return {p: p.read_bytes() for p in d.iterdir()} == snapshot and not (out / "train.lock").exists()
+    for extra, flag in ((["--lora-rank", 8], "--lora-rank"), (["--batch-size", 4], "--batch-size"),
+                        (["--seed", 1], "--seed"), (["--renoise", "on"], "--renoise")):
+        msg = _fails([*argv, "--max-steps", 2, *extra], capsys)
+        assert msg.startswith("error: ") and str(d / "checkpoint.pt") in msg and flag in msg, msg
+        assert "\n" not in msg.strip() and unchanged()
+    run([*argv, "--max-steps", 2, "--lr", 3e-6])  # honoured
+    log = [json.loads(l) for l in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [1e-6, 3e-6]
+    ck = d / "checkpoint.pt"
+    snapshot = {p: p.read_bytes() for p in d.iterdir() if p != ck}
+    import argparse
+    for content, want in ((b"", "the file is empty"), ({"weights": torch.zeros(1)}, "not a train.py checkpoint"),
+                          (argparse.Namespace(a=1), "not a train.py checkpoint")):
+        if isinstance(content, bytes):
+            ck.write_bytes(content)
+        else:
+            torch.save(content, ck)
+        msg = _fails([*argv, "--max-steps", 3], capsys)
+        print(msg)
+        assert msg.startswith("error: ") and str(ck) in msg and want in msg and "\n" not in msg.strip()
+        assert {p: p.read_bytes() for p in d.iterdir() if p != ck} == snapshot
