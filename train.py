@@ -570,7 +570,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs", help="output folder; OUT/<stage>/<phase>/ per phase")
     p.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
     p.add_argument("--min-size", type=int, default=1024, help="skip images whose shorter side is below this (Sec. 3.6)")
-    p.add_argument("--sharpness", type=float, default=0.0, help="skip images whose Laplacian variance is below this; 0 off")
+    p.add_argument("--sharpness", type=float, default=0.0,
+                   help="skip images whose Laplacian variance is below this; 0 off")
     p.add_argument("--batch-size", type=int, default=512, help="global batch (paper: 512), reached by accumulation")
     p.add_argument("--micro-batch-size", type=int, default=1, help="samples per GPU per forward")
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (a target: re-run to extend)")

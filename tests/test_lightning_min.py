@@ -365,6 +365,12 @@ def test_stages():
         spec = L.phase_spec("2to1", ph)
         assert spec.student_prediction == "sample" and spec.teacher_prediction == "epsilon" and not spec.lora
     assert L.phase_spec("8to4", "cond").student_prediction == "epsilon"
+    # Sec. 3.7.2 is a one- and two-step technique: re-noising on by default in 4to2 and 2to1 only
+    for s in L.STAGES.values():
+        for ph in s.phases:
+            spec = L.phase_spec(s.name, ph)
+            assert spec.renoise == (s.name in ("4to2", "2to1") and spec.discriminator is not None), (s.name, ph)
+    assert len(L.PHASE_TABLE) == sum(len(s.phases) for s in L.STAGES.values())
 
 
 def test_phase_spec_errors():

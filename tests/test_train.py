@@ -16,12 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-import discriminator
 import files
 import lightning_min as lm
 import lora
 import train
-import unet as unet_lib
 import weights
 from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base
 
@@ -36,7 +34,8 @@ def env(tmp_path_factory):
     teachers = {}
     for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
         teachers[steps] = root / f"teacher_{steps}.safetensors"
-        save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
+        sd = diffusers_unet(seed=seed).state_dict()
+        save_file({k: v.half().contiguous() for k, v in sd.items()}, teachers[steps])
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -105,7 +104,8 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
         spec = lm.phase_spec(stage, phase)
         assert (d / "checkpoint.pt").exists() and (d / "samples_000001.png").exists()
         log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-        keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss, ["loss_d", "loss_g", "d_real", "d_fake"])
+        keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss,
+                                                                    ["loss_d", "loss_g", "d_real", "d_fake"])
         assert all(k in log[0] and math.isfinite(log[0][k]) for k in keys + ["lr", "step_time", "images_per_s"])
         ref = diffusers_loads(d / name)
         if spec.lora:  # diffusers reading our LoRA file fuses the same weights as our merged export
@@ -114,7 +114,7 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
             from diffusers import UNet2DConditionModel
             fused = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
             fused.load_state_dict(load_file(init), strict=True)
-            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / f"sdxl_lightning_{st.student_steps}step_lora.safetensors"),
+            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / train.lora_filename(st.student_steps)),
                                                                        unet_config=fused.config)
             fused.load_lora_adapter(sd, prefix="unet")
             fused.fuse_lora()
@@ -132,7 +132,8 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
         assert meta["cond"]["teacher"] == t[4] and meta["cond"]["teacher_is_student_without_lora"]
         assert meta["uncond"]["teacher"] == t[8] and meta["full"]["teacher"] == t[8] and meta["uncond"]["n"] == 4
     if stage == "2to1":
-        assert meta["convert"]["teacher"] == t[2] and meta["cond"]["teacher"] == t[2] and meta["uncond"]["teacher"] == t[4]
+        assert meta["convert"]["teacher"] == t[2] and meta["cond"]["teacher"] == t[2]
+        assert meta["uncond"]["teacher"] == t[4]
         assert meta["cond"]["student_prediction"] == "sample" and meta["cond"]["trainable_params"] == \
             sum(v.numel() for v in diffusers_unet().state_dict().values())  # whole UNet, no LoRA
     if stage == "128to32":
@@ -420,6 +421,11 @@ def test_disc_input_renoised_only_where_on():
     assert t_on.tolist() == [10, 125] and t_off.tolist() == [0, 125]
     assert_close(x_on[0], lm.forward(x[:1], eps2[:1], torch.tensor([10]))[0])
     assert torch.equal(x_on[1], x[1]) and torch.equal(x_off, x)
+    # the default per stage, and --renoise on / off overriding it
+    from types import SimpleNamespace
+    for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True), ("2to1", "off", False)):
+        fake = SimpleNamespace(args=SimpleNamespace(renoise=flag), spec=lm.phase_spec(stage, "uncond"))
+        assert train.Phase.renoise.fget(fake) == want, (stage, flag)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,13 +487,15 @@ def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
     assert "--data" in _fails(["--stage", "8to4"], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", empty, "--teacher", env["teachers"][8]], capsys)
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", empty, "--teacher",
+                                  env["teachers"][8]], capsys)
     junk = tmp_path / "junk"
     junk.mkdir()
     for i in range(3):
         (junk / f"{i}.png").write_bytes(b"not an image" * 10)
         (junk / f"{i}.txt").write_text("x")
-    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", junk, "--teacher", env["teachers"][8]], capsys)
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", junk, "--teacher",
+                                  env["teachers"][8]], capsys)
     wrong = tmp_path / "wrong.safetensors"
     other = TINY_UNET.__class__(**{**TINY_UNET.__dict__, "block_out_channels": (32, 64), "num_heads": (1, 1)})
     save_file({k: v.contiguous() for k, v in diffusers_unet(other).state_dict().items()}, wrong)
