@@ -172,9 +172,25 @@ class OutputLock:
 # Checkpoints
 
 
+_READ = {}  # (path, mtime, size) -> the last checkpoint read: a phase and its successor read the same file
+
+
 def read_checkpoint(path, stage=None, phase=None):
-    """checkpoint.pt of a phase, memory-mapped (tensors are read when used), with errors naming the file."""
+    """checkpoint.pt of a phase, memory-mapped (tensors are read when used), with errors naming the file.
+    The result is shared between callers (read-only)."""
     path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _READ:
+        _READ.clear()
+        _READ[key] = _read_checkpoint(path)
+    state = _READ[key]
+    if stage is not None and (state["stage"], state["phase"]) != (stage, phase):
+        raise RunError(f"{path}: a checkpoint of {state['stage']}/{state['phase']}, not {stage}/{phase}")
+    return state
+
+
+def _read_checkpoint(path):
     if path.stat().st_size == 0:
         raise RunError(f"{path}: the file is empty (an interrupted copy?); delete it to restart the phase")
     try:
@@ -188,8 +204,6 @@ def read_checkpoint(path, stage=None, phase=None):
     missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
     if missing:
         raise RunError(f"{path}: not a train.py checkpoint (missing {', '.join(sorted(missing))})")
-    if stage is not None and (state["stage"], state["phase"]) != (stage, phase):
-        raise RunError(f"{path}: a checkpoint of {state['stage']}/{state['phase']}, not {stage}/{phase}")
     return state
 
 
