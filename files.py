@@ -12,8 +12,8 @@ checkpoint writes the exports again before anything else.
 Crash points, for tests: LIGHTNING_CRASH_AT=<name> makes the run stop dead at the point of that name (it
 raises SimulatedCrash, which nothing catches and nothing cleans up after, so the files are left as a kill
 would leave them). Names: "step<k>" after optimizer step k (before its save), "checkpoint.tmp" (temp
-checkpoint written, not renamed), "checkpoint" (renamed, no exports), "export.tmp" (an export's temp file
-written, not renamed), "exports" (exports written, progress.json not).
+checkpoint written, not renamed), "checkpoint" (renamed, no exports), "export.tmp" (the first export's temp
+file written, not renamed), "exports" (exports written, progress.json not).
 """
 import errno
 import json
@@ -60,7 +60,8 @@ def atomic_write(path, write):
             os.fsync(fd)  # the data is on disk before the rename makes it visible
         finally:
             os.close(fd)
-        crash_point("checkpoint.tmp" if path.name == "checkpoint.pt" else "export.tmp")
+        if path.suffix in (".pt", ".safetensors"):
+            crash_point("checkpoint.tmp" if path.suffix == ".pt" else "export.tmp")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
