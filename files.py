@@ -191,6 +191,11 @@ def read_checkpoint(path, stage=None, phase=None):
     return state
 
 
+def forget_checkpoints():
+    """Drop the shared read: optimizers loaded from it use its tensors (a private, copy-on-write map) in place."""
+    _READ.clear()
+
+
 def _read_checkpoint(path):
     if path.stat().st_size == 0:
         raise RunError(f"{path}: the file is empty (an interrupted copy?); delete it to restart the phase")

@@ -251,6 +251,7 @@ class Phase:
         if resuming:
             self.resume()
         self.set_lr()
+        files.forget_checkpoints()  # the optimizers now update the tensors they were loaded with
 
     @property
     def lr(self):
