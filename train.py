@@ -354,13 +354,8 @@ class Phase:
         renoise_weights = late if self.step >= self.switch_step else (1, 1, 1, 1)
         for i in range(accum):
             pos = data.rank_positions(self.step, a.batch_size, a.micro_batch_size, ctx["rank"], ctx["world"], i)
-            before = ctx["dataset"].stats.get("skipped", 0)
-            pixels, captions, ids = data.batch(ctx["dataset"], pos)
-            self.skipped_images += ctx["dataset"].stats.get("skipped", 0) - before
+            x0, cond = self.encode(pos)
             dev = ctx["device"]
-            with torch.no_grad(), self.autocast():
-                x0 = ctx["vae"].encode_latents(pixels.to(dev, ctx["vae_dtype"]), a.vae_slice).float()
-            cond = conditioning(ctx["text"], captions, ids, dev, self.dtype)
             # per-sample draws from (seed, stage, phase, global position): rank- and resume-independent
             eps, eps2, t, t_star = [], [], [], []
             for g in pos:
@@ -371,6 +366,16 @@ class Phase:
                 t_star.append(lm.renoise_timesteps(gen, 1, renoise_weights)[0].item())
             yield Batch(x0=x0, cond=cond, eps=torch.stack(eps).to(dev), eps2=torch.stack(eps2).to(dev),
                         t=torch.tensor(t, device=dev), t_star=torch.tensor(t_star, device=dev), renoise=self.renoise)
+
+    def encode(self, pos):
+        """Latents (B, 4, h, w) float32 and conditioning of the samples at global positions `pos`."""
+        ctx = self.ctx
+        before = ctx["data"].stats.get("skipped", 0)
+        pixels, captions, ids = data.batch(ctx["data"], pos)
+        self.skipped_images += ctx["data"].stats.get("skipped", 0) - before
+        with torch.no_grad(), self.autocast():
+            x0 = ctx["vae"].encode_latents(pixels.to(ctx["device"], ctx["vae_dtype"]), self.args.vae_slice).float()
+        return x0, conditioning(ctx["text"], captions, ids, ctx["device"], self.dtype)
 
     def autocast(self):
         return torch.autocast("cuda", torch.bfloat16) if self.ctx["device"].type == "cuda" else nullcontext()
@@ -656,7 +661,7 @@ def setup_ddp(args):
 def load_frozen(args, ctx):
     """Shared by every phase: data, text encoders, VAE, the base UNet's config (and weights, for a single file)."""
     dev = ctx["device"]
-    ctx["dataset"] = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, args.seed)
+    ctx["data"] = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, args.seed)
     single = weights.is_file(args.base)
     ctx["base_sd"] = weights.read_safetensors(args.base) if single else None
     ctx["text"] = weights.load_text(args.base, dev, ctx["dtype"], sd=ctx["base_sd"])
@@ -665,7 +670,7 @@ def load_frozen(args, ctx):
     ctx["unet_config"] = weights.unet_config(args.base) if not single else \
         unet_lib.config_from_sgm(ctx["base_sd"], source=args.base)
     if ctx["master"]:
-        print(f"data: {len(ctx['dataset'])} usable images {ctx['dataset'].stats}; world {ctx['world']}; device {dev}")
+        print(f"data: {len(ctx['data'])} usable images {ctx['data'].stats}; world {ctx['world']}; device {dev}")
 
 
 def main(argv=None):
