@@ -13,7 +13,8 @@ Crash points, for tests: LIGHTNING_CRASH_AT=<name> makes the run stop dead at th
 raises SimulatedCrash, which nothing catches and nothing cleans up after, so the files are left as a kill
 would leave them). Names: "step<k>" after optimizer step k (before its save), "checkpoint.tmp" (temp
 checkpoint written, not renamed), "checkpoint" (renamed, no exports), "export.tmp" (the first export's temp
-file written, not renamed), "exports" (exports written, progress.json not).
+file written, not renamed), "exports" (exports written, progress.json not). With LIGHTNING_CRASH_HARD=1 the process
+exits on the spot instead (os._exit(137), like kill -9: the lock stays behind, stale).
 """
 import errno
 import json
@@ -37,6 +38,8 @@ class SimulatedCrash(BaseException):
 
 def crash_point(name):
     if os.environ.get("LIGHTNING_CRASH_AT") == name:
+        if os.environ.get("LIGHTNING_CRASH_HARD"):  # the process dies on the spot, as with kill -9: no cleanup
+            os._exit(137)
         raise SimulatedCrash(name)
 
 

@@ -362,6 +362,24 @@ def test_interrupted_save_is_completed_by_a_rerun(env, cond_one_step, tmp_path, 
     _same_files(cond_one_step, d, EXPORTS + ["config.json"])
 
 
+def test_killed_process_leaves_a_state_the_rerun_completes(env, cond_one_step, tmp_path):
+    """Issue 6.3-6.4 with a real process: `python train.py` dies (os._exit, as kill -9) after writing the
+    checkpoint and exports of its last step but not progress.json; its lock stays behind. Re-running the same
+    command takes the stale lock, does not say "finished already" without exports, and ends equal to a run
+    that was never killed."""
+    argv = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
+            *common(env, tmp_path, "--max-steps", 1)]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_CRASH_AT": "exports",
+                                         "LIGHTNING_CRASH_HARD": "1"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    d = tmp_path / "8to4" / "cond"
+    assert (tmp_path / "train.lock").exists() and files.progress_step(d) == 0
+    run(argv)
+    assert files.progress_step(d) == 1 and not (tmp_path / "train.lock").exists()
+    _same_files(cond_one_step, d, EXPORTS + ["config.json"])
+
+
 def test_disk_full_names_the_file(env, tmp_path, monkeypatch):
     """Issue 6.3: a full disk while saving says so, names the file, leaves no temp file, and the lock goes."""
     real_fsync = os.fsync
