@@ -119,7 +119,7 @@ def unet_model(unet, cond, guidance=1.0, uncond=None):
 
     def model(x, t, rows=None):
         c, p, i = (context, pooled, ids) if rows is None else (context[rows], pooled[rows], ids[rows])
-        t_unet = (torch.as_tensor(t, device=x.device) - 1).clamp(min=0)
+        t_unet = (torch.as_tensor(t, device=x.device).reshape(-1) - 1).clamp(min=0).expand(x.shape[0])  # (B,)
         if guidance <= 1:
             return unet(x.to(dtype), t_unet, c, p, i).float()
         uc, up = (u_context, u_pooled) if rows is None else (u_context[rows], u_pooled[rows])
