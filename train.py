@@ -191,6 +191,9 @@ def plan_phase(args, stage, phase):
 
 
 class Phase:
+    """One phase of one stage: its student, teacher, discriminator and optimizers (set up from the hand-offs of
+    plan_phase, or resumed from its own checkpoint), its saves, and the loop that runs the update."""
+
     def __init__(self, args, ctx, stage, phase):
         self.args, self.ctx, self.stage, self.phase = args, ctx, stage, phase
         self.spec = spec = lm.phase_spec(stage, phase)
