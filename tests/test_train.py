@@ -441,7 +441,8 @@ def test_disc_input_renoised_only_where_on():
     assert torch.equal(x_on[1], x[1]) and torch.equal(x_off, x)
     # the default per stage, and --renoise on / off overriding it
     from types import SimpleNamespace
-    for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True), ("2to1", "off", False)):
+    for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True),
+                              ("2to1", "off", False)):
         fake = SimpleNamespace(args=SimpleNamespace(renoise=flag), spec=lm.phase_spec(stage, "uncond"))
         assert train.Phase.renoise.fget(fake) == want, (stage, flag)
 
