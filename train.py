@@ -473,7 +473,7 @@ class Phase:
         files.save_json(meta, self.dir / "phase.json")
         log = self.dir / "log.jsonl"
         if log.exists():
-            lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            lines = [ln for ln in log.read_text().splitlines() if logged_step(ln) <= self.step]
             files.atomic_write(log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
 
     def log(self, msg):
@@ -524,6 +524,14 @@ def conditioning(text, captions, ids, device, dtype):
     with torch.no_grad(), (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()):
         context, pooled = text.encode(captions)
     return context.to(device, dtype), pooled.to(device, dtype), ids.to(device, torch.float32)
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; a line a kill cut short counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def no_sync_unless_last(model, i, n):
