@@ -363,20 +363,24 @@ def bench_train(cfg, args, device, dtype):
         log = [json.loads(line) for line in (tmp / f"time_{stage}_{phase}" / stage / phase / "log.jsonl").open()]
         ms = statistics.median(r["step_time"] for r in log[1:]) * 1000  # the first step is warmup
         tflops = flops / (ms / 1000) / 1e12
+        evals = [r["teacher_evals"] for r in log[1:] if "teacher_evals" in r]  # teacher UNet calls x samples
         rows.append({"what": f"train {stage}/{phase}", "step_ms": ms, "images_per_s": args.batch / (ms / 1000),
+                     "teacher_evals": statistics.median(evals) if evals else None,
                      "peak_mb": m.mb, "gflop_per_step": flops / 1e9, "tflops": tflops,
                      "mfu": tflops / args.peak_tflops if args.peak_tflops else None})
     return rows
 
 
 def print_train_table(rows):
-    head = f"{'what':<24} {'step ms':>10} {'images/s':>9} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} {'MFU':>6}"
+    head = f"{'what':<24} {'step ms':>10} {'images/s':>9} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} " \
+           f"{'MFU':>6} {'teacher evals':>13}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        evals = f"{r['teacher_evals']:g}" if r.get("teacher_evals") is not None else "-"
         print(f"{r['what']:<24} {r['step_ms']:>10.1f} {r['images_per_s']:>9.2f} {r['peak_mb']:>9.1f} "
-              f"{r['gflop_per_step']:>11.2f} {r['tflops']:>8.3f} {mfu:>6}")
+              f"{r['gflop_per_step']:>11.2f} {r['tflops']:>8.3f} {mfu:>6} {evals:>13}")
 
 
 BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}

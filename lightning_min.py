@@ -1,11 +1,12 @@
 """
 SDXL-Lightning (arXiv 2402.13929), the method itself: no I/O, no model code.
 
-Time is the paper's integer t in 0..T, T = 1000, with alpha_bar(0) = 1 (clean data). A UNet is
-called with t - 1 (its embedding index); the callers' wrappers do that. Every `model` here is a
-callable model(x_t, t) -> u with t a (B,) long tensor of paper time and u an epsilon or an x0
-("sample") prediction. Read top to bottom: schedule, Eq. (1)-(5), sampling, distillation, the
-stage table.
+Time is the paper's integer t in 0..T, T = 1000, with alpha_bar(0) = 1 (clean data). Every `model`
+here is a callable model(x_t, t, rows=None) -> u with t a (B,) long tensor of paper time and u an
+epsilon or an x0 ("sample") prediction; `rows`, when given, says which samples of the batch the model
+was built for x holds (a rollout calls the teacher only on samples that still move). `unet_model`
+makes such a model of a UNet: the one place where the UNet gets t - 1 and where CFG happens. Read top
+to bottom: schedule, Eq. (1)-(5), the UNet adapter, sampling, distillation, the stage and phase tables.
 """
 from dataclasses import dataclass
 
@@ -96,6 +97,38 @@ def move(xt, u, t, t_next, prediction="epsilon"):
     return forward(x0, eps, t_next)
 
 # -----------------------------------------------------------------------------
+# the UNet as a model(x, t): the time convention and classifier-free guidance, in one place
+
+
+def unet_model(unet, cond, guidance=1.0, uncond=None):
+    """model(x, t) -> u (float32) at paper time t; cond = (context, pooled, time_ids); guidance > 1: CFG
+    u_uncond + g (u_cond - u_uncond) in one batched call, uncond = (context, pooled, time_ids) of a negative
+    prompt or None for SDXL's all-zero input (time ids stay those of cond).
+
+    The UNet is called with t - 1, its embedding index; at t = 0 (clean data, the discriminator's input
+    when nothing re-noises it) with 0, the nearest time it was trained on. x is cast to the UNet's
+    parameter dtype; the 6 time ids stay float32 (bf16 would round 1365 to 1368). `unet` is anything
+    with the UNet's call signature and .parameters() (the discriminator passes its encoder).
+    guidance <= 1 is off, as in diffusers, so the Lightning models cost one evaluation."""
+    dtype = next(unet.parameters()).dtype
+    context, pooled, ids = cond
+    ids = ids.float()
+    if guidance > 1:
+        u_context, u_pooled = (torch.zeros_like(context), torch.zeros_like(pooled)) if uncond is None else \
+            (uncond[0].expand_as(context), uncond[1].expand_as(pooled))
+
+    def model(x, t, rows=None):
+        c, p, i = (context, pooled, ids) if rows is None else (context[rows], pooled[rows], ids[rows])
+        t_unet = (torch.as_tensor(t, device=x.device).reshape(-1) - 1).clamp(min=0).expand(x.shape[0])  # (B,)
+        if guidance <= 1:
+            return unet(x.to(dtype), t_unet, c, p, i).float()
+        uc, up = (u_context, u_pooled) if rows is None else (u_context[rows], u_pooled[rows])
+        u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t_unet, t_unet]), torch.cat([uc, c]),
+                                torch.cat([up, p]), torch.cat([i, i])).float().chunk(2)
+        return u_uncond + guidance * (u_cond - u_uncond)
+    return model
+
+# -----------------------------------------------------------------------------
 # sampling
 
 
@@ -104,20 +137,6 @@ def trailing_timesteps(n):
     if not 1 <= n <= T:
         raise ValueError(f"lightning_min: steps must be in 1..{T}, got {n}")
     return [round(T - k * T / n) for k in range(n)] + [0]
-
-
-def cfg(model_cond, model_uncond, scale):
-    """Classifier-free guidance: u = u_uncond + scale (u_cond - u_uncond), the order diffusers
-    uses. scale <= 1 returns model_cond itself (diffusers switches CFG on only above 1), so the
-    Lightning models cost one evaluation. A caller that wants one batched UNet call for both can
-    pass any model with the same effect; this combinator is the readable form."""
-    if scale <= 1:
-        return model_cond
-
-    def guided(x, t):
-        u_uncond = model_uncond(x, t)
-        return u_uncond + scale * (model_cond(x, t) - u_uncond)
-    return guided
 
 
 @torch.no_grad()
@@ -163,7 +182,8 @@ def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None):
     trailing grid, round(u - k s) as in target_time, and a move that would pass t_target stops
     there (the paper's "t - ns clamped"), the remaining moves being skipped. None spreads the n
     moves evenly over [t_target, t]; both agree when t_target = t - n s on the grid. Intermediate
-    times are rounded to integers; the last move always lands on t_target."""
+    times are rounded to integers; the last move always lands on t_target. The teacher runs only
+    on the samples that still move (called with their `rows`); the others stay put for free."""
     t, t_target = t.long(), t_target.long().to(t.device)
     if s is None:
         start, s = t.double(), (t - t_target).double() / n
@@ -173,9 +193,12 @@ def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None):
     for k in range(1, n + 1):
         nxt = t_target if k == n else torch.maximum(torch.round(start - k * s).long(), t_target)
         active = nxt < cur  # samples already at t_target stay put
-        if active.any():
-            moved = move(x, teacher(x, cur).float(), cur, nxt, prediction)
-            x = torch.where(active.view(-1, *[1] * (x.ndim - 1)), moved, x)
+        if active.all():
+            x = move(x, teacher(x, cur).float(), cur, nxt, prediction)
+        elif active.any():
+            rows = active.nonzero().squeeze(1)
+            x = x.index_copy(0, rows, move(x[rows], teacher(x[rows], cur[rows], rows).float(), cur[rows],
+                                           nxt[rows], prediction))
         cur = nxt
     return x
 
@@ -234,8 +257,6 @@ class Stage:
     n: int  # teacher steps per student step (teacher_steps / student_steps)
     phases: tuple  # in training order
     cfg: float = 1.0  # teacher guidance scale, zero uncond; 6.0 only in 128to32, <= 1 is off
-    skip_level_steps: int | None = None  # Sec. 3.4: the teacher one level further up, or None
-    skip_level_phases: tuple = ()  # phases that use the skip-level teacher
 
     def __post_init__(self):
         if self.teacher_steps != self.n * self.student_steps:
@@ -246,10 +267,8 @@ STAGES = {s.name: s for s in [
     Stage("128to32", 128, 32, 4, ("mse",), cfg=6.0),
     Stage("32to8", 32, 8, 4, ("cond", "uncond", "full")),
     Stage("8to4", 8, 4, 2, ("cond", "uncond", "full")),
-    Stage("4to2", 4, 2, 2, ("cond", "uncond", "full"),
-          skip_level_steps=8, skip_level_phases=("uncond", "full")),
-    Stage("2to1", 2, 1, 2, ("convert", "cond", "uncond"),
-          skip_level_steps=4, skip_level_phases=("uncond",)),
+    Stage("4to2", 4, 2, 2, ("cond", "uncond", "full")),
+    Stage("2to1", 2, 1, 2, ("convert", "cond", "uncond")),
 ]}
 
 
@@ -260,37 +279,55 @@ class PhaseSpec:
     loss: str  # "mse" Eq. (16), "adversarial" Eq. (20)-(21), "convert" Eq. (29)
     lora: bool  # train a LoRA (teacher = student with LoRA off) or the whole UNet
     discriminator: str | None  # "conditional" Eq. (22), "unconditional" Eq. (23), None
-    teacher_steps: int  # the teacher of this phase (skip-level where it applies)
-    n: int  # its steps per student step
+    teacher_steps: int  # the teacher of this phase (skip-level where it applies, Sec. 3.4)
+    lr: float  # Adam, student and discriminator alike
+    betas: tuple
+    renoise: bool  # Sec. 3.7.2: noise a clean target again to t* before the discriminator
+    n: int  # teacher steps per student step
     cfg: float  # teacher guidance scale
     student_prediction: str  # "epsilon", or "sample" (x0) for the 1-step model (Sec. 3.7.3)
     teacher_prediction: str  # always "epsilon": only the 1-step student switches
     timesteps: tuple  # the student's training timesteps (Sec. 3.7.1)
-    lr: float  # Adam, student and discriminator alike
-    betas: tuple
     weight_decay: float = 0.0
 
 
+# One row per (stage, phase), the paper's values. LoRA in the two adversarial objectives (Sec. 3.6) but not
+# for the 1-step model (Sec. 3.7.3); the paper names no LoRA for the MSE stage. Adam lr 1e-6 with LoRA, 5e-7
+# without, betas (0, 0.99) (Sec. 3.6); the MSE stage's 1e-5, (0.9, 0.999) also for convert (our choice).
+# The skip-level teacher (Sec. 3.4) covers one student step in more, smaller steps: 4to2 uncond uses the
+# 8-step model, n = 4. Re-noising is a one- and two-step technique (Sec. 3.7 opens "For one-step and
+# two-step distillations"), so on in 4to2 and 2to1 only; train.py --renoise turns it on elsewhere.
+MSE, ADV, CONV = "mse", "adversarial", "convert"
+C, U = "conditional", "unconditional"
+ADAM_MSE, ADAM_ADV = (0.9, 0.999), (0.0, 0.99)
+PHASE_TABLE = [
+    # stage     phase      loss  LoRA   D     teacher  lr    betas     renoise    # paper
+    ("128to32", "mse",     MSE,  False, None, 128,     1e-5, ADAM_MSE, False),    # 3.6, Eq. 16, CFG 6
+    ("32to8",   "cond",    ADV,  True,  C,    32,      1e-6, ADAM_ADV, False),    # 3.6, Eq. 20-22
+    ("32to8",   "uncond",  ADV,  True,  U,    32,      1e-6, ADAM_ADV, False),    # 3.6, Eq. 23
+    ("32to8",   "full",    ADV,  False, U,    32,      5e-7, ADAM_ADV, False),    # 3.6, merged LoRA
+    ("8to4",    "cond",    ADV,  True,  C,    8,       1e-6, ADAM_ADV, False),    # 3.6
+    ("8to4",    "uncond",  ADV,  True,  U,    8,       1e-6, ADAM_ADV, False),    # 3.6
+    ("8to4",    "full",    ADV,  False, U,    8,       5e-7, ADAM_ADV, False),    # 3.6
+    ("4to2",    "cond",    ADV,  True,  C,    4,       1e-6, ADAM_ADV, True),     # 3.6, 3.7.1-2
+    ("4to2",    "uncond",  ADV,  True,  U,    8,       1e-6, ADAM_ADV, True),     # 3.4 skip-level, 3.7.2
+    ("4to2",    "full",    ADV,  False, U,    8,       5e-7, ADAM_ADV, True),     # 3.4, 3.7.2
+    ("2to1",    "convert", CONV, False, None, 2,       1e-5, ADAM_MSE, False),    # 3.7.3, Eq. 27-29
+    ("2to1",    "cond",    ADV,  False, C,    2,       5e-7, ADAM_ADV, True),     # 3.7.1-3, whole UNet
+    ("2to1",    "uncond",  ADV,  False, U,    4,       5e-7, ADAM_ADV, True),     # 3.4, 3.7.2-3
+]
+
+
 def phase_spec(stage, phase):
-    """Everything train.py needs for one phase of one stage (Sec. 3.4, 3.6, 3.7)."""
+    """Everything train.py needs for one phase of one stage: its PHASE_TABLE row and what follows from it."""
     if stage not in STAGES:
         raise ValueError(f"lightning_min: unknown stage {stage!r}, valid: {list(STAGES)}")
     st = STAGES[stage]
     if phase not in st.phases:
         raise ValueError(f"lightning_min: stage {stage} has no phase {phase!r}, valid: {list(st.phases)}")
-    # A skip-level teacher covers the same student step in more, smaller steps: a 2-step student
-    # step is 500 of t, which the 8-step teacher (s = 125) covers in n = 2 * 8/4 = 4 steps.
-    steps = st.skip_level_steps if phase in st.skip_level_phases else st.teacher_steps
-    # LoRA in the two adversarial objectives (Sec. 3.6), not for the 1-step model (Sec. 3.7.3);
-    # the paper names no LoRA for the MSE stage, so mse trains the whole UNet
-    lora = phase in ("cond", "uncond") and stage != "2to1"
-    if phase in ("mse", "convert"):  # MSE: Sec. 3.6's 128to32 settings; convert: our choice, same
-        loss, disc, lr, betas = phase, None, 1e-5, (0.9, 0.999)
-    else:
-        loss, disc = "adversarial", "conditional" if phase == "cond" else "unconditional"
-        lr, betas = (1e-6 if lora else 5e-7), (0.0, 0.99)
+    _, _, loss, lora, disc, steps, lr, betas, renoise = next(r for r in PHASE_TABLE if r[:2] == (stage, phase))
     return PhaseSpec(
-        stage=stage, phase=phase, loss=loss, lora=lora, discriminator=disc, teacher_steps=steps,
-        n=st.n * steps // st.teacher_steps, cfg=st.cfg,
+        stage=stage, phase=phase, loss=loss, lora=lora, discriminator=disc, teacher_steps=steps, lr=lr,
+        betas=betas, renoise=renoise, n=st.n * steps // st.teacher_steps, cfg=st.cfg,
         student_prediction="sample" if stage == "2to1" else "epsilon", teacher_prediction="epsilon",
-        timesteps=tuple(student_timesteps(st.student_steps)), lr=lr, betas=betas)
+        timesteps=tuple(student_timesteps(st.student_steps)))

@@ -66,32 +66,6 @@ def pick_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def unet_model(unet, cond, guidance=1.0, uncond=None):
-    """model(x, t) -> u (float32) at paper time t; cond = (context, pooled, time_ids); guidance > 1: CFG
-    u_uncond + g (u_cond - u_uncond) in one batched call, uncond = (context, pooled, time_ids) of a negative
-    prompt or None for SDXL's all-zero input (time ids stay those of cond).
-
-    The same adapter as lightning_min.unet_model (the training branch's): the UNet gets t - 1, its embedding
-    index (0 at t = 0); x is cast to the UNet's dtype, the time ids stay float32; guidance <= 1 is off, as in
-    diffusers, so the Lightning models cost one evaluation."""
-    dtype = next(unet.parameters()).dtype
-    context, pooled, ids = cond
-    ids = ids.float()
-    if guidance > 1:
-        u_context, u_pooled = (torch.zeros_like(context), torch.zeros_like(pooled)) if uncond is None else \
-            (uncond[0].expand_as(context), uncond[1].expand_as(pooled))  # a (1, ...) negative serves the batch
-
-    def model(x, t):
-        t_unet = (torch.as_tensor(t, device=x.device) - 1).clamp(min=0)
-        if guidance <= 1:
-            return unet(x.to(dtype), t_unet, context, pooled, ids).float()
-        u_uncond, u_cond = unet(torch.cat([x, x]).to(dtype), torch.cat([t_unet, t_unet]),  # (2B, ...)
-                                torch.cat([u_context, context]), torch.cat([u_pooled, pooled]),
-                                torch.cat([ids, ids])).float().chunk(2)
-        return u_uncond + guidance * (u_cond - u_uncond)
-    return model
-
-
 def trained_strengths(steps):
     """The img2img strengths a `steps`-step model was trained for: its training times / T (Sec. 3.7.1:
     0.25, 0.5, 0.75, 1 for the 1- and 2-step models; k / N on the trailing grid for N steps)."""
@@ -216,7 +190,7 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     if negative is not None and not guidance > 1:
         raise ValueError("a negative prompt needs guidance > 1 (without CFG it does nothing)")
     device = next(unet.parameters()).device
-    ids = text_mod.time_ids(height, width).to(device, dtype).expand(len(prompts), 6)  # (B, 6)
+    ids = text_mod.time_ids(height, width).to(device).expand(len(prompts), 6)  # (B, 6), float32
 
     def encode(texts, names):
         context, pooled = text.encode(texts, names=names)  # (B or 1, 77, C), (B or 1, P)
@@ -237,7 +211,7 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
         z0 = encode_image(vae, image, gens, len(prompts), dtype).to(device)  # first draw of each generator
         x = lm.forward(z0, _randn(shape, gens, dtype).to(device), ts[0])  # Eq. (1), the second draw
     try:
-        latents = denoise(unet_model(unet, cond, guidance, uncond), x.to(device), ts, prediction, progress)
+        latents = denoise(lm.unet_model(unet, cond, guidance, uncond), x.to(device), ts, prediction, progress)
     except NonFiniteError as e:
         raise _diagnose(unet, guidance, e) from None
     if not decode:

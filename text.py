@@ -36,10 +36,6 @@ def time_ids(height, width, crop_top=0, crop_left=0, orig_height=None, orig_widt
     return torch.tensor(values, dtype=torch.float32)
 
 
-def zeros_like(context, pooled):
-    """Sec. 3.6 (CFG without negative prompts): SDXL's force_zeros_for_empty_prompt, all-zero context and pooled."""
-    return torch.zeros_like(context), torch.zeros_like(pooled)
-
 # -----------------------------------------------------------------------------
 # the two encoders together
 
@@ -108,12 +104,6 @@ class TextEncoders(torch.nn.Module):
         h = out.hidden_states[-2].to(self.device, self.dtype)  # (B, 77, 768)
         context = torch.cat([h, out_2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
         return context, out_2.text_embeds  # pooled: final-normed EOS token @ text_projection, (B, 1280)
-
-    def uncond(self, batch):
-        """Sec. 3.6: the unconditional input of CFG is all zeros (no negative prompt), not the encoded ""."""
-        context = torch.zeros(batch, self.seq_len, self.context_dim, device=self.device, dtype=self.dtype)
-        pooled = torch.zeros(batch, self.pooled_dim, device=self.device, dtype=self.dtype)
-        return context, pooled
 
     @classmethod
     def from_diffusers(cls, folder, dtype=torch.float32, device="cpu"):

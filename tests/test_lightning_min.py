@@ -55,7 +55,7 @@ def test_sample_matches_diffusers(steps, prediction):
         latents = sch.step(ref_model(inp, t), t, latents).prev_sample
 
     toy = Toy()
-    ours = L.sample(lambda x, t: toy(x, t - 1), x, steps, prediction)
+    ours = L.sample(lambda x, t, rows=None: toy(x, t - 1), x, steps, prediction)
     report(f"sample steps={steps} {prediction}", ours, latents)
     print("relative:", ((ours - latents).abs().max() / latents.abs().max()).item())
     assert ours.dtype == torch.float32
@@ -69,7 +69,7 @@ def test_sample_matches_diffusers(steps, prediction):
 def test_sample_float32_whatever_the_model_dtype():
     toy = Toy()
     x = noise()
-    ref = L.sample(lambda x, t: toy(x, t - 1), x, 4)
+    ref = L.sample(lambda x, t, rows=None: toy(x, t - 1), x, 4)
     bf16 = L.sample(lambda x, t: toy(x.bfloat16().float(), t - 1).bfloat16(), x, 4, progress=True)
     assert bf16.dtype == torch.float32
     report("bf16 model vs fp32 model", bf16, ref)
@@ -123,12 +123,89 @@ def test_flow_identities():
         L.move(xt, eps, t, 0, "v_prediction")
 
 
-def test_cfg():
-    c = lambda x, t: x + 1.0  # noqa: E731
-    u = lambda x, t: x * 0.5  # noqa: E731
-    x = noise()
-    assert L.cfg(c, u, 1.0) is c and L.cfg(c, u, 0.0) is c
-    torch.testing.assert_close(L.cfg(c, u, 6.0)(x, None), u(x, None) + 6.0 * (c(x, None) - u(x, None)))
+class RecordingUNet(torch.nn.Module):
+    """A stand-in with the UNet's signature: u = tanh(w x) + t / 1000 + context mean + pooled mean + ids / 1e4.
+    Records what it was called with (dtypes included)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7, dtype=dtype))
+        self.calls = []
+
+    def forward(self, x, t, context, pooled, time_ids):
+        self.calls.append({"x": x, "t": t, "context": context, "pooled": pooled, "ids": time_ids})
+        cond = context.float().mean((1, 2)) + pooled.float().mean(1) + time_ids.float().sum(1) / 1e4  # (B,)
+        return (torch.tanh(self.w * x) + (t.float() / 1000 + cond).view(-1, 1, 1, 1)).to(x.dtype)
+
+
+def conditioning(B=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[1365.0, 2999.0, 0, 0, 1024, 1024]]).expand(B, 6)
+    return torch.randn(B, 5, 8, generator=g), torch.randn(B, 6, generator=g), ids
+
+
+def test_unet_model_time_convention_and_cfg():
+    """The one adapter: the UNet gets t - 1 (0 at t = 0); CFG is u_uncond + g (u_cond - u_uncond) in one batched
+    call against all-zero inputs or a negative prompt's, the time ids always those of cond."""
+    unet, x, cond = RecordingUNet(), noise((3, 4, 2, 2)), conditioning()
+    t = torch.tensor([1000, 1, 0])
+    u = L.unet_model(unet, cond)(x, t)
+    assert unet.calls[-1]["t"].tolist() == [999, 0, 0] and len(unet.calls) == 1
+    torch.testing.assert_close(u, unet(x, torch.tensor([999, 0, 0]), *cond))
+    zeros = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]), cond[2])
+    neg = conditioning(seed=1)
+    for uncond, ref_uncond in ((None, zeros), (neg, (neg[0], neg[1], cond[2]))):
+        unet.calls.clear()
+        g = L.unet_model(unet, cond, 6.0, uncond)(x, t)
+        assert len(unet.calls) == 1 and unet.calls[0]["x"].shape[0] == 6  # one batched call
+        assert torch.equal(unet.calls[0]["ids"], torch.cat([cond[2], cond[2]]))
+        u_c, u_u = unet(x, t - 1, *cond), unet(x, (t - 1).clamp(min=0), *ref_uncond)
+        u_c = unet(x, (t - 1).clamp(min=0), *cond)
+        report("CFG vs by hand", g, u_u + 6.0 * (u_c - u_u))
+        torch.testing.assert_close(g, u_u + 6.0 * (u_c - u_u))
+    unet.calls.clear()
+    L.unet_model(unet, cond, 1.0, neg)(x, t)  # guidance <= 1: off, one plain call
+    assert unet.calls[0]["x"].shape[0] == 3
+    # rows: the model evaluated on some samples only equals those rows of the whole batch
+    rows = torch.tensor([0, 2])
+    torch.testing.assert_close(L.unet_model(unet, cond, 6.0)(x[rows], t[rows], rows),
+                               L.unet_model(unet, cond, 6.0)(x, t)[rows])
+
+
+def test_unet_model_time_ids_stay_float32_under_bf16_autocast():
+    """Issue 7.4: bf16 would round the time id 1365 to 1368 and 2999 to 2992; the UNet gets them in float32,
+    x in its parameter dtype, and the output back in float32."""
+    assert torch.tensor(1365.0).bfloat16().item() == 1368 and torch.tensor(2999.0).bfloat16().item() == 2992
+    unet = RecordingUNet(torch.bfloat16)
+    ctx, pooled, ids = conditioning()
+    with torch.autocast("cpu", torch.bfloat16):
+        u = L.unet_model(unet, (ctx.bfloat16(), pooled.bfloat16(), ids.bfloat16().float()), 2.0)(noise((3, 4, 2, 2)),
+                                                                                             torch.tensor([5, 5, 5]))
+        L.unet_model(unet, (ctx.bfloat16(), pooled.bfloat16(), ids))(noise((3, 4, 2, 2)), torch.tensor([5, 5, 5]))
+    call = unet.calls[-1]
+    assert call["x"].dtype == torch.bfloat16 and u.dtype == torch.float32
+    assert call["ids"].dtype == torch.float32 and call["ids"][0, :2].tolist() == [1365.0, 2999.0]
+
+
+def test_teacher_rollout_runs_the_teacher_only_on_moving_samples():
+    """Issue 7.5: a sample already at t - ns costs no teacher call; the result equals moving all and keeping
+    the finished ones (each sample's path is its own)."""
+    toy, seen = Toy(), []
+
+    def teacher(x, t, rows=None):
+        seen.append(x.shape[0])
+        return toy(x, t - 1)
+    x_t, t = noise((4, 4, 4, 4), seed=12), torch.tensor([1000, 750, 500, 250])
+    tt = L.target_time(t, 4, 4)  # 2to1 uncond with the skip-level 4-step teacher: 1000 -> 0 in 4 moves
+    out = L.teacher_rollout(teacher, x_t, t, tt, 4, s=250.0)
+    assert seen == [4, 3, 2, 1]  # was 4 + 4 + 4 + 4: 6 calls at time -1 thrown away
+    ref = x_t.clone()
+    for i in range(4):  # one sample at a time, the plain way
+        ref[i:i + 1] = L.teacher_rollout(lambda x, t, rows=None: toy(x, t - 1), x_t[i:i + 1], t[i:i + 1], tt[i:i + 1],
+                                         4, s=250.0)
+    report("rollout with skipped samples vs one by one", out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
 
 # -----------------------------------------------------------------------------
 # 3. the teacher rollout (Eq. 7-13) and the student jump (Eq. 14-15)
@@ -137,7 +214,7 @@ def test_cfg():
 @pytest.mark.parametrize("prediction", ["epsilon", "sample"])
 def test_teacher_rollout_is_n_moves(prediction):
     toy = Toy()
-    teacher = lambda x, t: toy(x, t - 1)  # noqa: E731
+    teacher = lambda x, t, rows=None: toy(x, t - 1)  # noqa: E731
     x_t = noise(seed=4)
     t, tt = torch.tensor([1000, 600]), torch.tensor([500, 0])
     out = L.teacher_rollout(teacher, x_t, t, tt, 2, prediction)
@@ -154,7 +231,7 @@ def test_teacher_rollout_is_n_moves(prediction):
 @pytest.mark.parametrize("n", [1, 3, 4])
 def test_teacher_rollout_from_T_equals_sample(n, prediction):
     toy = Toy()
-    teacher = lambda x, t: toy(x, t - 1)  # noqa: E731
+    teacher = lambda x, t, rows=None: toy(x, t - 1)  # noqa: E731
     z = noise(seed=5)
     x_T = z * math.sqrt(1 - L.alpha_bar(torch.tensor([1000])).item())  # where `sample` starts
     B = z.shape[0]
@@ -175,14 +252,14 @@ def test_teacher_rollout_on_the_teacher_grid():
     t = torch.tensor([grid[4]])
     tt = L.target_time(t, 4, 128)
     assert tt.item() == grid[8]
-    L.teacher_rollout(lambda x, t: toy(x, t - 1), noise((1, 4, 4, 4)), t, tt, 4, s=1000 / 128)
+    L.teacher_rollout(lambda x, t, rows=None: toy(x, t - 1), noise((1, 4, 4, 4)), t, tt, 4, s=1000 / 128)
     assert [v + 1 for v in toy.seen] == grid[4:8]
 
 
 def test_teacher_rollout_clamps_at_zero():
     # 4to2 at t = 250 with the 4-step teacher (s = 250, n = 2): 250 -> 0, then nothing
     toy = Toy()
-    teacher = lambda x, t: toy(x, t - 1)  # noqa: E731
+    teacher = lambda x, t, rows=None: toy(x, t - 1)  # noqa: E731
     x_t, t = noise(seed=6), torch.tensor([500, 250])
     tt = L.target_time(t, 2, 4)
     assert tt.tolist() == [0, 0]
@@ -207,7 +284,7 @@ def test_target_time():
 
 def test_student_jump_has_grad():
     w = torch.nn.Parameter(torch.tensor(0.3))
-    student = lambda x, t: torch.tanh(w * x)  # noqa: E731
+    student = lambda x, t, rows=None: torch.tanh(w * x)  # noqa: E731
     x_t, t, tt = noise(seed=7), torch.tensor([1000, 500]), torch.tensor([500, 0])
     out = L.student_jump(student, x_t, t, tt, "sample")
     torch.testing.assert_close(out, L.move(x_t, torch.tanh(0.3 * x_t), t, tt, "sample"))
@@ -288,6 +365,12 @@ def test_stages():
         spec = L.phase_spec("2to1", ph)
         assert spec.student_prediction == "sample" and spec.teacher_prediction == "epsilon" and not spec.lora
     assert L.phase_spec("8to4", "cond").student_prediction == "epsilon"
+    # Sec. 3.7.2 is a one- and two-step technique: re-noising on by default in 4to2 and 2to1 only
+    for s in L.STAGES.values():
+        for ph in s.phases:
+            spec = L.phase_spec(s.name, ph)
+            assert spec.renoise == (s.name in ("4to2", "2to1") and spec.discriminator is not None), (s.name, ph)
+    assert len(L.PHASE_TABLE) == sum(len(s.phases) for s in L.STAGES.values())
 
 
 def test_phase_spec_errors():

@@ -19,6 +19,7 @@ import lightning_min as lm
 import sample
 import unet as unet_mod
 import weights
+from text import time_ids
 from tests.tiny import TINY_UNET, diffusers_unet, fill_hub_cache, lightning_scheduler, make_tiny_base, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -559,18 +560,18 @@ def test_unet_model_adapter(base):
     text, unet, _ = sample.load(str(root), "base", None, 4, torch.device("cpu"), torch.float32)
     ctx, pooled = text.encode(["a dog", "a cat"])
     neg_ctx, neg_pooled = text.encode(["snow", "snow"])
-    ids = text_mod.time_ids(H, W).expand(2, 6)
+    ids = time_ids(H, W).expand(2, 6)
     x, t = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0)), torch.tensor([1000, 250])
-    cond = sample.unet_model(unet, (ctx, pooled, ids))(x, t)
+    cond = lm.unet_model(unet, (ctx, pooled, ids))(x, t)
     assert_close(cond, unet(x, t - 1, ctx, pooled, ids))
-    assert torch.equal(sample.unet_model(unet, (ctx, pooled, ids), guidance=1.0)(x, t), cond)  # <= 1: CFG off
-    other_ids = text_mod.time_ids(2 * H, 2 * W).expand(2, 6)  # the uncond's time ids are not used: cond's are
+    assert torch.equal(lm.unet_model(unet, (ctx, pooled, ids), guidance=1.0)(x, t), cond)  # <= 1: CFG off
+    other_ids = time_ids(2 * H, 2 * W).expand(2, 6)  # the uncond's time ids are not used: cond's are
     for uncond in (None, (neg_ctx, neg_pooled, other_ids), (neg_ctx[:1], neg_pooled[:1], other_ids[:1])):
         u_ctx, u_pooled = (torch.zeros_like(ctx), torch.zeros_like(pooled)) if uncond is None else (neg_ctx, neg_pooled)
         u = unet(x, t - 1, u_ctx, u_pooled, ids)
-        assert_close(sample.unet_model(unet, (ctx, pooled, ids), 4.0, uncond)(x, t), u + 4.0 * (cond - u),
+        assert_close(lm.unet_model(unet, (ctx, pooled, ids), 4.0, uncond)(x, t), u + 4.0 * (cond - u),
                      atol=1e-5, rtol=1e-5)
-    assert_close(sample.unet_model(unet, (ctx, pooled, ids))(x, torch.tensor([0, 1])),
+    assert_close(lm.unet_model(unet, (ctx, pooled, ids))(x, torch.tensor([0, 1])),
                  unet(x, torch.tensor([0, 0]), ctx, pooled, ids))  # t = 0 (clean data) -> embedding index 0
 
 

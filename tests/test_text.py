@@ -68,13 +68,11 @@ def test_encode_matches_diffusers(te, pipe):
                                                           do_classifier_free_guidance=True)
     report("context vs encode_prompt", context, ref)
     report("pooled vs encode_prompt", pooled, ref_pooled)
-    # force_zeros_for_empty_prompt: diffusers' negatives are zeros of the same shapes
+    # force_zeros_for_empty_prompt: diffusers' negatives are zeros of the same shapes, which is what
+    # lightning_min.unet_model uses for CFG when no negative prompt is given (torch.zeros_like)
     assert pipe.config.force_zeros_for_empty_prompt
-    u_context, u_pooled = te.uncond(2)
-    report("uncond context vs negative_prompt_embeds", u_context, neg)
-    report("uncond pooled vs negative_pooled_prompt_embeds", u_pooled, neg_pooled)
-    for got, want in zip(text.zeros_like(context, pooled), (neg, neg_pooled)):
-        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(neg, torch.zeros_like(context))
+    torch.testing.assert_close(neg_pooled, torch.zeros_like(pooled))
 
 
 def test_pooled_is_first_eos_token(te, root):
@@ -226,7 +224,6 @@ def test_from_diffusers_hub_layout_dtype_and_errors(te, root, tmp_path):
     half = text.TextEncoders.from_diffusers(hub, dtype=torch.bfloat16)
     context, pooled = half.encode(PROMPTS)
     assert context.dtype == pooled.dtype == torch.bfloat16
-    assert half.uncond(1)[0].dtype == torch.bfloat16
     del sd["text_model.final_layer_norm.bias"]
     save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="final_layer_norm.bias"):

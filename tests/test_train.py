@@ -1,8 +1,10 @@
 """train.py end to end on a tiny random-weight SDXL: every stage and phase, the exports diffusers loads,
 the techniques, DDP equivalence with torchrun (gloo), exact resume, learning, and bad input."""
+import errno
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import files
 import lightning_min as lm
+import lora
 import train
 import weights
 from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base
@@ -30,7 +34,8 @@ def env(tmp_path_factory):
     teachers = {}
     for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
         teachers[steps] = root / f"teacher_{steps}.safetensors"
-        save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
+        sd = diffusers_unet(seed=seed).state_dict()
+        save_file({k: v.half().contiguous() for k, v in sd.items()}, teachers[steps])
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -68,10 +73,30 @@ def diffusers_loads(path):
 # every stage and phase
 
 
+DDP_LR = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
+
+
+@pytest.fixture(scope="module")
+def one_rank(env, tmp_path_factory):
+    """Whole stages on 1 rank with micro-batch 2, one step per phase: the DDP tests' reference, and the run whose
+    hand-offs (discriminator, fp32 student, next stage's teacher) the hand-off tests inspect."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            out = tmp_path_factory.mktemp(f"one_{stage}")
+            argv = ["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, "--sample-every", 1,
+                    *common(env, out)]
+            argv[argv.index("--micro-batch-size") + 1] = "2"
+            run(argv)
+            runs[stage] = out
+        return runs[stage]
+    return get
+
+
 @pytest.mark.parametrize("stage", list(lm.STAGES))
-def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
-    out = tmp_path / "runs"
-    run(["--stage", stage, *common(env, out, "--max-steps", 1, "--sample-every", 1), *stage_args(env, stage)])
+def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
+    out = one_rank(stage)  # the whole stage, one step per phase, a sample grid each
     st = lm.STAGES[stage]
     name = train.unet_filename(st.student_steps)
     for phase in st.phases:
@@ -79,7 +104,8 @@ def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
         spec = lm.phase_spec(stage, phase)
         assert (d / "checkpoint.pt").exists() and (d / "samples_000001.png").exists()
         log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-        keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss, ["loss_d", "loss_g", "d_real", "d_fake"])
+        keys = {"mse": ["loss_mse"], "convert": ["loss_convert"]}.get(spec.loss,
+                                                                    ["loss_d", "loss_g", "d_real", "d_fake"])
         assert all(k in log[0] and math.isfinite(log[0][k]) for k in keys + ["lr", "step_time", "images_per_s"])
         ref = diffusers_loads(d / name)
         if spec.lora:  # diffusers reading our LoRA file fuses the same weights as our merged export
@@ -88,7 +114,7 @@ def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
             from diffusers import UNet2DConditionModel
             fused = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
             fused.load_state_dict(load_file(init), strict=True)
-            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / f"sdxl_lightning_{st.student_steps}step_lora.safetensors"),
+            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / train.lora_filename(st.student_steps)),
                                                                        unet_config=fused.config)
             fused.load_lora_adapter(sd, prefix="unet")
             fused.fuse_lora()
@@ -97,12 +123,17 @@ def test_stage_runs_every_phase_and_exports(env, tmp_path, stage):
             for k, v in fused.state_dict().items():
                 assert_close(v.half().float(), ours[k].float(), atol=2e-3, rtol=2e-3)
     meta = {p: json.loads((out / stage / p / "phase.json").read_text()) for p in st.phases}
+    for p in st.phases:  # Sec. 3.7.2: re-noising on by default in the one- and two-step stages only
+        assert meta[p]["renoise"] == (stage in ("4to2", "2to1") and meta[p]["discriminator"] is not None), p
+        assert not (out / stage / p / "train.lock").exists() and not list((out / stage / p).glob("*.tmp"))
+    assert not (out / "train.lock").exists()
     t = {s: str(p) for s, p in env["teachers"].items()}
     if stage == "4to2":  # Sec. 3.4: the skip-level (8-step) teacher in the unconditional phases
         assert meta["cond"]["teacher"] == t[4] and meta["cond"]["teacher_is_student_without_lora"]
         assert meta["uncond"]["teacher"] == t[8] and meta["full"]["teacher"] == t[8] and meta["uncond"]["n"] == 4
     if stage == "2to1":
-        assert meta["convert"]["teacher"] == t[2] and meta["cond"]["teacher"] == t[2] and meta["uncond"]["teacher"] == t[4]
+        assert meta["convert"]["teacher"] == t[2] and meta["cond"]["teacher"] == t[2]
+        assert meta["uncond"]["teacher"] == t[4]
         assert meta["cond"]["student_prediction"] == "sample" and meta["cond"]["trainable_params"] == \
             sum(v.numel() for v in diffusers_unet().state_dict().values())  # whole UNet, no LoRA
     if stage == "128to32":
@@ -147,46 +178,103 @@ def _torchrun(args, nproc):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("phase", ["cond", "full"])
-def test_ddp_two_ranks_equal_one_rank(env, tmp_path, phase):
-    """2 ranks x micro-batch 1 == 1 rank x micro-batch 2: a LoRA phase, and a whole-UNet phase with ZeRO."""
-    lr = 1e-6  # Adam's first step is lr * g / |g|; a small lr keeps sign noise of ~0 gradients in D out of G's
-    args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", 1, "--lr", lr]
-    one = [*args, *common(env, tmp_path / "one")]
-    one[one.index("--micro-batch-size") + 1] = "2"
-    run(one)
-    _torchrun([*args, *common(env, tmp_path / "two")], 2)
-    a, b = _state(tmp_path / "one/8to4" / phase / "checkpoint.pt"), _state(tmp_path / "two/8to4" / phase / "checkpoint.pt")
-    assert b["step"] == 1 and json.loads((tmp_path / "two/8to4" / phase / "phase.json").read_text())["world_size"] == 2
-    # The gradients (Adam's exp_avg, which with beta1 = 0 is the step's gradient) agree to float tolerance.
-    for opt in ("opt_g", "opt_d"):
-        sa, sb = a[opt]["state"], b[opt]["state"]
-        assert sa.keys() == sb.keys() and len(sa) > 0
-        worst = 0.0
-        for i in sa:
-            g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
-            assert_close(g_b, g_a, atol=1e-4 * g_a.abs().max().item() + 1e-12, rtol=1e-3)
-            worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
-        print(f"DDP {phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
-    # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
-    # either way; all but a handful of elements agree closely, and none by more than two such steps.
-    steps = 1
-    for part in ("student", "disc"):
-        total = close = 0
-        for k in a[part]:
-            d = (a[part][k] - b[part][k]).abs()
-            assert d.max() <= 2 * lr * steps, k
-            total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
-        print(f"DDP {phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel")
-        assert close / total > 0.999
-    if phase == "cond":  # LoRA up weights start at zero
-        moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
-    else:
-        init = load_file(env["teachers"][8])
-        moved = max((v - init[k].float()).abs().max().item() for k, v in a["student"].items())
-    print(f"DDP {phase}: weights moved up to {moved:.3e}")
-    assert moved > 0.5 * lr
-    assert a["opt_g"]["state"] and b["opt_g"]["state"]
+@pytest.mark.parametrize("stage", ["8to4", "2to1"])
+def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank, tmp_path, stage):
+    """Issue 6.2: `torchrun --nproc_per_node 2 train.py --stage S` runs every phase of the stage end to end (8to4:
+    cond -> uncond -> full, LoRA then ZeRO; 2to1: convert -> cond -> uncond, whole UNet), each phase starting from
+    the previous one's checkpoint once every rank may read it, and equals 1 rank x micro-batch 2 phase by phase."""
+    _torchrun(["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR,
+               *common(env, tmp_path / "two")], 2)
+    steps = 0
+    for phase in lm.STAGES[stage].phases:
+        a = _state(one_rank(stage) / stage / phase / "checkpoint.pt")
+        b = _state(tmp_path / "two" / stage / phase / "checkpoint.pt")
+        assert b["step"] == 1 and json.loads((tmp_path / "two" / stage / phase / "phase.json").read_text())[
+            "world_size"] == 2
+        steps += 1
+        # The gradients (Adam's exp_avg: with beta1 = 0 the step's gradient, else 0.1 of it) agree to float tolerance.
+        for opt in ("opt_g", "opt_d"):
+            if a[opt] is None:
+                continue
+            sa, sb = a[opt]["state"], b[opt]["state"]
+            assert sa.keys() == sb.keys() and len(sa) > 0
+            worst = 0.0
+            for i in sa:
+                g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
+                assert_close(g_b, g_a, atol=1e-3 * g_a.abs().max().item() + 1e-12, rtol=1e-2)
+                worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
+            print(f"DDP {stage}/{phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
+        # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
+        # either way; all but a handful of elements agree closely, and none by more than two such steps per step.
+        for part in ("student", "disc"):
+            if a[part] is None:
+                continue
+            total = close = 0
+            worst = 0.0
+            for k in a[part]:
+                d = (a[part][k] - b[part][k]).abs()
+                worst = max(worst, d.max().item())
+                total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
+            print(f"DDP {stage}/{phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel; "
+                  f"max diff {worst:.2e} (lr {DDP_LR:g} x {steps} steps)")
+            assert worst <= 2 * DDP_LR * steps and close / total > 0.999
+        if phase == "cond" and stage == "8to4":  # LoRA up weights start at zero
+            moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
+            print(f"DDP {stage}/{phase}: LoRA up weights moved up to {moved:.3e}")
+            assert moved > 0.5 * DDP_LR
+    assert not (tmp_path / "two" / "train.lock").exists()
+
+
+def test_handoffs_keep_the_discriminator_and_fp32_masters(env, one_rank, tmp_path):
+    """Issue 7.1-7.2 (Sec. 3.6): the discriminator starts from the base at the stage's first adversarial phase;
+    uncond keeps cond's backbone (and the head's weights that read x_{t-ns}); full keeps uncond's discriminator
+    and its Adam state. The student of full is uncond's base + LoRA merged in fp32, not the fp16 release file,
+    and the next stage's teacher is this stage's fp32 checkpoint. A phase run alone (or resumed) does the same."""
+    out = one_rank("8to4")
+    ck = {p: _state(out / "8to4" / p / "checkpoint.pt") for p in ("cond", "uncond", "full")}
+    meta = {p: json.loads((out / "8to4" / p / "phase.json").read_text()) for p in ("cond", "uncond", "full")}
+    assert meta["cond"]["discriminator_from"] == "base"
+    assert meta["uncond"]["discriminator_from"] == str(out / "8to4/cond/checkpoint.pt")
+    assert meta["full"]["discriminator_from"] == str(out / "8to4/uncond/checkpoint.pt")
+
+    def phase(name, keep):  # the phase as train.main builds it before its first step, in a copy of the run
+        import shutil
+        root = tmp_path / name
+        shutil.copytree(out / "8to4", root / "8to4")
+        for p in ("cond", "uncond", "full")[keep:]:
+            shutil.rmtree(root / "8to4" / p)
+        args = train.parse_args(["--stage", "8to4", "--phase", name, *map(str, stage_args(env, "8to4")),
+                                 "--max-steps", "2", "--lr", str(DDP_LR), *common(env, root)])
+        ctx = train.setup_ddp(args)
+        train.load_frozen(args, ctx)
+        return train.Phase(args, ctx, "8to4", name)
+
+    unc = phase("uncond", 1)  # run alone, after cond: cond's backbone and the x_{t-ns} half of its head
+    d = unc.disc.state_dict()
+    for k, v in ck["cond"]["disc"].items():
+        want = v[:, : v.shape[1] // 2] if k == "head.0.weight" else v
+        assert torch.equal(d[k], want), k
+    full = phase("full", 2)  # uncond's discriminator and Adam state; the student merged in fp32
+    for k, v in ck["uncond"]["disc"].items():
+        assert torch.equal(full.disc.state_dict()[k], v), k
+    sd_opt = full.opt_d.state_dict()["state"]
+    assert sd_opt.keys() == ck["uncond"]["opt_d"]["state"].keys()
+    for i, st in ck["uncond"]["opt_d"]["state"].items():
+        assert torch.equal(sd_opt[i]["exp_avg_sq"], st["exp_avg_sq"]) and torch.equal(sd_opt[i]["step"], st["step"])
+    assert full.opt_d.param_groups[0]["lr"] == DDP_LR
+    base = weights.load_unet(str(env["teachers"][8]), full.ctx["unet_config"])
+    lora.merge_lora(base, {k: v.clone() for k, v in ck["uncond"]["student"].items()})
+    fp16 = load_file(out / "8to4/uncond/sdxl_lightning_4step_unet.safetensors")
+    differs = 0
+    for k, v in base.state_dict().items():
+        assert torch.equal(full.student.state_dict()[k], v), k
+        differs += int(not torch.equal(v, fp16[k].float()))
+    print(f"full's student: equal to the fp32 merge; {differs} tensors differ from the fp16 release file")
+    assert differs > 0
+    # the next stage's teacher: this stage's fp32 master
+    args = train.parse_args(["--stage", "4to2", *common(env, out)])
+    plan = train.plan_phase(args, "4to2", "cond")
+    assert plan["teacher"] == plan["init"] == str(out / "8to4/full/checkpoint.pt")
 
 
 def test_resume_is_exact(env, tmp_path):
@@ -203,6 +291,162 @@ def test_resume_is_exact(env, tmp_path):
     assert len((tmp_path / "a/8to4/full/log.jsonl").read_text().splitlines()) == 4
 
 
+def _cond_run(env, out, *extra):
+    """8to4 cond (a LoRA phase: export merges, the teacher is the student with LoRA off) at a large lr."""
+    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
+         *common(env, out, *extra)])
+    return out / "8to4" / "cond"
+
+
+def _same_files(a, b, names):
+    for name in names:
+        if name.endswith(".pt"):
+            _compare(_state(a / name), _state(b / name), name, atol=0, rtol=0)
+        elif name.endswith(".safetensors"):  # the header's metadata order is not fixed: compare tensors
+            ta, tb = load_file(a / name), load_file(b / name)
+            assert ta.keys() == tb.keys() and all(torch.equal(v, tb[k]) for k, v in ta.items()), name
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+EXPORTS = ["checkpoint.pt", "sdxl_lightning_4step_unet.safetensors", "sdxl_lightning_4step_lora.safetensors"]
+
+
+def test_exports_leave_the_student_untouched_and_kills_resume_exactly(env, tmp_path, monkeypatch):
+    """Issue 6.1: exporting merges the LoRA into a copy, never into the student's base (the teacher): every
+    export leaves the base bitwise unchanged, a run with --save-every 1 ends bitwise equal to one with
+    --save-every 100, and a run killed after any step and re-run ends bitwise equal too."""
+    export = train.Phase.export
+
+    def checked_export(self):
+        before = {k: v.clone() for k, v in lora.base_state_dict(self.student).items()}
+        export(self)
+        assert all(torch.equal(v, before[k]) for k, v in lora.base_state_dict(self.student).items())
+        checked_export.calls += 1
+    checked_export.calls = 0
+    monkeypatch.setattr(train.Phase, "export", checked_export)
+    every1 = _cond_run(env, tmp_path / "every1", "--max-steps", 3, "--save-every", 1)
+    assert checked_export.calls == 3
+    every100 = _cond_run(env, tmp_path / "every100", "--max-steps", 3, "--save-every", 100)
+    _same_files(every1, every100, EXPORTS)
+    for k in (2, 3):  # killed after step k, before its save (so it resumes from step k - 1), then re-run
+        monkeypatch.setenv("LIGHTNING_CRASH_AT", f"step{k}")
+        with pytest.raises(files.SimulatedCrash):
+            _cond_run(env, tmp_path / f"kill{k}", "--max-steps", 3, "--save-every", 1)
+        monkeypatch.delenv("LIGHTNING_CRASH_AT")
+        assert _state(tmp_path / f"kill{k}/8to4/cond/checkpoint.pt")["step"] == k - 1
+        killed = _cond_run(env, tmp_path / f"kill{k}", "--max-steps", 3, "--save-every", 1)
+        _same_files(every1, killed, EXPORTS)
+        assert [json.loads(l)["step"] for l in (killed / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def cond_one_step(env, tmp_path_factory):
+    return _cond_run(env, tmp_path_factory.mktemp("cond1"), "--max-steps", 1)
+
+
+@pytest.mark.parametrize("point", ["checkpoint.tmp", "checkpoint", "export.tmp", "exports"])
+def test_interrupted_save_is_completed_by_a_rerun(env, cond_one_step, tmp_path, monkeypatch, point):
+    """Issue 6.3: the final save interrupted at each point (temp checkpoint written; checkpoint written, no
+    exports; an export half-written; exports written, progress.json not) leaves a state that re-running the
+    same command completes: no *.tmp left, exports and checkpoint equal to an uninterrupted run, bitwise."""
+    monkeypatch.setenv("LIGHTNING_CRASH_AT", point)
+    with pytest.raises(files.SimulatedCrash):
+        _cond_run(env, tmp_path, "--max-steps", 1)
+    d = tmp_path / "8to4" / "cond"
+    assert files.progress_step(d) == 0 and (d / "checkpoint.pt").exists() == (point != "checkpoint.tmp")
+    assert bool(list(d.glob("*.tmp"))) == point.endswith(".tmp")  # what a kill leaves
+    monkeypatch.delenv("LIGHTNING_CRASH_AT")
+    _cond_run(env, tmp_path, "--max-steps", 1)
+    assert not list(tmp_path.rglob("*.tmp*")) and files.progress_step(d) == 1
+    _same_files(cond_one_step, d, EXPORTS + ["config.json"])
+
+
+def test_killed_process_leaves_a_state_the_rerun_completes(env, cond_one_step, tmp_path):
+    """Issue 6.3-6.4 with a real process: `python train.py` dies (os._exit, as kill -9) after writing the
+    checkpoint and exports of its last step but not progress.json; its lock stays behind. Re-running the same
+    command takes the stale lock, does not say "finished already" without exports, and ends equal to a run
+    that was never killed."""
+    argv = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
+            *common(env, tmp_path, "--max-steps", 1)]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "LIGHTNING_CRASH_AT": "exports",
+                                         "LIGHTNING_CRASH_HARD": "1"})
+    assert r.returncode == 137, r.stderr[-2000:]
+    d = tmp_path / "8to4" / "cond"
+    assert (tmp_path / "train.lock").exists() and files.progress_step(d) == 0
+    run(argv)
+    assert files.progress_step(d) == 1 and not (tmp_path / "train.lock").exists()
+    _same_files(cond_one_step, d, EXPORTS + ["config.json"])
+
+
+def test_disk_full_names_the_file(env, tmp_path, monkeypatch):
+    """Issue 6.3: a full disk while saving says so, names the file, leaves no temp file, and the lock goes."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("checkpoint.pt.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    with pytest.raises(SystemExit) as e:
+        _cond_run(env, tmp_path, "--max-steps", 1)
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith("error: ") and "checkpoint.pt" in msg and "disk is full" in msg and "\n" not in msg
+    assert not list(tmp_path.rglob("*.tmp*")) and not (tmp_path / "train.lock").exists()
+
+
+def test_output_lock_refuses_a_second_run_and_takes_a_stale_one(env, tmp_path, capsys):
+    """Issue 6.4: a live run's lock on --out refuses a second run (nothing touched); a dead process's lock is stale."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    lock = out / "train.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    msg = _fails(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
+                  *common(env, out, "--max-steps", 1)], capsys)
+    assert f"in use by another train.py run (pid {os.getpid()}" in msg and lock.exists()
+    assert sorted(p.name for p in out.rglob("*")) == ["train.lock"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    _cond_run(env, out, "--max-steps", 1)
+    assert files.progress_step(out / "8to4" / "cond") == 1 and not lock.exists()
+
+
+def test_time_ids_stay_float32_in_training_conditioning():
+    """Issue 7.4: the batch's conditioning keeps the 6 time ids float32 while text runs in the compute dtype."""
+    class Text:
+        def encode(self, captions):
+            return torch.randn(len(captions), 77, 16), torch.randn(len(captions), 8)
+    ids = torch.tensor([[1365.0, 2999.0, 0, 0, 1024, 1024]])
+    context, pooled, got = train.conditioning(Text(), ["a"], ids, torch.device("cpu"), torch.bfloat16)
+    assert context.dtype == pooled.dtype == torch.bfloat16 and got.dtype == torch.float32 and torch.equal(got, ids)
+
+
+def test_disc_input_renoised_only_where_on():
+    """Sec. 3.7.2: with re-noising on, a clean target (t - ns = 0) reaches D noised to t* with the fresh noise;
+    off (the default outside 4to2 / 2to1), D sees it clean at t = 0. Samples not at 0 are never touched."""
+    seen = []
+    disc = lambda x, t, cond, x_t, t_x_t: seen.append((x, t)) or torch.zeros(x.shape[0])  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    x, eps2 = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    for on in (True, False):
+        b = train.Batch(x0=None, cond=None, eps=None, eps2=eps2, t=torch.tensor([500, 250]),
+                        t_star=torch.tensor([10, 750]), renoise=on, t_tgt=torch.tensor([0, 125]))
+        train.disc_logits(disc, x, b)
+    (x_on, t_on), (x_off, t_off) = seen
+    assert t_on.tolist() == [10, 125] and t_off.tolist() == [0, 125]
+    assert_close(x_on[0], lm.forward(x[:1], eps2[:1], torch.tensor([10]))[0])
+    assert torch.equal(x_on[1], x[1]) and torch.equal(x_off, x)
+    # the default per stage, and --renoise on / off overriding it
+    from types import SimpleNamespace
+    for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True),
+                              ("2to1", "off", False)):
+        fake = SimpleNamespace(args=SimpleNamespace(renoise=flag), spec=lm.phase_spec(stage, "uncond"))
+        assert train.Phase.renoise.fget(fake) == want, (stage, flag)
+
+
 # ----------------------------------------------------------------------------------------------------
 # learning happens
 
@@ -214,7 +458,6 @@ def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
     text = weights.load_text(ctx_base)
     teacher = weights.load_unet(ctx_base)
     trained = weights.load_unet(str(out / "128to32/mse/sdxl_lightning_32step_unet.safetensors"), teacher.config)
-    import sample as sample_mod
     g = torch.Generator().manual_seed(123)
     x0, eps = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
     t = torch.tensor([1000, 969, 500, 250])
@@ -223,9 +466,9 @@ def test_mse_stage_brings_student_jump_closer_to_teacher(env, tmp_path):
     x_t = lm.forward_fixed(x0, eps, t)
     t_tgt = lm.target_time(t, 4, 128)
     with torch.no_grad():
-        tgt = lm.teacher_rollout(sample_mod.unet_model(teacher, ctx, pooled, ids, 6.0, torch.float32), x_t, t, t_tgt, 4, s=1000 / 128)
-        err = {name: lm.loss_mse(lm.student_jump(sample_mod.unet_model(m, ctx, pooled, ids, 0, torch.float32), x_t, t, t_tgt,
-                                                 "epsilon"), tgt).item() for name, m in (("before", teacher), ("after", trained))}
+        tgt = lm.teacher_rollout(lm.unet_model(teacher, (ctx, pooled, ids), 6.0), x_t, t, t_tgt, 4, s=1000 / 128)
+        err = {name: lm.loss_mse(lm.student_jump(lm.unet_model(m, (ctx, pooled, ids)), x_t, t, t_tgt, "epsilon"),
+                                 tgt).item() for name, m in (("before", teacher), ("after", trained))}
     print(f"MSE of the student's one jump to the teacher's 4 CFG steps: {err}")
     assert err["after"] < 0.9 * err["before"]
 
@@ -237,6 +480,9 @@ def test_adversarial_discriminator_loss_falls_below_log4(env, tmp_path):
     run(["--stage", "4to2", "--phase", "uncond", "--teacher", env["teachers"][4], "--skip-level-teacher",
          env["teachers"][8], *common(env, out, "--max-steps", 16, "--lr", 1e-4)])
     log = [json.loads(l) for l in (out / "4to2/uncond/log.jsonl").read_text().splitlines()]
+    # Sec. 3.7.2: 1:1:1:1, then 5:1:1:1 from half the phase's steps (the default switch), in phase.json and the log
+    assert json.loads((out / "4to2/uncond/phase.json").read_text())["renoise_switch_step"] == 8
+    assert [r["renoise_weights"] for r in log] == ["1,1,1,1"] * 8 + ["5,1,1,1"] * 8
     late = log[len(log) // 2:]
     loss, real, fake = (float(np.mean([r[k] for r in late])) for k in ("loss_d", "d_real", "d_fake"))
     print(f"discriminator loss: first {log[0]['loss_d']:.4f}, mean of the second half {loss:.4f} (log 4 = "
@@ -260,13 +506,15 @@ def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
     assert "--data" in _fails(["--stage", "8to4"], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", empty, "--teacher", env["teachers"][8]], capsys)
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", empty, "--teacher",
+                                  env["teachers"][8]], capsys)
     junk = tmp_path / "junk"
     junk.mkdir()
     for i in range(3):
         (junk / f"{i}.png").write_bytes(b"not an image" * 10)
         (junk / f"{i}.txt").write_text("x")
-    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", junk, "--teacher", env["teachers"][8]], capsys)
+    assert "no usable" in _fails(["--stage", "8to4", *common(env, out), "--data", junk, "--teacher",
+                                  env["teachers"][8]], capsys)
     wrong = tmp_path / "wrong.safetensors"
     other = TINY_UNET.__class__(**{**TINY_UNET.__dict__, "block_out_channels": (32, 64), "num_heads": (1, 1)})
     save_file({k: v.contiguous() for k, v in diffusers_unet(other).state_dict().items()}, wrong)
@@ -276,3 +524,97 @@ def test_bad_input_clear_errors_nothing_written(env, tmp_path, capsys):
     assert "multiple of --micro-batch-size" in _fails(["--stage", "8to4", *common(env, out), "--batch-size", 3,
                                                       "--micro-batch-size", 2], capsys)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_bad_arguments_refused_before_any_work(env, tmp_path, capsys, monkeypatch):
+    """Issue 6: each refused in one line starting 'error:', before any work (no data indexed, no model
+    loaded), and nothing written."""
+    out = tmp_path / "runs"
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
+    base = ["--stage", "8to4", "--teacher", env["teachers"][8]]
+    cases = [(["--batch-size", 0], "--batch-size must be at least 1"),
+             (["--micro-batch-size", 0], "--micro-batch-size must be at least 1"),
+             (["--save-every", 0], "--save-every must be at least 1"),
+             (["--max-steps", -1], "--max-steps must be at least 1"),
+             (["--renoise-weights-late", "5,1,1"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "a,b,c,d"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "0,0,0,0"], "--renoise-weights-late must be 4"),
+             (["--renoise-weights-late", "5,1,1,nan"], "--renoise-weights-late must be 4")]
+    for extra, want in cases:
+        msg = _fails([*base, *common(env, out), *map(str, extra)], capsys)
+        assert msg.startswith("error: ") and want in msg and "\n" not in msg.strip(), (extra, msg)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in _fails([*base, *common(env, a_file)], capsys)
+    assert "is a file, not a folder" in _fails([*base, *common(env, a_file / "sub")], capsys)
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        assert "is not writable" in _fails([*base, *common(env, ro / "runs")], capsys)
+    assert not out.exists() and a_file.read_text() == "x"
+
+
+def test_resume_with_other_arguments_or_a_bad_checkpoint(env, tmp_path, capsys):
+    """Issue 6: a resume whose arguments changed is refused naming the argument (--lora-rank, --batch-size,
+    --seed) or honoured (--lr, from the resumed step on); a checkpoint.pt that is empty, foreign or pickled is
+    refused naming the file. Nothing is written in either refusal."""
+    out = tmp_path / "runs"
+    argv = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], *common(env, out)]
+    run([*argv, "--max-steps", 1])
+    d = out / "8to4" / "cond"
+    snapshot = {p: p.read_bytes() for p in d.iterdir()}
+
+    def unchanged():
+        return {p: p.read_bytes() for p in d.iterdir()} == snapshot and not (out / "train.lock").exists()
+    for extra, flag in ((["--lora-rank", 8], "--lora-rank"), (["--batch-size", 4], "--batch-size"),
+                        (["--seed", 1], "--seed"), (["--renoise", "on"], "--renoise")):
+        msg = _fails([*argv, "--max-steps", 2, *extra], capsys)
+        assert msg.startswith("error: ") and str(d / "checkpoint.pt") in msg and flag in msg, msg
+        assert "\n" not in msg.strip() and unchanged()
+    run([*argv, "--max-steps", 2, "--lr", 3e-6])  # honoured
+    log = [json.loads(l) for l in (d / "log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == [1e-6, 3e-6]
+    ck = d / "checkpoint.pt"
+    snapshot = {p: p.read_bytes() for p in d.iterdir() if p != ck}
+    import argparse
+    for content, want in ((b"", "the file is empty"), ({"weights": torch.zeros(1)}, "not a train.py checkpoint"),
+                          (argparse.Namespace(a=1), "not a train.py checkpoint")):
+        if isinstance(content, bytes):
+            ck.write_bytes(content)
+        else:
+            torch.save(content, ck)
+        msg = _fails([*argv, "--max-steps", 3], capsys)
+        print(msg)
+        assert msg.startswith("error: ") and str(ck) in msg and want in msg and "\n" not in msg.strip()
+        assert {p: p.read_bytes() for p in d.iterdir() if p != ck} == snapshot
+
+
+def test_phase_on_a_prepare_cache_equals_the_phase_on_images(env, tmp_path, monkeypatch):
+    """Issue 10.1: a phase trained from a prepare.py cache equals the same phase trained from the images, to the
+    fp16 rounding of the cached tensors; the cache run loads no VAE and no text encoder."""
+    import prepare
+    cache = tmp_path / "cache"
+    prepare.main([str(a) for a in ["--data", env["data"], "--base", env["base"], "--out", cache, "--resolution", "32",
+                  "--min-size", "32", "--shard-size", "4"]])
+    for phase in ("cond", "full"):
+        args = ["--stage", "8to4", "--phase", phase, "--teacher", env["teachers"][8], "--max-steps", "2", "--lr", "1e-6"]
+        run([*args, *common(env, tmp_path / "img")])
+        c = common(env, tmp_path / "cached")
+        c[c.index("--data") + 1] = str(cache)
+        with monkeypatch.context() as m:  # the cache run must not even load the frozen encoders
+            for name in ("load_vae", "load_text"):
+                m.setattr(weights, name, lambda *a, _n=name, **k: pytest.fail(f"weights.{_n} called with a cache"))
+            run([*args, *c])
+        la, lb = [[json.loads(line) for line in (tmp_path / run_dir / "8to4" / phase / "log.jsonl").read_text().splitlines()]
+                  for run_dir in ("img", "cached")]
+        assert len(la) == len(lb) == 2
+        for ra, rb in zip(la, lb):
+            for k in ("loss_d", "loss_g"):
+                print(f"{phase} step {ra['step']} {k}: images {ra[k]:.6f} cache {rb[k]:.6f}")
+                assert abs(ra[k] - rb[k]) < 1e-3 * abs(ra[k]) + 1e-5
+        if phase == "full":  # whole-UNet gradients are large enough to compare (LoRA ones start near zero)
+            a, b = _state(tmp_path / "img/8to4/full/checkpoint.pt"), _state(tmp_path / "cached/8to4/full/checkpoint.pt")
+            worst = max((a["opt_g"]["state"][i]["exp_avg"] - b["opt_g"]["state"][i]["exp_avg"]).abs().max().item()
+                        / (a["opt_g"]["state"][i]["exp_avg"].abs().max().item() + 1e-30) for i in a["opt_g"]["state"])
+            print(f"full: student gradient max diff / max |grad|, cache vs images: {worst:.2e}")
+            assert worst < 1e-2
