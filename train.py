@@ -581,7 +581,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", required=True, choices=list(lm.STAGES), help="which distillation stage (Sec. 3.6)")
     p.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], default=None,
                    help="run one phase only; default: all the stage's phases in order")
-    p.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, or .tar shards")
+    p.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, "
+                   ".tar shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     p.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base: text encoders, VAE, UNet config, "
                    "discriminator init and the 128to32 teacher (hub id, diffusers folder or single file)")
     p.add_argument("--teacher", default=None, help="teacher UNet file; default: this --out's earlier stage (its "

@@ -131,7 +131,7 @@ def test_two_ranks_equal_one_rank(env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), str(ROOT / "prepare.py"), *args(env, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(shard_files(out)) == 3  # 9 indices, 3 per shard: rank 0 wrote 0 and 2, rank 1 wrote 1
     assert_same_cache(env["cache"], out)

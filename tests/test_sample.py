@@ -570,7 +570,7 @@ def test_unet_model_adapter(base):
         u_ctx, u_pooled = (torch.zeros_like(ctx), torch.zeros_like(pooled)) if uncond is None else (neg_ctx, neg_pooled)
         u = unet(x, t - 1, u_ctx, u_pooled, ids)
         assert_close(lm.unet_model(unet, (ctx, pooled, ids), 4.0, uncond)(x, t), u + 4.0 * (cond - u),
-                     atol=1e-5, rtol=1e-5)
+                     atol=5e-5, rtol=1e-5)  # CFG 4 scales batch-size float noise by 4
     assert_close(lm.unet_model(unet, (ctx, pooled, ids))(x, torch.tensor([0, 1])),
                  unet(x, torch.tensor([0, 0]), ctx, pooled, ids))  # t = 0 (clean data) -> embedding index 0
 
