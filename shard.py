@@ -7,9 +7,12 @@ ranks, and gathers one block's weights (in bf16) just while that block runs: 16 
 parameter and 2 per frozen one become (16 + 2) / world. README's memory table (bench.py --what memory)
 shows what that buys per phase.
 
-Units: every ResnetBlock2D and Transformer2DModel (the pieces UNet._run calls, and checkpoints under
---grad-checkpointing), then the model itself (conv_in, the embeddings, the samplers, the head: small).
-The UNet's own block lists (down_blocks[i], ...) are never called as modules, so they cannot be units.
+Units (UNITS): every ResnetBlock2D and BasicTransformerBlock (at most ~35M parameters each at SDXL size; a
+whole Transformer2DModel of depth 10 would be ~350M gathered at once), each conv of the discriminator's head
+(up to 52M), then the
+model itself (conv_in, the embeddings, the samplers, the attention projections: ~4% of the UNet). The
+UNet's own block lists (down_blocks[i], ...) are never called as modules, so they cannot be units.
+--grad-checkpointing recomputes whole blocks in backward, gathering their units again: FSDP2 allows that.
 
 Checkpoints stay the plain format (checkpoint.pt, files.py): full tensors gathered onto rank 0's CPU,
 Adam's state keyed by parameter index as torch.optim writes it. So a run resumes under either --shard,
@@ -29,6 +32,8 @@ import unet as unet_lib
 # ----------------------------------------------------------------------------------------------------
 # Sharding
 
+UNITS = (unet_lib.ResnetBlock2D, unet_lib.BasicTransformerBlock)  # also what train.py --compile compiles
+
 
 def mixed_precision(device, trained=True):
     """bf16 compute on the GPU with fp32 masters and fp32 gradient reduction; on the CPU all fp32 (bf16 matmuls
@@ -40,15 +45,20 @@ def mixed_precision(device, trained=True):
 
 
 def shard_model(model: nn.Module, device, trained=True) -> nn.Module:
-    """fully_shard every ResnetBlock2D and Transformer2DModel inside `model` (a UNet or a Discriminator), then
-    `model` itself. In place: each rank keeps 1/world of every parameter (it must hold the same weights on every
-    rank before: all ranks load the same checkpoint)."""
-    mp = mixed_precision(device, trained)
+    """fully_shard every unit inside `model` (a UNet or a Discriminator), then `model` itself. In place: each rank
+    keeps 1/world of every parameter (it must hold the same weights on every rank before: all ranks load the
+    same checkpoint)."""
+    mp, head = mixed_precision(device, trained), head_convs(model)
     for m in model.modules():
-        if isinstance(m, (unet_lib.ResnetBlock2D, unet_lib.Transformer2DModel)):
+        if isinstance(m, UNITS) or any(m is h for h in head):
             fully_shard(m, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def head_convs(model):
+    """The discriminator head's convs (called one by one by nn.Sequential, so each can be a unit)."""
+    return [m for m in getattr(model, "head", []) if isinstance(m, nn.Conv2d)]
 
 
 def is_sharded(model) -> bool:

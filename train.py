@@ -600,12 +600,12 @@ def tensorboard_scalars(writer, prefix, logs):
 
 
 def compile_blocks(model):
-    """--compile: torch.compile every ResnetBlock2D and Transformer2DModel (nearly all the FLOPs), not the whole
-    model: Module.compile wraps nothing, so checkpoint names stay; --grad-checkpointing and LoRA's on/off
-    switch (the teacher of LoRA phases) act on whole blocks; FSDP2's units are these very blocks, and dynamo
-    leaves FSDP's hooks out of the compiled code. The glue between blocks (embeddings, samplers) stays eager."""
+    """--compile: torch.compile every ResnetBlock2D and BasicTransformerBlock (nearly all the FLOPs), not the
+    whole model: Module.compile wraps nothing, so checkpoint names stay; the same blocks are FSDP2's units
+    (shard.UNITS), whose hooks dynamo leaves out of the compiled code; LoRA's on/off switch (the teacher of
+    LoRA phases) is a guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager."""
     for m in (model.modules() if model is not None else []):
-        if isinstance(m, (unet_lib.ResnetBlock2D, unet_lib.Transformer2DModel)):
+        if isinstance(m, shard.UNITS):
             m.compile()
 
 
