@@ -412,7 +412,8 @@ def sdxl_parameter_counts():
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
     def gathered(model):
-        units = [n(m) for m in model.modules() if isinstance(m, shard.UNITS) or any(m is h for h in shard.head_convs(model))]
+        head = shard.head_convs(model)
+        units = [n(m) for m in model.modules() if isinstance(m, shard.UNITS) or any(m is h for h in head)]
         return {"root": n(model) - sum(units), "unit": max(units)}
     with torch.device("meta"):
         unet = unet_mod.UNet(unet_mod.UNetConfig())

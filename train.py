@@ -317,9 +317,6 @@ class Phase:
                 group["lr"] = self.lr
 
     # ------------------------------------------------------------------ checkpoints (order: files.py)
-    def trainable_state(self):
-        return lora.lora_state_dict(self.student) if self.spec.lora else self.student.state_dict()
-
     def save(self):
         """checkpoint.pt, then the exports, then progress.json: any interruption leaves a state a re-run completes."""
         states = self.full_states()
@@ -343,7 +340,8 @@ class Phase:
             return shard.full_optim_state_dict(m, o) if self.sharded(m) else o.state_dict() if master else None
         student = model(self.student) if not self.spec.lora else lora.lora_state_dict(self.student)
         states = {"student": student, "disc": None if self.disc is None else model(self.disc),
-                  "opt_g": opt(self.opt_g, self.student), "opt_d": None if self.opt_d is None else opt(self.opt_d, self.disc)}
+                  "opt_g": opt(self.opt_g, self.student),
+                  "opt_d": None if self.opt_d is None else opt(self.opt_d, self.disc)}
         return states if master else None
 
     def write_checkpoint_and_exports(self, states):
@@ -521,7 +519,8 @@ class Phase:
                 "teacher_is_student_without_lora": self.teacher_is_student, "student_init": self.plan["init"],
                 "lora_from": self.plan["lora_from"], "discriminator_from": self.plan["disc_from"] or
                 ("base" if self.disc is not None else None), "trainable_params": self.n_trainable,
-                "world_size": self.ctx["world"], "fsdp": self.fsdp, "args": vars(self.args), **self.spec.__dict__, "lr": self.lr,
+                "world_size": self.ctx["world"], "fsdp": self.fsdp, "args": vars(self.args), **self.spec.__dict__,
+                "lr": self.lr,
                 "renoise": self.renoise, "renoise_switch_step": self.switch_step,
                 "renoise_weights_late": self.args.renoise_weights_late}
         files.save_json(meta, self.dir / "phase.json")
