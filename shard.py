@@ -3,16 +3,15 @@
 With DDP + ZeroRedundancyOptimizer (the default) every rank holds whole fp32 weights and gradients of the
 student and the discriminator, and a whole bf16 teacher; only Adam's two moments are split. FSDP2
 (`torch.distributed.fsdp.fully_shard`) splits the weights, the gradients and Adam's moments across the
-ranks, and gathers one block's weights (in bf16) just while that block runs: 16 bytes per trained
-parameter and 2 per frozen one become (16 + 2) / world. README's memory table (bench.py --what memory)
-shows what that buys per phase.
+ranks, and gathers one unit's weights (in bf16) just while that unit runs: the 16 bytes per trained
+parameter become 16 / world, the 2 per frozen one 2 / world. README's memory table (bench.py --what
+memory) shows what that buys per phase.
 
-Units (UNITS): every ResnetBlock2D and BasicTransformerBlock (at most ~35M parameters each at SDXL size; a
-whole Transformer2DModel of depth 10 would be ~350M gathered at once), each conv of the discriminator's head
-(up to 52M), then the
-model itself (conv_in, the embeddings, the samplers, the attention projections: ~4% of the UNet). The
-UNet's own block lists (down_blocks[i], ...) are never called as modules, so they cannot be units.
---grad-checkpointing recomputes whole blocks in backward, gathering their units again: FSDP2 allows that.
+Units (UNITS): every ResnetBlock2D and BasicTransformerBlock (at most 49M parameters each at SDXL size; a
+whole Transformer2DModel of depth 10 would be ~350M gathered at once), each conv of the discriminator's
+head (up to 52M), then the model itself (conv_in, the embeddings, the samplers, the attention projections:
+~2% of the UNet). The UNet's own block lists (down_blocks[i], ...) are never called as modules, so they
+cannot be units. --grad-checkpointing recomputes whole blocks in backward, gathering their units again.
 
 Checkpoints stay the plain format (checkpoint.pt, files.py): full tensors gathered onto rank 0's CPU,
 Adam's state keyed by parameter index as torch.optim writes it. So a run resumes under either --shard,

@@ -602,7 +602,10 @@ def compile_blocks(model):
     """--compile: torch.compile every ResnetBlock2D and BasicTransformerBlock (nearly all the FLOPs), not the
     whole model: Module.compile wraps nothing, so checkpoint names stay; the same blocks are FSDP2's units
     (shard.UNITS), whose hooks dynamo leaves out of the compiled code; LoRA's on/off switch (the teacher of
-    LoRA phases) is a guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager."""
+    LoRA phases) is a guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager.
+    Each block shape (channels x resolution) x grad mode x batch is its own graph: more than dynamo's default 8
+    per block class (past that it runs the rest eager)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for m in (model.modules() if model is not None else []):
         if isinstance(m, shard.UNITS):
             m.compile()

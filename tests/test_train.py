@@ -636,10 +636,13 @@ def test_phase_on_a_prepare_cache_equals_the_phase_on_images(env, tmp_path, monk
 def test_fsdp_resume_is_exact_and_resumes_under_another_shard_mode(env, tmp_path):
     """Issue 10.2: under --shard fsdp on 2 gloo ranks, a run stopped after step 2 and re-run to step 4 equals the
     run that went straight to 4, bitwise (the checkpoint holds whole fp32 tensors, sharded again the same way);
-    the same step-2 checkpoint resumed by one plain process (no FSDP) continues the same training."""
+    the same step-2 checkpoint resumed by one plain process (no FSDP) continues the same training. With activation
+    checkpointing (FSDP gathers the recomputed blocks again) and sample grids (every rank runs the sharded student)."""
     import shutil
-    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR, "--shard", "fsdp"]
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR,
+            "--grad-checkpointing", "--sample-every", 2, "--shard", "fsdp"]
     _torchrun([*args, *common(env, tmp_path / "a", "--max-steps", 2)], 2)
+    assert (tmp_path / "a/8to4/full/samples_000002.png").exists()
     shutil.copytree(tmp_path / "a", tmp_path / "c")
     _torchrun([*args, *common(env, tmp_path / "a", "--max-steps", 4)], 2)  # resumes at step 2
     _torchrun([*args, *common(env, tmp_path / "b", "--max-steps", 4)], 2)
