@@ -13,6 +13,8 @@ What is timed (median of --runs after --warmup, both under torch.no_grad):
   `lightning_min.sample`, VAE decode) against `StableDiffusionXLPipeline` with the model card's
   `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
   The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
+- `memory` (computed, not timed): per-GPU memory of every training phase at SDXL size on 1, 2 and 8 GPUs,
+  DDP + ZeRO against FSDP2 (train.py --shard), from parameter counts of the real shapes on the meta device.
 
 How to read the table: times are medians; `ratio` = ours ms / diffusers ms, so < 1 means we are
 faster; `(min)` is the same ratio of the fastest runs, the steadier one on a machine shared with other

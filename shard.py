@@ -37,10 +37,11 @@ UNITS = (unet_lib.ResnetBlock2D, unet_lib.BasicTransformerBlock)  # also what tr
 def mixed_precision(device, trained=True):
     """bf16 compute on the GPU with fp32 masters and fp32 gradient reduction; on the CPU all fp32 (bf16 matmuls
     there are slow and the tests compare against an fp32 run). A frozen model is already stored in its compute
-    dtype, so it gets no cast."""
+    dtype, so it gets no cast. Inputs are not cast (cast_forward_inputs=False): the 6 time ids must stay float32
+    (bf16 rounds 1365 to 1368); train.py calls these models under bf16 autocast, which casts the activations."""
     if device.type != "cuda" or not trained:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard_model(model: nn.Module, device, trained=True) -> nn.Module:

@@ -244,7 +244,7 @@ class Phase:
         #     student instead (shard.py); a LoRA student (small trainable part) stays under DDP.
         ddp = ctx["world"] > 1
         self.fsdp = ddp and args.shard == "fsdp"
-        if args.compile:  # before sharding: FSDP's hooks then stay outside the compiled blocks
+        if args.compile:  # the blocks, before FSDP2 makes them its units
             for m in (self.student, self.teacher, self.disc):
                 compile_blocks(m)
         if self.fsdp:
@@ -499,8 +499,9 @@ class Phase:
         ctx, res = self.ctx, self.args.resolution
         if not (ctx["master"] or self.sharded(self.student)):
             return
-        imgs = sample.generate(ctx["text"], self.student, ctx["vae"], SAMPLE_PROMPTS, self.st.student_steps, 0,
-                               res, res, self.spec.student_prediction, 0.0, torch.float32)
+        with self.autocast() if self.sharded(self.student) else nullcontext():  # FSDP2 on GPU: bf16 weights
+            imgs = sample.generate(ctx["text"], self.student, ctx["vae"], SAMPLE_PROMPTS, self.st.student_steps, 0,
+                                   res, res, self.spec.student_prediction, 0.0, torch.float32)
         from PIL import Image
         grid = Image.new("RGB", (res * 2, res * 2))
         for i, im in enumerate(sample.to_pil(imgs)[:4]):
@@ -601,8 +602,8 @@ def tensorboard_scalars(writer, prefix, logs):
 def compile_blocks(model):
     """--compile: torch.compile every ResnetBlock2D and BasicTransformerBlock (nearly all the FLOPs), not the
     whole model: Module.compile wraps nothing, so checkpoint names stay; the same blocks are FSDP2's units
-    (shard.UNITS), whose hooks dynamo leaves out of the compiled code; LoRA's on/off switch (the teacher of
-    LoRA phases) is a guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager.
+    (shard.UNITS), compiled before they are sharded; LoRA's on/off switch (the teacher of LoRA phases) is a
+    guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager.
     Each block shape (channels x resolution) x grad mode x batch is its own graph: more than dynamo's default 8
     per block class (past that it runs the rest eager)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -715,3 +715,37 @@ def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch)
                                                                              tmp_path / "tb2")], capsys)
     assert msg.startswith("error: ") and "pip install tensorboard" in msg and "\n" not in msg.strip(), msg
     assert not (tmp_path / "none").exists() and not (tmp_path / "tb2").exists()
+
+
+def test_fsdp_bf16_policy_keeps_time_ids_float32():
+    """Issue 10.2 / 7.4: on GPU, FSDP2 computes in bf16 from fp32 masters; its default policy also casts every
+    float input of the model to bf16, which would round the time ids (1365 -> 1368). shard.py's policy leaves
+    inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo process,
+    the GPU policy on the CPU; FSDP's default policy as the counter-example."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    import shard
+    import unet as unet_lib
+    from tests.tiny import TINY_UNET
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        seen = {}
+        for name in ("shard.py", "FSDP default"):
+            torch.manual_seed(0)
+            m = unet_lib.UNet(TINY_UNET)
+            if name == "shard.py":
+                shard.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
+            else:
+                fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+            embed = m.embed
+            m.embed = lambda t, pooled, ids, dtype, _n=name, _e=embed: (seen.setdefault(_n, ids.dtype),
+                                                                        _e(t, pooled, ids, dtype))[1]
+            cond = (torch.randn(2, 77, 80), torch.randn(2, 48), torch.tensor([[1365.0, 2999, 0, 0, 32, 32]] * 2))
+            with torch.autocast("cpu", torch.bfloat16):
+                out = lm.unet_model(m, cond)(torch.randn(2, 4, 4, 4), torch.tensor([500, 250]))
+            out.sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())  # fp32 masters
+        print(f"time ids dtype inside the UNet: {seen}")
+        assert seen == {"shard.py": torch.float32, "FSDP default": torch.bfloat16}
+    finally:
+        dist.destroy_process_group()
