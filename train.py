@@ -2,6 +2,7 @@
 
     python train.py --stage 8to4 --data images/ --batch-size 8 --micro-batch-size 1      # one GPU or CPU
     torchrun --nproc_per_node 8 train.py --stage 2to1 --data shards/ --batch-size 512 --micro-batch-size 4
+    torchrun --nproc_per_node 8 train.py --stage 2to1 --data cache/ --shard fsdp --compile --tensorboard tb/  # shard.py
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         train.py --stage 4to2 --data shards/ --batch-size 512 --micro-batch-size 8      # the paper's 64 GPUs
     for s in 128to32 32to8 8to4 4to2 2to1; do torchrun --nproc_per_node 8 train.py --stage $s --data shards/; done
