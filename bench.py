@@ -391,14 +391,14 @@ def print_train_table(rows):
 # meta device): what each rank holds in every phase with DDP + ZeroRedundancyOptimizer (--shard zero) and
 # with FSDP2 (--shard fsdp), before activations. Bytes per parameter:
 #   trained whole model, 1 GPU:   4 fp32 weight + 4 fp32 grad + 8 Adam (exp_avg, exp_avg_sq)  = 16
-#   ... DDP + ZeRO, N GPUs:       4 + 4 + 4 DDP bucket (gradient_as_bucket_view is off, so DDP keeps a second copy
-#                                 of the gradients in its all-reduce buckets) + 8 / N (ZeRO shards Adam only)
+#   ... DDP + ZeRO, N GPUs:       4 + 4 + 8 / N (ZeRO shards Adam only; train.py's gradients are views into DDP's
+#                                 all-reduce buckets, gradient_as_bucket_view, so no second copy)
 #   ... FSDP2, N GPUs:            16 / N, plus what is gathered while it runs: the root unit (conv_in, embeddings,
 #                                 samplers, attention projections) for the whole step and two units (the running
 #                                 one and the prefetched one) at a time, each as a bf16 weight + fp32 grad (6 B)
 #   frozen teacher (bf16): 2; FSDP2: 2 / N + the same gathered parts at 2 B
-#   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16, + 4 DDP bucket
-#   on N > 1; its Adam is not ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
+#   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is not
+#   ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
 #   text encoders + VAE (bf16, 2): loaded when --data is images, not with a prepare.py cache
 
 GB = 1e9
@@ -444,7 +444,7 @@ def per_gpu_bytes(c, phase, world, mode):
             return 16 * params
         if fsdp:
             return 16 * params / world + 6 * (g["root"] + 2 * g["unit"])
-        return 12 * params + 8 * params / world
+        return 8 * params + 8 * params / world
 
     def frozen(params, g):
         return 2 * params / world + 2 * (g["root"] + 2 * g["unit"]) if fsdp else 2 * params
@@ -452,7 +452,7 @@ def per_gpu_bytes(c, phase, world, mode):
     u, ug, dg = c["unet"], c["unet_gathered"], c["disc_gathered"]
     total = 2 * c["frozen_extra"]
     if phase in ("cond", "uncond", "uncond_skip"):  # LoRA student (DDP either way) + discriminator
-        total += 4 * u + (16 + (4 if world > 1 else 0)) * c["lora"]
+        total += 4 * u + 16 * c["lora"]
         total += trained(c["disc_cond" if phase == "cond" else "disc_uncond"], dg)
         if phase == "uncond_skip":
             total += frozen(u, ug)
