@@ -749,3 +749,19 @@ def test_fsdp_bf16_policy_keeps_time_ids_float32():
         assert seen == {"shard.py": torch.float32, "FSDP default": torch.bfloat16}
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", ["zero", "fsdp"])
+def test_two_ranks_with_accumulation_equal_one_rank(env, tmp_path, shard):
+    """Gradient accumulation on 2 ranks (batch 4 = 2 ranks x 2 micro-batches of 1: DDP syncs on the last micro
+    step only, its gradients being views into its buckets; FSDP2 reduce-scatters every micro step) equals one
+    process with 2 micro-batches of 2, to the 2-rank test's tolerance. 8to4/full: student, D and teacher."""
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR, "--max-steps", 1]
+    two = common(env, tmp_path / "two", "--shard", shard)
+    two[two.index("--batch-size") + 1] = "4"
+    _torchrun([*args, *two], 2)
+    one = common(env, tmp_path / "one")
+    one[one.index("--batch-size") + 1], one[one.index("--micro-batch-size") + 1] = "4", "2"
+    run([*args, *one])
+    _same_training(_state(tmp_path / "one/8to4/full/checkpoint.pt"), _state(tmp_path / "two/8to4/full/checkpoint.pt"),
+                   f"{shard} 2 ranks x 2 micro-batches vs 1 rank", 1)
