@@ -4,6 +4,7 @@
     python bench.py --config mid --what unet --runs 5          # CPU: one UNet forward, 64x64 latents
     python bench.py --config mid --what sample --runs 3        # CPU: text + 4 steps + VAE decode, 512 px
     python bench.py --config sdxl --what all --json out.json   # GPU: full SDXL, 1024 px, bf16, 4 steps
+    python bench.py --what memory                              # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
 
 What is timed (median of --runs after --warmup, both under torch.no_grad):
 - `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
@@ -12,6 +13,8 @@ What is timed (median of --runs after --warmup, both under torch.no_grad):
   `lightning_min.sample`, VAE decode) against `StableDiffusionXLPipeline` with the model card's
   `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
   The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
+- `memory` (computed, not timed): per-GPU memory of every training phase at SDXL size on 1, 2 and 8 GPUs,
+  DDP + ZeRO against FSDP2 (train.py --shard), from parameter counts of the real shapes on the meta device.
 
 How to read the table: times are medians; `ratio` = ours ms / diffusers ms, so < 1 means we are
 faster; `(min)` is the same ratio of the fastest runs, the steadier one on a machine shared with other
@@ -383,6 +386,123 @@ def print_train_table(rows):
               f"{r['gflop_per_step']:>11.2f} {r['tflops']:>8.3f} {mfu:>6} {evals:>13}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Memory per GPU at SDXL size, computed from parameter counts (no GPU, no weights: the real shapes on the
+# meta device): what each rank holds in every phase with DDP + ZeroRedundancyOptimizer (--shard zero) and
+# with FSDP2 (--shard fsdp), before activations. Bytes per parameter:
+#   trained whole model, 1 GPU:   4 fp32 weight + 4 fp32 grad + 8 Adam (exp_avg, exp_avg_sq)  = 16
+#   ... DDP + ZeRO, N GPUs:       4 + 4 + 8 / N (ZeRO shards Adam only; train.py's gradients are views into DDP's
+#                                 all-reduce buckets, gradient_as_bucket_view, so no second copy)
+#   ... FSDP2, N GPUs:            16 / N, plus what is gathered while it runs: the root unit (conv_in, embeddings,
+#                                 samplers, attention projections) for the whole step and two units (the running
+#                                 one and the prefetched one) at a time, each as a bf16 weight + fp32 grad (6 B)
+#   frozen teacher (bf16): 2; FSDP2: 2 / N + the same gathered parts at 2 B
+#   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is not
+#   ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
+#   text encoders + VAE (bf16, 2): loaded when --data is images, not with a prepare.py cache
+
+GB = 1e9
+
+
+def sdxl_parameter_counts():
+    """Parameter counts of the full SDXL UNet, both discriminators, the LoRA, text encoders and VAE, and the
+    sizes FSDP2 gathers (root unit, largest unit), built on the meta device in a second."""
+    import copy
+    import lora
+    import shard
+    from discriminator import Discriminator
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+
+    def gathered(model):
+        head = shard.head_convs(model)
+        units = [n(m) for m in model.modules() if isinstance(m, shard.UNITS) or any(m is h for h in head)]
+        return {"root": n(model) - sum(units), "unit": max(units)}
+    with torch.device("meta"):
+        unet = unet_mod.UNet(unet_mod.UNetConfig())
+        d_cond, d_uncond = Discriminator(unet, True, 128), Discriminator(unet, False, 128)
+        with_lora = copy.deepcopy(unet)
+        lora.add_lora(with_lora, 64, 8.0)
+        vae = vae_mod.VAE(vae_mod.VAEConfig())
+        try:
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection
+            c1, c2 = clip_configs("full", 49408)
+            text = n(CLIPTextModel(c1)) + n(CLIPTextModelWithProjection(c2))
+        except Exception:  # noqa: BLE001 -- transformers not importable: the count measured once (README)
+            text = 817_720_320
+    return {"unet": n(unet), "disc_cond": n(d_cond), "disc_uncond": n(d_uncond), "lora": n(with_lora.lora),
+            "frozen_extra": text + n(vae), "text": text, "vae": n(vae), "unet_gathered": gathered(unet),
+            "disc_gathered": gathered(d_cond)}
+
+
+def per_gpu_bytes(c, phase, world, mode):
+    """Bytes one GPU holds in `phase` ("mse", "convert", "cond", "uncond", "uncond_skip", "full") on `world` GPUs
+    with mode "zero" (DDP + ZeRO) or "fsdp" (FSDP2). See the table above for the rules."""
+    fsdp = mode == "fsdp" and world > 1
+
+    def trained(params, g):
+        if world == 1:
+            return 16 * params
+        if fsdp:
+            return 16 * params / world + 6 * (g["root"] + 2 * g["unit"])
+        return 8 * params + 8 * params / world
+
+    def frozen(params, g):
+        return 2 * params / world + 2 * (g["root"] + 2 * g["unit"]) if fsdp else 2 * params
+
+    u, ug, dg = c["unet"], c["unet_gathered"], c["disc_gathered"]
+    total = 2 * c["frozen_extra"]
+    if phase in ("cond", "uncond", "uncond_skip"):  # LoRA student (DDP either way) + discriminator
+        total += 4 * u + 16 * c["lora"]
+        total += trained(c["disc_cond" if phase == "cond" else "disc_uncond"], dg)
+        if phase == "uncond_skip":
+            total += frozen(u, ug)
+    else:  # whole-UNet student + frozen teacher (+ discriminator in the adversarial ones)
+        total += trained(u, ug) + frozen(u, ug)
+        if phase == "full":
+            total += trained(c["disc_cond"], dg)
+    return total
+
+
+MEMORY_ROWS = [("mse", "128to32 mse: whole UNet + bf16 teacher"),
+               ("convert", "2to1 convert: whole UNet + bf16 eps teacher"),
+               ("cond", "cond (LoRA; teacher = student, LoRA off) + cond. D"),
+               ("uncond", "uncond (LoRA) + uncond. D"),
+               ("uncond_skip", "4to2 uncond (LoRA) + uncond. D + bf16 skip-level teacher"),
+               ("full", "full, 2to1 cond/uncond: whole UNet + D + bf16 teacher")]
+
+
+def memory_table(worlds=(1, 2, 8)):
+    """The rows of the memory table, GB per GPU (1e9 bytes)."""
+    c = sdxl_parameter_counts()
+    rows = []
+    for phase, what in MEMORY_ROWS:
+        row = {"phase": phase, "what": what}
+        for w in worlds:
+            for mode in (("zero",) if w == 1 else ("zero", "fsdp")):
+                row[f"{w}_{mode}"] = per_gpu_bytes(c, phase, w, mode) / GB
+        rows.append(row)
+    return c, rows
+
+
+def print_memory_table(worlds=(1, 2, 8)):
+    c, rows = memory_table(worlds)
+    cols = [f"{w}_{m}" for w in worlds for m in (("zero",) if w == 1 else ("zero", "fsdp"))]
+    names = {k: ("1 GPU" if k == "1_zero" else f"{k.split('_')[0]} GPUs {'ZeRO' if k.endswith('zero') else 'FSDP2'}")
+             for k in cols}
+    print(f"SDXL parameters: UNet {c['unet']:,}; discriminator {c['disc_cond']:,} conditional / "
+          f"{c['disc_uncond']:,} unconditional; LoRA {c['lora']:,}; text encoders {c['text']:,}; VAE {c['vae']:,}")
+    print(f"FSDP2 gathers: UNet root unit {c['unet_gathered']['root']:,}, largest unit "
+          f"{c['unet_gathered']['unit']:,}; discriminator root {c['disc_gathered']['root']:,}, largest "
+          f"{c['disc_gathered']['unit']:,} parameters")
+    print(f"| phase | {' | '.join(names[k] for k in cols)} |")
+    print("|---|" + "---|" * len(cols))
+    for r in rows:
+        print(f"| {r['what']} | " + " | ".join(f"{r[k]:.1f}" for k in cols) + " |")
+    print(f"GB per GPU (1e9 bytes), weights + gradients + Adam + frozen models, before activations; with a "
+          f"prepare.py cache subtract {2 * c['frozen_extra'] / GB:.1f} GB (no text encoders, no VAE)")
+    return rows
+
+
 BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,7 +522,9 @@ def print_table(rows):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", choices=[*BENCHES, "all"], default="all", help="which bench to run (default all)")
+    p.add_argument("--what", choices=[*BENCHES, "memory", "all"], default="all",
+                   help="which bench to run (default all: unet and sample); memory: the per-GPU memory table of "
+                        "every training phase at SDXL size, DDP+ZeRO vs FSDP2, computed from parameter counts")
     p.add_argument("--config", choices=list(CONFIGS), default=None,
                    help="model sizes: tiny (smoke run), mid (CPU-sized SDXL, 64x64 latents), sdxl (full SDXL, "
                         "1024 px); default sdxl on CUDA, mid on CPU")
@@ -431,6 +553,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.what == "memory":  # computed, not measured: no device, no diffusers
+        rows = print_memory_table()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     if args.runs < 1 or args.warmup < 0 or args.batch < 1:
         raise SystemExit(f"error: --runs and --batch must be >= 1 and --warmup >= 0, got runs={args.runs}, "
                          f"warmup={args.warmup}, batch={args.batch}")

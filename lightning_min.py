@@ -176,14 +176,16 @@ def target_time(t, n, teacher_steps):
 
 
 @torch.no_grad()
-def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None):
+def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None, every_sample=False):
     """Eq. (7)-(13): n teacher moves from t to t_target, per sample (t may differ per sample).
     s is the teacher's step (1000 / teacher_steps): given, the moves land on the teacher's
     trailing grid, round(u - k s) as in target_time, and a move that would pass t_target stops
     there (the paper's "t - ns clamped"), the remaining moves being skipped. None spreads the n
     moves evenly over [t_target, t]; both agree when t_target = t - n s on the grid. Intermediate
     times are rounded to integers; the last move always lands on t_target. The teacher runs only
-    on the samples that still move (called with their `rows`); the others stay put for free."""
+    on the samples that still move (called with their `rows`); the others stay put for free. every_sample:
+    it runs on the whole batch at every move and the finished samples keep their value, so the number of
+    calls does not depend on the data (an FSDP-sharded teacher needs every rank to make the same calls)."""
     t, t_target = t.long(), t_target.long().to(t.device)
     if s is None:
         start, s = t.double(), (t - t_target).double() / n
@@ -193,7 +195,9 @@ def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None):
     for k in range(1, n + 1):
         nxt = t_target if k == n else torch.maximum(torch.round(start - k * s).long(), t_target)
         active = nxt < cur  # samples already at t_target stay put
-        if active.all():
+        if every_sample:
+            x = torch.where(active[:, None, None, None], move(x, teacher(x, cur).float(), cur, nxt, prediction), x)
+        elif active.all():
             x = move(x, teacher(x, cur).float(), cur, nxt, prediction)
         elif active.any():
             rows = active.nonzero().squeeze(1)

@@ -2,6 +2,7 @@
 
     python train.py --stage 8to4 --data images/ --batch-size 8 --micro-batch-size 1      # one GPU or CPU
     torchrun --nproc_per_node 8 train.py --stage 2to1 --data shards/ --batch-size 512 --micro-batch-size 4
+    torchrun --nproc_per_node 8 train.py --stage 2to1 --data cache/ --shard fsdp --compile --tensorboard tb/  # shard.py
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         train.py --stage 4to2 --data shards/ --batch-size 512 --micro-batch-size 8      # the paper's 64 GPUs
     for s in 128to32 32to8 8to4 4to2 2to1; do torchrun --nproc_per_node 8 train.py --stage $s --data shards/; done
@@ -28,6 +29,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -39,6 +41,7 @@ import files
 import lightning_min as lm
 import lora
 import sample
+import shard
 import unet as unet_lib  # the UNet class for strict builds
 import weights
 from discriminator import Discriminator, unconditional_from
@@ -66,16 +69,17 @@ class Batch:
 
 
 @torch.no_grad()
-def teacher_target(teacher, b, spec):
+def teacher_target(teacher, b, spec, every_sample=False):
     """x_t (Eq. 1; pure noise at t = T, Eq. 24), then the teacher's x_{t-ns}: n moves of Eq. (7)-(13), t - ns
-    clamped at 0. In the convert phase the frozen eps-model's prediction at x_t instead (Eq. 27)."""
+    clamped at 0. In the convert phase the frozen eps-model's prediction at x_t instead (Eq. 27).
+    every_sample: the teacher runs on the whole batch at every move (see lm.teacher_rollout)."""
     b.x_t = lm.forward_fixed(b.x0, b.eps, b.t)
     b.t_tgt = lm.target_time(b.t, spec.n, spec.teacher_steps)
     if spec.loss == "convert":
         b.target = teacher(b.x_t, b.t)
     else:
         b.target = lm.teacher_rollout(teacher, b.x_t, b.t, b.t_tgt, spec.n, spec.teacher_prediction,
-                                      s=lm.T / spec.teacher_steps)
+                                      s=lm.T / spec.teacher_steps, every_sample=every_sample)
     return b
 
 
@@ -236,18 +240,28 @@ class Phase:
                     disc_opt = ck["opt_d"]
             self.disc.to(dev, torch.float32)
             self.disc.backbone.gradient_checkpointing = args.grad_checkpointing
-        # --- DDP, optimizers: Adam per Sec. 3.6; ZeRO shards the whole-UNet states across ranks
+        # --- DDP, optimizers: Adam per Sec. 3.6; ZeRO shards the whole-UNet states across ranks. --shard fsdp:
+        #     FSDP2 shards weights, gradients and Adam states of the teacher, the discriminator and a whole-UNet
+        #     student instead (shard.py); a LoRA student (small trainable part) stays under DDP.
+        ddp = ctx["world"] > 1
+        self.fsdp = ddp and args.shard == "fsdp"
+        if args.compile:  # the blocks, before FSDP2 makes them its units
+            for m in (self.student, self.teacher, self.disc):
+                compile_blocks(m)
+        if self.fsdp:
+            for m, trained in ((self.teacher, False), (self.disc, True), (None if spec.lora else self.student, True)):
+                if m is not None:
+                    shard.shard_model(m, dev, trained)
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.n_trainable = sum(p.numel() for p in params)
-        ddp = ctx["world"] > 1
-        self.g_model = DDP(self.student, device_ids=ctx["ids"]) if ddp else self.student
-        self.opt_g = self.make_opt(params, zero=ddp and not spec.lora)
+        self.g_model = self.wrap_ddp(self.student) if ddp and not self.sharded(self.student) else self.student
+        self.opt_g = self.make_opt(params, zero=ddp and not spec.lora and not self.fsdp)
         self.opt_d = None
         if self.disc is not None:
-            self.d_model = DDP(self.disc, device_ids=ctx["ids"]) if ddp else self.disc
-            self.opt_d = self.make_opt(list(self.disc.parameters()), zero=ddp)
+            self.d_model = self.disc if not ddp or self.fsdp else self.wrap_ddp(self.disc)
+            self.opt_d = self.make_opt(list(self.disc.parameters()), zero=ddp and not self.fsdp)
             if disc_opt is not None:
-                self.opt_d.load_state_dict(disc_opt)
+                self.load_opt(self.opt_d, self.disc, disc_opt)
         self.step, self.bad_in_row, self.bad_total, self.skipped_images, self.teacher_evals = 0, 0, 0, 0, 0
         self.switch_step = args.renoise_switch_step if args.renoise_switch_step is not None else args.max_steps // 2
         if resuming:
@@ -279,6 +293,22 @@ class Phase:
             raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
         return unet
 
+    @staticmethod
+    def sharded(model):
+        return model is not None and shard.is_sharded(model)
+
+    def load_model(self, model, sd):
+        shard.load_state_dict(model, sd) if self.sharded(model) else model.load_state_dict(sd, strict=True)
+
+    def load_opt(self, opt, model, sd):
+        """An Adam state in torch.optim's format (checkpoint.pt, whatever --shard or world size wrote it)."""
+        shard.load_optim_state_dict(model, opt, sd) if self.sharded(model) else opt.load_state_dict(sd)
+
+    def wrap_ddp(self, model):
+        """The gradients are views into DDP's all-reduce buckets: without that DDP keeps a second copy of them
+        (4 bytes per trained parameter, 10 GB for the whole SDXL UNet)."""
+        return DDP(model, device_ids=self.ctx["ids"], gradient_as_bucket_view=True)
+
     def make_opt(self, params, zero):
         kw = dict(lr=self.lr, betas=self.spec.betas, weight_decay=0.0)
         if zero:
@@ -292,33 +322,49 @@ class Phase:
                 group["lr"] = self.lr
 
     # ------------------------------------------------------------------ checkpoints (order: files.py)
-    def trainable_state(self):
-        return lora.lora_state_dict(self.student) if self.spec.lora else self.student.state_dict()
-
     def save(self):
         """checkpoint.pt, then the exports, then progress.json: any interruption leaves a state a re-run completes."""
+        states = self.full_states()
+        on_master(self.ctx, lambda: self.write_checkpoint_and_exports(states))
+
+    def full_states(self):
+        """Student, discriminator and both Adam states, whole, as rank 0 writes them (None elsewhere). Collective,
+        every rank calls it: ZeRO consolidates its shards on rank 0, FSDP gathers everything there (shard.py)."""
         for opt in (self.opt_g, self.opt_d):
             if isinstance(opt, ZeroRedundancyOptimizer):
-                opt.consolidate_state_dict(to=0)  # collective: every rank takes part
-        on_master(self.ctx, self.write_checkpoint_and_exports)
+                opt.consolidate_state_dict(to=0)
 
-    def write_checkpoint_and_exports(self):
+        master = self.ctx["master"]
+
+        def model(m):
+            if self.sharded(m):
+                return shard.full_state_dict(m)
+            return {k: v.detach().cpu() for k, v in m.state_dict().items()} if master else None
+
+        def opt(o, m):
+            return shard.full_optim_state_dict(m, o) if self.sharded(m) else o.state_dict() if master else None
+        student = model(self.student) if not self.spec.lora else lora.lora_state_dict(self.student)
+        states = {"student": student, "disc": None if self.disc is None else model(self.disc),
+                  "opt_g": opt(self.opt_g, self.student),
+                  "opt_d": None if self.opt_d is None else opt(self.opt_d, self.disc)}
+        return states if master else None
+
+    def write_checkpoint_and_exports(self, states):
         state = {"stage": self.stage, "phase": self.phase, "step": self.step, "bad_total": self.bad_total,
                  "args": vars(self.args), "init": self.plan["init"], "renoise_switch_step": self.switch_step,
-                 "student": {k: v.detach().cpu() for k, v in self.trainable_state().items()},
-                 "disc": None if self.disc is None else {k: v.cpu() for k, v in self.disc.state_dict().items()},
-                 "opt_g": self.opt_g.state_dict(), "opt_d": None if self.opt_d is None else self.opt_d.state_dict(),
-                 "rng": torch.get_rng_state()}
+                 "student": {k: v.detach().cpu() for k, v in states["student"].items()}, "disc": states["disc"],
+                 "opt_g": states["opt_g"], "opt_d": states["opt_d"], "rng": torch.get_rng_state()}
         self.dir.mkdir(parents=True, exist_ok=True)
         files.save_torch(state, self.dir / "checkpoint.pt")
         files.crash_point("checkpoint")
-        self.export()
+        self.export(states)
 
-    def export(self):
+    def export(self, states):
         """The release formats, fp16: a diffusers-layout UNet (LoRA merged in fp32 on a copy), and the LoRA.
         Then progress.json says the exports are those of this step."""
         steps = self.st.student_steps
-        sd = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in lora.base_state_dict(self.student).items()}
+        base = states["student"] if not self.spec.lora else lora.base_state_dict(self.student)  # whole, on the CPU
+        sd = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in base.items()}
         if self.spec.lora:  # merge into a copy: the student's base (= the teacher) must stay untouched
             merged = weights.build_strict(unet_lib.UNet, self.student.config, sd, "student")
             lsd = {k: v.to("cpu", torch.float32, copy=True) for k, v in lora.lora_state_dict(self.student).items()}
@@ -333,12 +379,11 @@ class Phase:
     def resume(self):
         path = self.dir / "checkpoint.pt"
         state = files.read_checkpoint(path, self.stage, self.phase)
-        target = self.student.lora if self.spec.lora else self.student
-        target.load_state_dict(state["student"], strict=True)
+        self.load_model(self.student.lora if self.spec.lora else self.student, state["student"])
         if self.disc is not None:
-            self.disc.load_state_dict(state["disc"], strict=True)
-            self.opt_d.load_state_dict(state["opt_d"])
-        self.opt_g.load_state_dict(state["opt_g"])
+            self.load_model(self.disc, state["disc"])
+            self.load_opt(self.opt_d, self.disc, state["opt_d"])
+        self.load_opt(self.opt_g, self.student, state["opt_g"])
         torch.set_rng_state(state["rng"])
         self.step, self.bad_total = state["step"], state["bad_total"]
         if self.args.renoise_switch_step is None:
@@ -403,8 +448,8 @@ class Phase:
         spec, logs = self.spec, {}
         batches = []
         for b in self.micro_batches():
-            with self.autocast():
-                batches.append(teacher_target(self.teacher_model(b.cond), b, spec))
+            with self.autocast():  # a sharded teacher needs the same calls on every rank, whatever the samples
+                batches.append(teacher_target(self.teacher_model(b.cond), b, spec, self.sharded(self.teacher)))
         n = len(batches)
         if self.disc is not None:  # --- discriminator update
             self.disc.requires_grad_(True)
@@ -455,14 +500,22 @@ class Phase:
     # ------------------------------------------------------------------ samples, logging, the loop
     @torch.no_grad()
     def sample_grid(self):
+        """Rank 0 writes the grid; a sharded student needs every rank in its forward, so all of them sample."""
         ctx, res = self.ctx, self.args.resolution
-        imgs = sample.generate(ctx["text"], self.student, ctx["vae"], SAMPLE_PROMPTS, self.st.student_steps, 0,
-                               res, res, self.spec.student_prediction, 0.0, torch.float32)
+        if not (ctx["master"] or self.sharded(self.student)):
+            return
+        with self.autocast() if self.sharded(self.student) else nullcontext():  # FSDP2 on GPU: bf16 weights
+            imgs = sample.generate(ctx["text"], self.student, ctx["vae"], SAMPLE_PROMPTS, self.st.student_steps, 0,
+                                   res, res, self.spec.student_prediction, 0.0, torch.float32)
         from PIL import Image
         grid = Image.new("RGB", (res * 2, res * 2))
         for i, im in enumerate(sample.to_pil(imgs)[:4]):
             grid.paste(im, ((i % 2) * res, (i // 2) * res))
-        files.atomic_write(self.dir / f"samples_{self.step:06d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        if ctx["master"]:
+            files.atomic_write(self.dir / f"samples_{self.step:06d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+            if ctx.get("tensorboard"):
+                ctx["tensorboard"].add_image(f"{self.stage}/{self.phase}/samples", np.asarray(grid), self.step,
+                                             dataformats="HWC")
 
     def write_meta(self):
         """phase.json: what this phase trains with, for the reader of a run folder (and the tests).
@@ -472,7 +525,8 @@ class Phase:
                 "teacher_is_student_without_lora": self.teacher_is_student, "student_init": self.plan["init"],
                 "lora_from": self.plan["lora_from"], "discriminator_from": self.plan["disc_from"] or
                 ("base" if self.disc is not None else None), "trainable_params": self.n_trainable,
-                "world_size": self.ctx["world"], "args": vars(self.args), **self.spec.__dict__, "lr": self.lr,
+                "world_size": self.ctx["world"], "fsdp": self.fsdp, "args": vars(self.args), **self.spec.__dict__,
+                "lr": self.lr,
                 "renoise": self.renoise, "renoise_switch_step": self.switch_step,
                 "renoise_weights_late": self.args.renoise_weights_late}
         files.save_json(meta, self.dir / "phase.json")
@@ -489,7 +543,8 @@ class Phase:
         a, ctx = self.args, self.ctx
         if self.step > files.progress_step(self.dir):  # a save was interrupted after its checkpoint
             self.log(f"completing the interrupted save of step {self.step}")
-            on_master(ctx, self.export)
+            states = self.full_states()
+            on_master(ctx, lambda: self.export(states))
         if self.step >= a.max_steps:
             self.log(f"finished already (step {self.step} >= --max-steps {a.max_steps}); skipped")
             return
@@ -515,10 +570,12 @@ class Phase:
                     f.write(json.dumps(logs) + "\n")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "d_"))})
                 bar.update(1)
+                if ctx.get("tensorboard"):
+                    tensorboard_scalars(ctx["tensorboard"], f"{self.stage}/{self.phase}", logs)
             files.crash_point(f"step{self.step}")
             if self.step % a.save_every == 0 or self.step == a.max_steps:
                 self.save()
-            if ctx["master"] and a.sample_every and self.step % a.sample_every == 0:
+            if a.sample_every and self.step % a.sample_every == 0:
                 self.sample_grid()
         bar.close()
         self.log(f"done: {self.dir / unet_filename(self.st.student_steps)}")
@@ -537,6 +594,27 @@ def logged_step(line):
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def tensorboard_scalars(writer, prefix, logs):
+    """Every number of a log.jsonl line (each loss term, D(real)/D(fake), lr, step time, images/s, teacher
+    evaluations, bad steps) as the scalar PREFIX/key at its step; flags and strings stay in log.jsonl only."""
+    for k, v in logs.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            writer.add_scalar(f"{prefix}/{k}", v, logs["step"])
+
+
+def compile_blocks(model):
+    """--compile: torch.compile every ResnetBlock2D and BasicTransformerBlock (nearly all the FLOPs), not the
+    whole model: Module.compile wraps nothing, so checkpoint names stay; the same blocks are FSDP2's units
+    (shard.UNITS), compiled before they are sharded; LoRA's on/off switch (the teacher of LoRA phases) is a
+    guard, one graph each way. The glue between blocks (embeddings, samplers) stays eager.
+    Each block shape (channels x resolution) x grad mode x batch is its own graph: more than dynamo's default 8
+    per block class (past that it runs the rest eager)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for m in (model.modules() if model is not None else []):
+        if isinstance(m, shard.UNITS):
+            m.compile()
 
 
 def no_sync_unless_last(model, i, n):
@@ -573,7 +651,8 @@ def on_master(ctx, fn):
 # the step target and the bookkeeping, the micro-batch and rank count (the global batch and its draws do not
 # depend on them), --lr (applied from the resumed step on) and the re-noise switch step.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpointing", "vae_slice", "max_bad_steps",
-                     "device", "micro_batch_size", "lr", "renoise_switch_step", "phase", "out"}
+                     "device", "micro_batch_size", "lr", "renoise_switch_step", "phase", "out", "shard", "compile",
+                     "tensorboard"}
 
 
 def parse_args(argv=None):
@@ -620,6 +699,15 @@ def parse_args(argv=None):
     p.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, noise and timesteps")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
+    p.add_argument("--shard", choices=["zero", "fsdp"], default="zero", help="how several ranks split the models: "
+                   "zero = DDP + ZeroRedundancyOptimizer (whole-UNet Adam states only); fsdp = FSDP2 (shard.py): "
+                   "weights, gradients and Adam states of the teacher, discriminator and whole-UNet student, bf16 "
+                   "compute with fp32 masters on GPU (a LoRA student stays DDP). Same checkpoint.pt either way")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks of the student, teacher and "
+                   "discriminator (slow first steps; same results to float tolerance)")
+    p.add_argument("--tensorboard", metavar="DIR", default=None, help="also log to TensorBoard in DIR (rank 0): every "
+                   "loss term, D(real)/D(fake), lr, step time, images/s, sample grids; needs `pip install "
+                   "tensorboard`; log.jsonl stays the record")
     return p.parse_args(argv)
 
 
@@ -647,6 +735,12 @@ def check_args(args, world):
     if args.phase is not None and args.phase not in phases:
         raise files.RunError(f"stage {args.stage} has no phase {args.phase!r}; its phases: {', '.join(phases)}")
     files.check_writable_folder(args.out)
+    if args.tensorboard is not None:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 -- only when asked; it needs the tensorboard package
+        except ImportError:
+            raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        files.check_writable_folder(args.tensorboard)
     return [args.phase] if args.phase else list(phases)
 
 
@@ -710,6 +804,9 @@ def main(argv=None):
     lock, error = files.OutputLock(args.out), None
     try:
         on_master(ctx, lambda: (lock.acquire(), check_resume(args, phases)))
+        if args.tensorboard and ctx["master"]:
+            from torch.utils.tensorboard import SummaryWriter
+            ctx["tensorboard"] = SummaryWriter(args.tensorboard)
         load_frozen(args, ctx)
         for phase in phases:
             if files.progress_step(phase_dir(args, args.stage, phase)) >= args.max_steps:
@@ -720,6 +817,8 @@ def main(argv=None):
     except (files.RunError, weights.CheckpointError, ValueError, RuntimeError) as e:
         error = e
     finally:
+        if ctx.get("tensorboard"):
+            ctx["tensorboard"].close()
         if ctx["master"]:
             lock.release()
         if ctx["world"] > 1:

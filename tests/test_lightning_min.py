@@ -207,6 +207,25 @@ def test_teacher_rollout_runs_the_teacher_only_on_moving_samples():
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+def test_teacher_rollout_every_sample_makes_the_same_calls_whatever_the_data():
+    """Issue 10.2: every_sample=True (an FSDP-sharded teacher: every rank must make the same calls) runs the teacher
+    on the whole batch at every move, whatever the timesteps, and gives the rows result to float tolerance."""
+    toy = Toy()
+    x_t = noise((4, 4, 4, 4), seed=12)
+    for t in (torch.tensor([1000, 750, 500, 250]), torch.tensor([1000, 1000, 1000, 1000])):
+        seen = []
+
+        def teacher(x, t, rows=None):
+            seen.append(x.shape[0])
+            return toy(x, t - 1)
+        tt = L.target_time(t, 4, 4)
+        out = L.teacher_rollout(teacher, x_t, t, tt, 4, s=250.0, every_sample=True)
+        assert seen == [4, 4, 4, 4]
+        ref = L.teacher_rollout(lambda x, t, rows=None: toy(x, t - 1), x_t, t, tt, 4, s=250.0)
+        report(f"every_sample vs rows, t = {t.tolist()}", out, ref)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 # -----------------------------------------------------------------------------
 # 3. the teacher rollout (Eq. 7-13) and the student jump (Eq. 14-15)
 

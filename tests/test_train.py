@@ -178,46 +178,55 @@ def _torchrun(args, nproc):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def _same_training(a, b, what, steps, lr=DDP_LR):
+    """Two checkpoints of the same training computed two ways (ranks, sharding, compile), to the DDP test's
+    tolerance. The gradients (Adam's exp_avg: with beta1 = 0 the step's gradient, else 0.1 of it) agree to float
+    tolerance. The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may
+    step either way; all but a handful of elements agree closely, and none by more than two such steps per step."""
+    for opt in ("opt_g", "opt_d"):
+        if a[opt] is None:
+            continue
+        sa, sb = a[opt]["state"], b[opt]["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        worst = 0.0
+        for i in sa:
+            g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
+            assert_close(g_b, g_a, atol=1e-3 * g_a.abs().max().item() + 1e-12, rtol=1e-2)
+            worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
+        print(f"{what} {opt}: gradients max diff / max |grad| = {worst:.2e}")
+    for part in ("student", "disc"):
+        if a[part] is None:
+            continue
+        assert a[part].keys() == b[part].keys()
+        total = close = 0
+        worst = 0.0
+        for k in a[part]:
+            d = (a[part][k] - b[part][k]).abs()
+            worst = max(worst, d.max().item())
+            total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
+        print(f"{what} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel; "
+              f"max diff {worst:.2e} (lr {lr:g} x {steps} steps)")
+        assert worst <= 2 * lr * steps and close / total > 0.999
+
+
+@pytest.mark.parametrize("shard", ["zero", "fsdp"])
 @pytest.mark.parametrize("stage", ["8to4", "2to1"])
-def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank, tmp_path, stage):
+def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank, tmp_path, stage, shard):
     """Issue 6.2: `torchrun --nproc_per_node 2 train.py --stage S` runs every phase of the stage end to end (8to4:
     cond -> uncond -> full, LoRA then ZeRO; 2to1: convert -> cond -> uncond, whole UNet), each phase starting from
-    the previous one's checkpoint once every rank may read it, and equals 1 rank x micro-batch 2 phase by phase."""
-    _torchrun(["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR,
+    the previous one's checkpoint once every rank may read it, and equals 1 rank x micro-batch 2 phase by phase.
+    Issue 10.2: the same with --shard fsdp (FSDP2 on the teacher, the discriminator and the whole-UNet student;
+    the LoRA student stays DDP), whose checkpoints are the same plain format as 1 rank's."""
+    _torchrun(["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, "--shard", shard,
                *common(env, tmp_path / "two")], 2)
     steps = 0
     for phase in lm.STAGES[stage].phases:
         a = _state(one_rank(stage) / stage / phase / "checkpoint.pt")
         b = _state(tmp_path / "two" / stage / phase / "checkpoint.pt")
-        assert b["step"] == 1 and json.loads((tmp_path / "two" / stage / phase / "phase.json").read_text())[
-            "world_size"] == 2
+        meta = json.loads((tmp_path / "two" / stage / phase / "phase.json").read_text())
+        assert b["step"] == 1 and meta["world_size"] == 2 and meta["fsdp"] == (shard == "fsdp")
         steps += 1
-        # The gradients (Adam's exp_avg: with beta1 = 0 the step's gradient, else 0.1 of it) agree to float tolerance.
-        for opt in ("opt_g", "opt_d"):
-            if a[opt] is None:
-                continue
-            sa, sb = a[opt]["state"], b[opt]["state"]
-            assert sa.keys() == sb.keys() and len(sa) > 0
-            worst = 0.0
-            for i in sa:
-                g_a, g_b = sa[i]["exp_avg"], sb[i]["exp_avg"]
-                assert_close(g_b, g_a, atol=1e-3 * g_a.abs().max().item() + 1e-12, rtol=1e-2)
-                worst = max(worst, (g_a - g_b).abs().max().item() / (g_a.abs().max().item() + 1e-30))
-            print(f"DDP {stage}/{phase} {opt}: gradients max diff / max |grad| = {worst:.2e}")
-        # The weights: Adam's first steps are lr * g / |g|, so a gradient that is ~0 up to float noise may step
-        # either way; all but a handful of elements agree closely, and none by more than two such steps per step.
-        for part in ("student", "disc"):
-            if a[part] is None:
-                continue
-            total = close = 0
-            worst = 0.0
-            for k in a[part]:
-                d = (a[part][k] - b[part][k]).abs()
-                worst = max(worst, d.max().item())
-                total, close = total + d.numel(), close + (d <= 1e-8 + 1e-6 * a[part][k].abs()).sum().item()
-            print(f"DDP {stage}/{phase} {part}: {close / total:.5%} of weights within 1e-8 + 1e-6 rel; "
-                  f"max diff {worst:.2e} (lr {DDP_LR:g} x {steps} steps)")
-            assert worst <= 2 * DDP_LR * steps and close / total > 0.999
+        _same_training(a, b, f"{shard} {stage}/{phase}", steps)
         if phase == "cond" and stage == "8to4":  # LoRA up weights start at zero
             moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
             print(f"DDP {stage}/{phase}: LoRA up weights moved up to {moved:.3e}")
@@ -318,9 +327,9 @@ def test_exports_leave_the_student_untouched_and_kills_resume_exactly(env, tmp_p
     --save-every 100, and a run killed after any step and re-run ends bitwise equal too."""
     export = train.Phase.export
 
-    def checked_export(self):
+    def checked_export(self, states):
         before = {k: v.clone() for k, v in lora.base_state_dict(self.student).items()}
-        export(self)
+        export(self, states)
         assert all(torch.equal(v, before[k]) for k, v in lora.base_state_dict(self.student).items())
         checked_export.calls += 1
     checked_export.calls = 0
@@ -618,3 +627,141 @@ def test_phase_on_a_prepare_cache_equals_the_phase_on_images(env, tmp_path, monk
                         / (a["opt_g"]["state"][i]["exp_avg"].abs().max().item() + 1e-30) for i in a["opt_g"]["state"])
             print(f"full: student gradient max diff / max |grad|, cache vs images: {worst:.2e}")
             assert worst < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 10: --shard fsdp resume, --compile, --tensorboard
+
+
+def test_fsdp_resume_is_exact_and_resumes_under_another_shard_mode(env, tmp_path):
+    """Issue 10.2: under --shard fsdp on 2 gloo ranks, a run stopped after step 2 and re-run to step 4 equals the
+    run that went straight to 4, bitwise (the checkpoint holds whole fp32 tensors, sharded again the same way);
+    the same step-2 checkpoint resumed by one plain process (no FSDP) continues the same training. With activation
+    checkpointing (FSDP gathers the recomputed blocks again) and sample grids (every rank runs the sharded student)."""
+    import shutil
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR,
+            "--grad-checkpointing", "--sample-every", 2, "--shard", "fsdp"]
+    _torchrun([*args, *common(env, tmp_path / "a", "--max-steps", 2)], 2)
+    assert (tmp_path / "a/8to4/full/samples_000002.png").exists()
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    _torchrun([*args, *common(env, tmp_path / "a", "--max-steps", 4)], 2)  # resumes at step 2
+    _torchrun([*args, *common(env, tmp_path / "b", "--max-steps", 4)], 2)
+    a, b = _state(tmp_path / "a/8to4/full/checkpoint.pt"), _state(tmp_path / "b/8to4/full/checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    _compare(a, b, "fsdp resume", atol=0, rtol=0)
+    for o in ("opt_g", "opt_d"):
+        assert all(torch.equal(a[o]["state"][i]["exp_avg_sq"], b[o]["state"][i]["exp_avg_sq"]) for i in a[o]["state"])
+    one = common(env, tmp_path / "c", "--max-steps", 4)
+    one[one.index("--micro-batch-size") + 1] = "2"  # the same global batch on one process
+    run([*args[:-2], *one])
+    c = _state(tmp_path / "c/8to4/full/checkpoint.pt")
+    _same_training(b, c, "fsdp 2 ranks -> 1 process at step 2, vs fsdp throughout", 4)
+
+
+def _inductor_works():
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(3))
+        return None
+    except Exception as e:  # noqa: BLE001 -- no C++ compiler, no Python headers, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def test_compile_training_step_matches_eager(env, tmp_path):
+    """Issue 10.3: --compile (torch.compile of the UNet blocks of student, teacher and discriminator) trains the
+    same as eager to float tolerance: 8to4/full (all three models), 2 steps, losses and the Adam state."""
+    why = _inductor_works()
+    if why:
+        pytest.skip(f"torch.compile's inductor toolchain is unusable here ({why})")
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR]
+    run([*args, *common(env, tmp_path / "eager", "--max-steps", 2)])
+    run([*args, *common(env, tmp_path / "compiled", "--max-steps", 2, "--compile")])
+    la, lb = [[json.loads(line) for line in (tmp_path / d / "8to4/full/log.jsonl").read_text().splitlines()]
+              for d in ("eager", "compiled")]
+    for ra, rb in zip(la, lb):
+        for k in ("loss_d", "loss_g", "d_real", "d_fake"):
+            print(f"step {ra['step']} {k}: eager {ra[k]:.8f} compiled {rb[k]:.8f}")
+            assert abs(ra[k] - rb[k]) <= 1e-5 * abs(ra[k]) + 1e-6
+    a, b = _state(tmp_path / "eager/8to4/full/checkpoint.pt"), _state(tmp_path / "compiled/8to4/full/checkpoint.pt")
+    assert a["student"].keys() == b["student"].keys()  # Module.compile keeps the checkpoint names
+    _same_training(a, b, "compiled vs eager 8to4/full", 2)
+    assert json.loads((tmp_path / "compiled/8to4/full/phase.json").read_text())["args"]["compile"]
+
+
+def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch):
+    """Issue 10.4: --tensorboard DIR writes every number of log.jsonl (each loss term, D(real)/D(fake), lr, step
+    time, images/s) as scalars at their step, and the sample grids as images; without the tensorboard package
+    the run is refused in one line before any work, nothing written."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb, out = tmp_path / "tb", tmp_path / "runs"
+    run(["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8],
+         *common(env, out, "--max-steps", 2, "--sample-every", 2, "--tensorboard", tb)])
+    ev = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0}).Reload()
+    log = [json.loads(line) for line in (out / "8to4/full/log.jsonl").read_text().splitlines()]
+    want = ["loss_d", "loss_g", "d_real", "d_fake", "lr", "step_time", "images_per_s", "teacher_evals"]
+    for k in want:
+        got = {e.step: e.value for e in ev.Scalars(f"8to4/full/{k}")}
+        assert got.keys() == {r["step"] for r in log}, k
+        for r in log:
+            assert got[r["step"]] == pytest.approx(r[k], rel=1e-6, abs=1e-12), (k, r["step"])
+    images = ev.Images("8to4/full/samples")
+    assert [i.step for i in images] == [2] and (images[0].width, images[0].height) == (64, 64)
+    print(f"tensorboard: {len(ev.Tags()['scalars'])} scalar tags, {len(images)} sample grid")
+    # the package missing: one line, before any work
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started without tensorboard"))
+    for name in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)
+    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "none", "--tensorboard",
+                                                                             tmp_path / "tb2")], capsys)
+    assert msg.startswith("error: ") and "pip install tensorboard" in msg and "\n" not in msg.strip(), msg
+    assert not (tmp_path / "none").exists() and not (tmp_path / "tb2").exists()
+
+
+def test_fsdp_bf16_policy_keeps_time_ids_float32():
+    """Issue 10.2 / 7.4: on GPU, FSDP2 computes in bf16 from fp32 masters; its default policy also casts every
+    float input of the model to bf16, which would round the time ids (1365 -> 1368). shard.py's policy leaves
+    inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo process,
+    the GPU policy on the CPU; FSDP's default policy as the counter-example."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    import shard
+    import unet as unet_lib
+    from tests.tiny import TINY_UNET
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        seen = {}
+        for name in ("shard.py", "FSDP default"):
+            torch.manual_seed(0)
+            m = unet_lib.UNet(TINY_UNET)
+            if name == "shard.py":
+                shard.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
+            else:
+                fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+            embed = m.embed
+            m.embed = lambda t, pooled, ids, dtype, _n=name, _e=embed: (seen.setdefault(_n, ids.dtype),
+                                                                        _e(t, pooled, ids, dtype))[1]
+            cond = (torch.randn(2, 77, 80), torch.randn(2, 48), torch.tensor([[1365.0, 2999, 0, 0, 32, 32]] * 2))
+            with torch.autocast("cpu", torch.bfloat16):
+                out = lm.unet_model(m, cond)(torch.randn(2, 4, 4, 4), torch.tensor([500, 250]))
+            out.sum().backward()
+            assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())  # fp32 masters
+        print(f"time ids dtype inside the UNet: {seen}")
+        assert seen == {"shard.py": torch.float32, "FSDP default": torch.bfloat16}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shard", ["zero", "fsdp"])
+def test_two_ranks_with_accumulation_equal_one_rank(env, tmp_path, shard):
+    """Gradient accumulation on 2 ranks (batch 4 = 2 ranks x 2 micro-batches of 1: DDP syncs on the last micro
+    step only, its gradients being views into its buckets; FSDP2 reduce-scatters every micro step) equals one
+    process with 2 micro-batches of 2, to the 2-rank test's tolerance. 8to4/full: student, D and teacher."""
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR, "--max-steps", 1]
+    two = common(env, tmp_path / "two", "--shard", shard)
+    two[two.index("--batch-size") + 1] = "4"
+    _torchrun([*args, *two], 2)
+    one = common(env, tmp_path / "one")
+    one[one.index("--batch-size") + 1], one[one.index("--micro-batch-size") + 1] = "4", "2"
+    run([*args, *one])
+    _same_training(_state(tmp_path / "one/8to4/full/checkpoint.pt"), _state(tmp_path / "two/8to4/full/checkpoint.pt"),
+                   f"{shard} 2 ranks x 2 micro-batches vs 1 rank", 1)
