@@ -217,6 +217,7 @@ class ToyConfig:
     images: int = 3000  # data set size
     vae_steps: int = 400  # VAE optimizer steps
     vae_batch: int = 16  # VAE batch
+    vae_lr: float = 1e-3  # Adam peak learning rate (cosine to 10%)
     clf_steps: int = 300  # classifier optimizer steps
     unet_steps: int = 2000  # teacher optimizer steps
     unet_batch: int = 32  # teacher batch
@@ -227,7 +228,8 @@ class ToyConfig:
     seed: int = 0  # data, initialization and training draws
 
 
-QUICK = ToyConfig(images=500, vae_steps=150, clf_steps=100, unet_steps=300, unet_batch=32, unet_lr=1e-3, ema=0.98)
+QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=400, unet_batch=32, unet_lr=1e-3,
+                  ema=0.98)
 
 
 def unet_config(cfg):
@@ -262,11 +264,11 @@ def train_vae(pixels, cfg, seed):
     Returns the VAE with scaling_factor set so the scaled latent means have unit variance."""
     torch.manual_seed(seed)
     vae = vae_mod.VAE(vae_mod.VAEConfig(**asdict(VAE_CONFIG)))
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
     g = torch.Generator().manual_seed(seed)
     bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
     for step in bar:
-        lr = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
         for group in opt.param_groups:
             group["lr"] = lr
         x = pixels[torch.randint(len(pixels), (cfg.vae_batch,), generator=g)]
@@ -370,7 +372,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
         step = state["step"]
         print(f"toy.py: resuming the teacher at step {step}")
     ids = text_mod.time_ids(RES, RES).expand(cfg.unet_batch, 6)  # data.py's ids for a 64 px image, uncropped
-    B, warm = cfg.unet_batch, min(200, cfg.unet_steps // 10)
+    B, warm = cfg.unet_batch, max(1, min(200, cfg.unet_steps // 10))
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="teacher unet", mininterval=5)
     while step < cfg.unet_steps:
         lr = cfg.unet_lr * (min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
@@ -532,7 +534,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
     p.add_argument("--images", type=int, default=None, help="data set size (default 3000, --quick 500)")
-    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 300)")
+    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 400)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 400, --quick 300)")
+    p.add_argument("--clf-steps", type=int, default=None, help="classifier training steps (default 300, --quick 100)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase-steps", type=int, default=150, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
@@ -544,11 +548,13 @@ def main(argv=None):
     cfg = ToyConfig(**{**asdict(QUICK if args.quick else ToyConfig()), "seed": args.seed})
     if args.images is not None:
         cfg.images = args.images
-    if args.unet_steps is not None:
-        cfg.unet_steps = args.unet_steps
-    if cfg.images < 64 or cfg.unet_steps < 1 or args.phase_steps < 1 or args.batch < 1:
-        raise SystemExit(f"error: --images must be >= 64, --unet-steps, --phase-steps and --batch >= 1; got "
-                         f"{cfg.images}, {cfg.unet_steps}, {args.phase_steps}, {args.batch}")
+    for name in ("unet_steps", "vae_steps", "clf_steps"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch) < 1:
+        raise SystemExit(f"error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, --phase-steps, "
+                         f"--batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, {cfg.clf_steps}, "
+                         f"{args.phase_steps}, {args.batch}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file, not a folder")
@@ -608,6 +614,25 @@ def eval_rows(out):
     return rows
 
 
+GRID_ROWS = ["teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1"]
+
+
+def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
+    """One PNG: a labelled row per eval row (those present), the same prompts and noise in each column."""
+    from PIL import ImageFont
+    eval_dir = Path(eval_dir)
+    rows = [r for r in rows if (eval_dir / r).is_dir()]
+    label_w = 70
+    img = Image.new("RGB", (label_w + RES * columns, RES * len(rows)), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for y, r in enumerate(rows):
+        d.text((4, y * RES + RES // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
+        for x in range(columns):
+            img.paste(Image.open(eval_dir / r / f"{x * every:05d}.png"), (label_w + x * RES, y * RES))
+    img.save(path)
+    return rows
+
+
 def experiment(out, args):
     """Every phase through train.py (skipping finished ones), then eval.py; wall times to OUT/runs/times.json."""
     out = Path(out)
@@ -634,6 +659,8 @@ def experiment(out, args):
         raise ValueError("eval.py failed")
     times["eval"] = time.time() - t0
     write_json(tfile, times)
+    grid(out / "eval", out / "eval" / "grid.png")
+    print(f"toy.py: {out / 'eval' / 'results.md'}, {out / 'eval' / 'grid.png'}; wall times in {tfile}")
 
 
 if __name__ == "__main__":

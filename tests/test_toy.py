@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def quick(tmp_path_factory):
-    """`python toy.py --out DIR --quick`, once per test session (a few minutes on 2 CPU cores)."""
-    out = tmp_path_factory.mktemp("toy") / "toy"
-    toy.main(["--out", str(out), "--quick", "--seed", "0"])
+    """`python toy.py --out DIR --quick`, once per test session (a few minutes on 2 CPU cores). TOY_QUICK_DIR
+    names a folder to build it in and reuse across sessions (a base already there is used as it is)."""
+    out = Path(os.environ["TOY_QUICK_DIR"]) if os.environ.get("TOY_QUICK_DIR") else tmp_path_factory.mktemp("toy") / "toy"
+    if not (os.environ.get("TOY_QUICK_DIR") and (out / "base" / "model_index.json").exists()):
+        toy.main(["--out", str(out), "--quick", "--seed", "0"])
     return out
 
 
@@ -77,7 +79,7 @@ def test_quick_base_folder_loads_in_diffusers_and_samples_like_sample_py(quick, 
     ref = pipe([prompt] * 2, num_inference_steps=32, guidance_scale=6.0, height=64, width=64, output_type="pt",
                generator=torch.Generator("cpu").manual_seed(7)).images * 2 - 1  # (2, 3, 64, 64) in [-1, 1]
     text, unet, vae = sample_mod.load(str(base), "base", None, 32, torch.device("cpu"), torch.float32)
-    ours = sample_mod.generate(text, unet, vae, [prompt] * 2, 32, 7, 64, 64, "epsilon", 6.0)
+    ours = sample_mod.generate(text, unet, vae, [prompt] * 2, 32, 7, 64, 64, "epsilon", 6.0).clamp(-1, 1)  # as the pipeline's
     d = (ours - ref).abs()
     print(f"toy base, ours vs diffusers pipeline: max abs err {d.max():.3e}, mean {d.mean():.3e}")
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
