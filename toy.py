@@ -228,7 +228,7 @@ class ToyConfig:
     seed: int = 0  # data, initialization and training draws
 
 
-QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=400, unet_batch=32, unet_lr=1e-3,
+QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32, unet_lr=1e-3,
                   ema=0.98)
 
 
@@ -534,7 +534,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
     p.add_argument("--images", type=int, default=None, help="data set size (default 3000, --quick 500)")
-    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 400)")
+    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 1000)")
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 400, --quick 300)")
     p.add_argument("--clf-steps", type=int, default=None, help="classifier training steps (default 300, --quick 100)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
