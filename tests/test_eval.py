@@ -138,7 +138,8 @@ class _TinyInception(torch.nn.Module):
 
 def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     """eval.py as a user runs it: tiny random SDXL base, a TorchScript 'Inception', a tiny CLIP; two rows.
-    FID-Whole of the reference set against itself is 0; every number lands in both tables."""
+    Generated at 64 px (below 299: FID-Patch is left out, '-'; the patch path runs on the 320 px references).
+    The features of the reference set against themselves give 0; every number lands in both tables."""
     from tests.tiny import make_tiny_base
     make_tiny_base(tmp_path / "base")
     torch.manual_seed(0)
@@ -152,11 +153,11 @@ def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     (tmp_path / "prompts.txt").write_text("a photo of a cat\na dog in the snow\na red car\na cat\n")
     args = ["--prompts", tmp_path / "prompts.txt", "--ref-images", ref, "--out", tmp_path / "out", "--base",
             tmp_path / "base", "--fid-model", tmp_path / "inception.pt", "--clip-model", tmp_path / "clip",
-            "--width", 320, "--height", 320, "--batch", 2, "--row", "base2:base:2", "--row", "base1cfg:base:1:3"]
+            "--width", 64, "--height", 64, "--batch", 2, "--row", "base2:base:2", "--row", "base1cfg:base:1:3"]
     results = eval_mod.main([str(a) for a in args])
     assert [r["row"] for r in results] == ["base2", "base1cfg"]
     for r in results:
-        assert r["images"] == 4 and r["fid_whole"] > 0 and r["fid_patch"] > 0 and 0 <= r["clip_score"] <= 100
+        assert r["images"] == 4 and r["fid_whole"] > 0 and r["fid_patch"] is None and 0 <= r["clip_score"] <= 100
     assert len(list((tmp_path / "out" / "base2").glob("*.png"))) == 4
     table = json.loads((tmp_path / "out" / "results.json").read_text())
     assert table["rows"][0]["fid_whole"] == results[0]["fid_whole"]
