@@ -611,6 +611,14 @@ def eval_rows(out):
         f = unet_file(out, stage, phase)
         if f.exists():
             rows.append(f"{name}:{f}:{n}:0:{'sample' if n == 1 else 'epsilon'}")
+    # controls: the teacher without CFG (as the students sample), and each stage's starting model sampled at
+    # the student's step count, which separates what a stage adds from what the CFG-free MSE student brings
+    rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 4, 2, 1)]
+    for name, stage, phase, steps in [("mse32", "128to32", "mse", (4, 2, 1)), ("lightning8", "32to8", "full", (4, 2)),
+                                      ("lightning4", "8to4", "full", (2,)), ("lightning2", "4to2", "full", (1,))]:
+        f = unet_file(out, stage, phase)
+        if f.exists():
+            rows += [f"{name}-at{n}:{f}:{n}" for n in steps]
     return rows
 
 
