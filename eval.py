@@ -32,7 +32,6 @@ weights every published FID uses; torch.jit.load, no torchvision needed), or any
 """
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,8 +1,8 @@
 """The toy world: a tiny SDXL-shaped base trained from scratch on a procedural captioned data set, on a CPU.
 
     python toy.py --out toy            # toy/data (captioned 64 px images), toy/base (a diffusers SDXL folder),
-                                       # toy/classifier (the toy's "Inception"); ~25-45 min on 2 CPU cores
-    python toy.py --out toy --quick    # a smaller base in a few minutes (tests)
+                                       # toy/classifier (the toy's "Inception"); 23 min on 2 shared CPU cores
+    python toy.py --out toy --quick    # a smaller base in 5-8 minutes (tests)
     python toy.py all --out toy        # the whole experiment: base, every stage with train.py, eval.py tables
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
@@ -505,23 +505,6 @@ def build(out, cfg, quick):
     return times
 
 
-def preview(out, path, steps=32, guidance=6.0):
-    """A grid of the teacher's samples for 8 captions (the same seed), to look at."""
-    import sample as sample_mod
-    import weights
-    caps = [caption(s, c, p, b) for s, c, p, b in [("circle", "red", "top left", "gray"), ("square", "blue", "center", "black"),
-            ("triangle", "yellow", "bottom right", "gray"), ("circle", "green", "top right", "white"),
-            ("square", "purple", "bottom left", "white"), ("triangle", "red", "center", "black"),
-            ("circle", "blue", "bottom right", "white"), ("square", "yellow", "top left", "black")]]
-    text, unet, vae = sample_mod.load(str(Path(out) / "base"), "base", None, steps, torch.device("cpu"), torch.float32)
-    imgs = sample_mod.to_pil(sample_mod.generate(text, unet, vae, caps, steps, 0, RES, RES, "epsilon", guidance))
-    grid = Image.new("RGB", (RES * 8, RES))
-    for i, im in enumerate(imgs):
-        grid.paste(im, (i * RES, 0))
-    grid.save(path)
-    del weights
-    return caps
-
 # ----------------------------------------------------------------------------------------------------
 # The experiment: every stage through train.py, then eval.py
 
@@ -613,8 +596,8 @@ def eval_rows(out):
             rows.append(f"{name}:{f}:{n}:0:{'sample' if n == 1 else 'epsilon'}")
     # controls: the teacher without CFG (as the students sample), and each stage's starting model sampled at
     # the student's step count, which separates what a stage adds from what the CFG-free MSE student brings
-    rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 4, 2, 1)]
-    for name, stage, phase, steps in [("mse32", "128to32", "mse", (4, 2, 1)), ("lightning8", "32to8", "full", (4, 2)),
+    rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 8, 4, 2, 1)]
+    for name, stage, phase, steps in [("mse32", "128to32", "mse", (8, 4, 2, 1)), ("lightning8", "32to8", "full", (4, 2)),
                                       ("lightning4", "8to4", "full", (2,)), ("lightning2", "4to2", "full", (1,))]:
         f = unet_file(out, stage, phase)
         if f.exists():
