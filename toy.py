@@ -521,7 +521,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 400, --quick 300)")
     p.add_argument("--clf-steps", type=int, default=None, help="classifier training steps (default 300, --quick 100)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--phase-steps", type=int, default=150, help="all: train.py --max-steps of every phase")
+    p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
     return p.parse_args(argv)
 
