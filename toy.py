@@ -1,0 +1,658 @@
+"""The toy world: a tiny SDXL-shaped base trained from scratch on a procedural captioned data set, on a CPU.
+
+    python toy.py --out toy            # toy/data (captioned 64 px images), toy/base (a diffusers SDXL folder),
+                                       # toy/classifier (the toy's "Inception"); 23 min on 2 shared CPU cores
+    python toy.py --out toy --quick    # a smaller base in 5-8 minutes (tests)
+    python toy.py all --out toy        # the whole experiment: base, every stage with train.py, eval.py tables
+
+Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
+--width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
+diffusers' StableDiffusionXLPipeline.from_pretrained("toy/base") samples the same images.
+
+What is in the base, smallest piece first:
+- data: one shape (circle, square, triangle) of one of five colours at one of five named positions on one of
+  three backgrounds, drawn at 4x and box-filtered to 64 px; caption "a red circle at the top left on a gray
+  background". Image i is drawn from (seed, i) alone, so the set is the same on every machine.
+- text: two CLIP text encoders (transformers classes, widths 32 and 64, as CLIP-L and bigG differ in width)
+  with random frozen weights, and CLIPTokenizers whose vocabulary (letters + one merge chain per caption
+  word) is written here. Random encoders are enough: the UNet learns to read their features.
+- VAE: our vae.py at widths (16, 32, 64, 64), one resnet per level (factor 8: 64 px -> 8x8x4 latents), trained
+  on reconstruction of the latent mean; its scaling factor is set so the latents have unit variance, as SDXL's.
+- teacher: our unet.py, SDXL layout (text-time embedding, cross-attention), widths (32, 64, 128), trained for
+  epsilon on SDXL's scaled-linear schedule with 15% of captions dropped to the all-zero unconditional input
+  (SDXL's force_zeros_for_empty_prompt), EMA weights exported.
+- classifier: a small CNN predicting shape, colour, position and background, trained on the images and their
+  VAE reconstructions; eval.py uses its penultimate features for a Frechet distance and its heads for caption
+  accuracy.
+Each part is written atomically when done and skipped when present; the UNet checkpoints every 200 steps,
+so an interrupted run resumes where it stopped.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import lightning_min as lm
+import text as text_mod
+import unet as unet_mod
+import vae as vae_mod
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------
+# The data set: shapes, colours, positions, backgrounds -> 64 px images with captions
+
+RES = 64
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (215, 45, 45), "green": (45, 170, 70), "blue": (45, 85, 215), "yellow": (235, 205, 40),
+           "purple": (150, 60, 190)}
+POSITIONS = {"top left": (17, 17), "top right": (47, 17), "bottom left": (17, 47), "bottom right": (47, 47),
+             "center": (32, 32)}  # (x, y) centre of the shape in the 64 px image
+BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235)}
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
+
+
+def caption(shape, colour, position, background):
+    where = "the center" if position == "center" else f"the {position}"
+    return f"a {colour} {shape} at {where} on a {background} background"
+
+
+def parse_caption(text):
+    """A toy caption -> {"shape": i, "colour": i, "position": i, "background": i} (indices into ATTRIBUTES)."""
+    for s in SHAPES:
+        for c in COLOURS:
+            for p in POSITIONS:
+                for b in BACKGROUNDS:
+                    if caption(s, c, p, b) == text.strip():
+                        return {"shape": SHAPES.index(s), "colour": list(COLOURS).index(c),
+                                "position": list(POSITIONS).index(p), "background": list(BACKGROUNDS).index(b)}
+    raise ValueError(f"{text.strip()!r} is not a toy caption (like {caption('circle', 'red', 'center', 'gray')!r})")
+
+
+def all_captions():
+    return [caption(s, c, p, b) for s in SHAPES for c in COLOURS for p in POSITIONS for b in BACKGROUNDS]
+
+
+def draw(seed, i):
+    """Image i of the set from (seed, i) only -> (PIL 64x64 RGB, caption)."""
+    rng = np.random.default_rng([seed, i])
+    s, c, p, b = (rng.integers(len(v)) for v in ATTRIBUTES.values())
+    shape, colour, position, bg = SHAPES[s], list(COLOURS)[c], list(POSITIONS)[p], list(BACKGROUNDS)[b]
+    k = 4  # drawn at 4x, box-filtered down: anti-aliased edges
+    img = Image.new("RGB", (RES * k, RES * k), BACKGROUNDS[bg])
+    d = ImageDraw.Draw(img)
+    cx, cy = (np.array(POSITIONS[position]) + rng.integers(-3, 4, 2)) * k
+    r = rng.integers(9, 14) * k  # half size, 9..13 px
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
+    elif shape == "square":
+        r = int(r * 0.85)  # same area as the circle, roughly
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=COLOURS[colour])
+    return img.resize((RES, RES), Image.Resampling.BOX), caption(shape, colour, position, bg)
+
+
+def write_data(folder, n, seed):
+    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written to a temp folder, then renamed."""
+    folder = Path(folder)
+    if (folder / "done.json").exists():
+        return
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i in tqdm(range(n), desc="data", mininterval=2):
+        img, cap = draw(seed, i)
+        img.save(tmp / f"{i:05d}.png")
+        (tmp / f"{i:05d}.txt").write_text(cap)
+    (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def load_data(folder, n):
+    """(pixels (N, 3, 64, 64) in [-1, 1], captions [N]) of the first n images of a toy data folder."""
+    pix, caps = [], []
+    for i in range(n):
+        pix.append(np.asarray(Image.open(Path(folder) / f"{i:05d}.png").convert("RGB")))
+        caps.append((Path(folder) / f"{i:05d}.txt").read_text().strip())
+    x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
+    return x, caps
+
+# ----------------------------------------------------------------------------------------------------
+# Text: a locally made CLIP vocabulary and two random CLIP text encoders of different widths
+
+MAX_LENGTH = 77
+TEXT_WIDTHS = (32, 64)  # CLIP-L and bigG stand-ins; context = 32 + 64 = 96, pooled = 64
+
+
+def vocab_and_merges():
+    """CLIP-shaped byte-level BPE: letters, letters + </w>, one merge chain per caption word, then the
+    specials with the largest ids (the SDXL configs' eos_token_id = 2 means 'pool at the largest id')."""
+    letters = ["!"] + list(string.ascii_lowercase)
+    vocab = {t: i for i, t in enumerate(letters + [ch + "</w>" for ch in letters])}
+    merges = []
+    words = sorted({w for cap in all_captions() for w in cap.split()})
+    for word in words:
+        cur = word[0]
+        for j, ch in enumerate(word[1:], start=2):
+            nxt = ch + "</w>" if j == len(word) else ch
+            if f"{cur} {nxt}" not in merges:
+                merges.append(f"{cur} {nxt}")
+            cur += nxt
+            vocab.setdefault(cur, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def write_tokenizer(folder, pad_token):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
+
+
+def text_encoders(seed):
+    """(CLIPTextModel width 32, CLIPTextModelWithProjection width 64), random and frozen. Embeddings are
+    drawn at unit scale (CLIP's own init, std 0.02, would give the UNet near-zero context)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    common = dict(vocab_size=len(vocab_and_merges()[0]), num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                  layer_norm_eps=1e-5)
+    w1, w2 = TEXT_WIDTHS
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=w1, intermediate_size=4 * w1, projection_dim=w1,
+                                      hidden_act="quick_gelu", **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2, projection_dim=w2,
+                                                     hidden_act="gelu", **common))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (te, te2):
+            for name, p in model.named_parameters():
+                if "embedding" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "position" in name else 1.0))
+                elif "norm" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif p.ndim == 1:
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return te.eval(), te2.eval()
+
+
+def write_text(base, seed):
+    write_tokenizer(base / "tokenizer", pad_token="<|endoftext|>")  # CLIP-L pads with EOS
+    write_tokenizer(base / "tokenizer_2", pad_token="!")  # bigG pads with "!" (id 0)
+    te, te2 = text_encoders(seed)
+    te.save_pretrained(base / "text_encoder")
+    te2.save_pretrained(base / "text_encoder_2")
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclass
+class ToyConfig:
+    images: int = 3000  # data set size
+    vae_steps: int = 400  # VAE optimizer steps
+    vae_batch: int = 16  # VAE batch
+    vae_lr: float = 1e-3  # Adam peak learning rate (cosine to 10%)
+    clf_steps: int = 300  # classifier optimizer steps
+    unet_steps: int = 2000  # teacher optimizer steps
+    unet_batch: int = 32  # teacher batch
+    unet_lr: float = 5e-4  # AdamW peak learning rate (linear warmup, cosine to 10%)
+    ema: float = 0.999  # EMA decay of the exported teacher weights
+    p_uncond: float = 0.15  # caption dropout to the all-zero unconditional input
+    widths: tuple = (32, 64, 128)  # UNet block_out_channels
+    seed: int = 0  # data, initialization and training draws
+
+
+QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32, unet_lr=1e-3,
+                  ema=0.98)
+
+
+def unet_config(cfg):
+    return unet_mod.UNetConfig(block_out_channels=tuple(cfg.widths), layers_per_block=1,
+                               transformer_depth=(0, 1, 1), num_heads=(1, 2, 4),
+                               cross_attention_dim=sum(TEXT_WIDTHS), pooled_dim=TEXT_WIDTHS[1],
+                               addition_time_embed_dim=32)
+
+
+VAE_CONFIG = vae_mod.VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16,
+                               scaling_factor=1.0)
+
+# ----------------------------------------------------------------------------------------------------
+# Training pieces
+
+
+def atomic_save(tensors, path):
+    tmp = Path(str(path) + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_vae(pixels, cfg, seed):
+    """Reconstruction MSE + L1 of the decoded latent mean, and a tiny penalty on the latents' size. No sampled
+    latent: at this budget the KL's noise drowns the early latents and the decoder learns only the background.
+    Returns the VAE with scaling_factor set so the scaled latent means have unit variance."""
+    torch.manual_seed(seed)
+    vae = vae_mod.VAE(vae_mod.VAEConfig(**asdict(VAE_CONFIG)))
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.vae_lr)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(cfg.vae_steps), desc="vae", mininterval=5)
+    for step in bar:
+        lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = pixels[torch.randint(len(pixels), (cfg.vae_batch,), generator=g)]
+        mean, logvar = vae.encode(x)
+        rec = vae.decode(mean)
+        loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + 1e-4 * (mean**2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        means = torch.cat([vae.encode(x)[0] for x in pixels[:1024].split(64)])
+    vae.config.scaling_factor = float(1.0 / means.std())
+    return vae
+
+
+class Classifier(nn.Module):
+    """The toy's Inception: four stride-2 convs, global average pool, 128 features, one head per attribute."""
+
+    def __init__(self, width=32, features=128):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, features]
+        layers = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.heads = nn.ModuleDict({k: nn.Linear(features, len(v)) for k, v in ATTRIBUTES.items()})
+
+    def features(self, x):
+        """x (B, 3, 64, 64) in [-1, 1] -> (B, 128)."""
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x):
+        f = self.features(x)
+        return {k: head(f) for k, head in self.heads.items()}
+
+
+def labels(captions):
+    parsed = [parse_caption(c) for c in captions]
+    return {k: torch.tensor([p[k] for p in parsed]) for k in ATTRIBUTES}
+
+
+def train_classifier(pixels, recon, captions, cfg, seed):
+    """On the images and, half the time, their VAE reconstructions: generated images are VAE decodes too."""
+    torch.manual_seed(seed)
+    clf = Classifier()
+    opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
+    y = labels(captions)
+    g = torch.Generator().manual_seed(seed + 1)
+    bar = tqdm(range(cfg.clf_steps), desc="classifier", mininterval=5)
+    for step in bar:
+        idx = torch.randint(len(pixels), (64,), generator=g)
+        use_rec = torch.rand(64, generator=g) < 0.5
+        x = torch.where(use_rec[:, None, None, None], recon[idx], pixels[idx])
+        x = x + 0.03 * torch.randn(x.shape, generator=g)  # a little robustness to sampler noise
+        out = clf(x)
+        loss = sum(F.cross_entropy(out[k], y[k][idx]) for k in ATTRIBUTES)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return clf.eval()
+
+
+def load_classifier(folder):
+    """The classifier toy.py wrote (folder/classifier.safetensors), strictly."""
+    path = Path(folder) / "classifier.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file (run `python toy.py --out {Path(folder).parent}` first)")
+    clf = Classifier()
+    sd = load_file(str(path))
+    missing = set(clf.state_dict()) - set(sd)
+    unexpected = set(sd) - set(clf.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a toy classifier: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    clf.load_state_dict(sd, strict=True)
+    return clf.eval()
+
+
+def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
+    """Epsilon prediction on SDXL's schedule (Eq. 1), t uniform in 1..1000, 15% captions -> all-zero uncond.
+    Checkpoints (model, EMA, optimizer, RNG, step) every 200 steps to work/unet.pt; resumes from it."""
+    ucfg = unet_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = unet_mod.UNet(ucfg)
+    ema = unet_mod.UNet(ucfg)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    step, ck = 0, work / "unet.pt"
+    if ck.exists():
+        state = torch.load(ck, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["gen"])
+        step = state["step"]
+        print(f"toy.py: resuming the teacher at step {step}")
+    ids = text_mod.time_ids(RES, RES).expand(cfg.unet_batch, 6)  # data.py's ids for a 64 px image, uncropped
+    B, warm = cfg.unet_batch, max(1, min(200, cfg.unet_steps // 10))
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="teacher unet", mininterval=5)
+    while step < cfg.unet_steps:
+        lr = cfg.unet_lr * (min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(lat), (B,), generator=g)
+        x0, c, p = lat[idx], ctx[cap_idx[idx]], pooled[cap_idx[idx]]
+        keep = (torch.rand(B, generator=g) >= cfg.p_uncond).float()
+        c, p = c * keep[:, None, None], p * keep[:, None]  # dropped captions: SDXL's all-zero uncond
+        t = torch.randint(1, lm.T + 1, (B,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        loss = F.mse_loss(model(lm.forward(x0, eps, t), t - 1, c, p, ids), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - d)
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+        if step % 200 == 0 or step == cfg.unet_steps:
+            atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                               "gen": g.get_state(), "step": step}, ck)
+    bar.close()
+    return ema.eval()
+
+# ----------------------------------------------------------------------------------------------------
+# The diffusers base folder
+
+
+SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+             "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
+             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+             "skip_prk_steps": True, "trained_betas": None}  # SDXL base's scheduler_config.json
+MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+               "force_zeros_for_empty_prompt": True, "add_watermarker": None,
+               "feature_extractor": [None, None], "image_encoder": [None, None],
+               "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+               "text_encoder": ["transformers", "CLIPTextModel"],
+               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def write_json(path, obj):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
+
+
+def write_model(folder, model):
+    """config.json + diffusion_pytorch_model.safetensors: the diffusers layout (our keys are its keys)."""
+    write_json(folder / "config.json", model.config.to_diffusers())
+    atomic_save(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+
+# ----------------------------------------------------------------------------------------------------
+# Building the whole base
+
+
+def encode_captions(text, captions):
+    """Each distinct caption once: (table context (C, 77, 96), pooled (C, 64), index per caption (N,))."""
+    distinct = sorted(set(captions))
+    ctx, pooled = [], []
+    for i in range(0, len(distinct), 64):
+        c, p = text.encode(distinct[i:i + 64])
+        ctx.append(c)
+        pooled.append(p)
+    where = {c: i for i, c in enumerate(distinct)}
+    return torch.cat(ctx), torch.cat(pooled), torch.tensor([where[c] for c in captions])
+
+
+def build(out, cfg, quick):
+    """toy/data, toy/base, toy/classifier; each part skipped when present. Returns wall times per part."""
+    out = Path(out)
+    work, base, data = out / "work", out / "base", out / "data"
+    work.mkdir(parents=True, exist_ok=True)
+    meta = {"quick": quick, **asdict(cfg)}
+    meta["widths"] = list(meta["widths"])
+    cfg_file = work / "config.json"
+    if cfg_file.exists() and json.loads(cfg_file.read_text()) != meta:
+        raise ValueError(f"{out} holds a toy world built with other settings ({cfg_file}); use another --out "
+                         f"or delete it")
+    cfg_file.write_text(json.dumps(meta, indent=1))
+    times = json.loads((work / "times.json").read_text()) if (work / "times.json").exists() else {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        r = fn()
+        times[name] = times.get(name, 0.0) + time.time() - t0
+        write_json(work / "times.json", times)
+        return r
+
+    timed("data", lambda: write_data(data, cfg.images, cfg.seed))
+    pixels, captions = load_data(data, cfg.images)
+    tmp = work / "base.tmp"  # parts land here, the finished folder is renamed to base/
+    if (base / "model_index.json").exists():
+        return times
+    if not (tmp / "text_encoder_2" / "model.safetensors").exists():
+        timed("text", lambda: write_text(tmp, cfg.seed))
+    if not (tmp / "vae" / "diffusion_pytorch_model.safetensors").exists():
+        vae = timed("vae", lambda: train_vae(pixels, cfg, cfg.seed))
+        write_model(tmp / "vae", vae)
+    vae = vae_mod.VAE(vae_mod.VAEConfig.from_diffusers(json.loads((tmp / "vae" / "config.json").read_text())))
+    vae.load_state_dict(load_file(str(tmp / "vae" / "diffusion_pytorch_model.safetensors")), strict=True)
+    vae.eval().requires_grad_(False)
+    clf_dir = out / "classifier"
+    if not (clf_dir / "classifier.safetensors").exists():
+        with torch.no_grad():
+            recon = timed("encode", lambda: torch.cat([vae.decode_latents(vae.encode_latents(x, 64), 64)
+                                                       for x in pixels.split(256)]).clamp(-1, 1))
+        clf = timed("classifier", lambda: train_classifier(pixels, recon, captions, cfg, cfg.seed))
+        clf_dir.mkdir(parents=True, exist_ok=True)
+        atomic_save(clf.state_dict(), clf_dir / "classifier.safetensors")
+    if not (tmp / "unet" / "diffusion_pytorch_model.safetensors").exists():
+        text = text_mod.TextEncoders.from_diffusers(tmp)
+        with torch.no_grad():
+            lat = timed("encode", lambda: torch.cat([vae.encode_latents(x, 64) for x in pixels.split(256)]))
+            ctx, pooled, cap_idx = encode_captions(text, captions)
+        unet = timed("unet", lambda: train_unet(lat, ctx, pooled, cap_idx, cfg, work))
+        write_model(tmp / "unet", unet)
+    write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
+    write_json(tmp / "model_index.json", MODEL_INDEX)
+    shutil.rmtree(base, ignore_errors=True)
+    os.replace(tmp, base)
+    (work / "unet.pt").unlink(missing_ok=True)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------
+# The experiment: every stage through train.py, then eval.py
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="base", choices=["base", "all"],
+                   help="base: data + base + classifier (default); all: also every stage with train.py and eval.py")
+    p.add_argument("--out", default="toy", help="output folder: OUT/data, OUT/base, OUT/classifier, OUT/runs")
+    p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
+    p.add_argument("--images", type=int, default=None, help="data set size (default 3000, --quick 500)")
+    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 1000)")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 400, --quick 300)")
+    p.add_argument("--clf-steps", type=int, default=None, help="classifier training steps (default 300, --quick 100)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
+    p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = ToyConfig(**{**asdict(QUICK if args.quick else ToyConfig()), "seed": args.seed})
+    if args.images is not None:
+        cfg.images = args.images
+    for name in ("unet_steps", "vae_steps", "clf_steps"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch) < 1:
+        raise SystemExit(f"error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, --phase-steps, "
+                         f"--batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, {cfg.clf_steps}, "
+                         f"{args.phase_steps}, {args.batch}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        t0 = time.time()
+        times = build(out, cfg, args.quick)
+        print(f"toy.py: {out}/data, {out}/base, {out}/classifier ready ({time.time() - t0:.0f}s this run; "
+              f"parts: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
+        if args.command == "all":
+            experiment(out, args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
+# Every phase of every stage, in order, each its own `train.py --phase` run so each gets its learning rate.
+# The paper's rates (1e-6 LoRA, 5e-7 whole UNet) move a tiny model nowhere in a few hundred steps, so the toy
+# uses larger ones; what else differs from the paper is only the scale (batch, steps).
+PLAN = [("128to32", "mse"), ("32to8", "cond"), ("32to8", "uncond"), ("32to8", "full"), ("8to4", "cond"),
+        ("8to4", "uncond"), ("8to4", "full"), ("4to2", "cond"), ("4to2", "uncond"), ("4to2", "full"),
+        ("2to1", "convert"), ("2to1", "cond"), ("2to1", "uncond")]
+TOY_LR = {"mse": 1e-4, "convert": 1e-4, "lora": 1e-4, "whole": 2e-5}
+
+
+def phase_lr(stage, phase):
+    spec = lm.phase_spec(stage, phase)
+    return TOY_LR[phase] if phase in ("mse", "convert") else TOY_LR["lora" if spec.lora else "whole"]
+
+
+def train_command(out, stage, phase, steps, batch, seed=0):
+    """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see README)."""
+    return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base", str(Path(out) / "base"),
+            "--data", str(Path(out) / "data"), "--out", str(Path(out) / "runs"), "--resolution", str(RES),
+            "--min-size", str(RES), "--batch-size", str(batch), "--micro-batch-size", str(batch),
+            "--max-steps", str(steps), "--save-every", str(steps), "--lr", str(phase_lr(stage, phase)),
+            "--seed", str(seed), "--device", "cpu"]
+
+
+def unet_file(out, stage, phase):
+    steps = lm.STAGES[stage].student_steps
+    name = "sdxl_lightning_1step_unet_x0.safetensors" if steps == 1 else f"sdxl_lightning_{steps}step_unet.safetensors"
+    return Path(out) / "runs" / stage / phase / name
+
+
+def eval_rows(out):
+    """The table's rows: the teacher at 32 (CFG 6), 8, 4, 2, 1 steps (CFG 6), our students, the ablations."""
+    rows = [f"teacher{n}:base:{n}:6" for n in (32, 8, 4, 2, 1)]
+    for name, stage, phase, n in [("mse32", "128to32", "mse", 32), ("lightning8", "32to8", "full", 8),
+                                  ("lightning4", "8to4", "full", 4), ("lightning4-lora", "8to4", "uncond", 4),
+                                  ("lightning4-cond-only", "8to4", "cond", 4), ("lightning2", "4to2", "full", 2),
+                                  ("lightning2-cond-only", "4to2", "cond", 2), ("convert1", "2to1", "convert", 1),
+                                  ("lightning1", "2to1", "uncond", 1), ("lightning1-cond-only", "2to1", "cond", 1)]:
+        f = unet_file(out, stage, phase)
+        if f.exists():
+            rows.append(f"{name}:{f}:{n}:0:{'sample' if n == 1 else 'epsilon'}")
+    # controls: the teacher without CFG (as the students sample), and each stage's starting model sampled at
+    # the student's step count, which separates what a stage adds from what the CFG-free MSE student brings
+    rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 8, 4, 2, 1)]
+    for name, stage, phase, steps in [("mse32", "128to32", "mse", (8, 4, 2, 1)), ("lightning8", "32to8", "full", (4, 2)),
+                                      ("lightning4", "8to4", "full", (2,)), ("lightning2", "4to2", "full", (1,))]:
+        f = unet_file(out, stage, phase)
+        if f.exists():
+            rows += [f"{name}-at{n}:{f}:{n}" for n in steps]
+    return rows
+
+
+GRID_ROWS = ["teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1"]
+
+
+def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
+    """One PNG: a labelled row per eval row (those present), the same prompts and noise in each column."""
+    from PIL import ImageFont
+    eval_dir = Path(eval_dir)
+    rows = [r for r in rows if (eval_dir / r).is_dir()]
+    label_w = 70
+    img = Image.new("RGB", (label_w + RES * columns, RES * len(rows)), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for y, r in enumerate(rows):
+        d.text((4, y * RES + RES // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
+        for x in range(columns):
+            img.paste(Image.open(eval_dir / r / f"{x * every:05d}.png"), (label_w + x * RES, y * RES))
+    img.save(path)
+    return rows
+
+
+def experiment(out, args):
+    """Every phase through train.py (skipping finished ones), then eval.py; wall times to OUT/runs/times.json."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    tfile = out / "runs" / "times.json"
+    times = json.loads(tfile.read_text()) if tfile.exists() else {}
+    for stage, phase in PLAN:
+        if unet_file(out, stage, phase).exists():
+            continue
+        cmd = train_command(out, stage, phase, args.phase_steps, args.batch, args.seed)
+        print("toy.py:", " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        r = subprocess.run(cmd)
+        if r.returncode:
+            raise ValueError(f"train.py failed on {stage}/{phase} (exit {r.returncode}); fix and re-run to resume")
+        times[f"{stage}/{phase}"] = time.time() - t0
+        write_json(tfile, times)
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--toy", str(out), "--out", str(out / "eval"), "--device", "cpu"]
+    for row in eval_rows(out):
+        cmd += ["--row", row]
+    print("toy.py:", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    if subprocess.run(cmd).returncode:
+        raise ValueError("eval.py failed")
+    times["eval"] = time.time() - t0
+    write_json(tfile, times)
+    grid(out / "eval", out / "eval" / "grid.png")
+    print(f"toy.py: {out / 'eval' / 'results.md'}, {out / 'eval' / 'grid.png'}; wall times in {tfile}")
+
+
+if __name__ == "__main__":
+    main()
