@@ -572,7 +572,8 @@ def train_command(out, stage, phase, steps, batch, seed=0):
     """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see README)."""
     return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base", str(Path(out) / "base"),
             "--data", str(Path(out) / "data"), "--out", str(Path(out) / "runs"), "--resolution", str(RES),
-            "--min-size", str(RES), "--batch-size", str(batch), "--micro-batch-size", str(batch),
+            "--min-size", str(RES), "--sharpness", "0",  # flat-colour shapes score below the photo default (100)
+            "--batch-size", str(batch), "--micro-batch-size", str(batch),
             "--max-steps", str(steps), "--save-every", str(steps), "--lr", str(phase_lr(stage, phase)),
             "--seed", str(seed), "--device", "cpu"]
 
