@@ -344,8 +344,14 @@ def bench_train(cfg, args, device, dtype):
         base, data, teachers, res = args.train_base, args.train_data, {}, args.resolution
     else:
         base, data, teachers, res = tiny_training_setup(tmp)
+    sources = [("", data)]
+    if args.cache:  # the same data encoded once by prepare.py: no VAE or text encoders in the step
+        import prepare
+        prepare.main(["--data", data, "--base", base, "--out", str(tmp / "cache"), "--resolution", str(res),
+                      "--min-size", str(res)])
+        sources.append((" (cache)", str(tmp / "cache")))
     rows = []
-    for stage, phase in TRAIN_PHASES:
+    for (stage, phase), (label, src) in [(sp, s) for sp in TRAIN_PHASES for s in sources]:
         if args.phases and f"{stage}/{phase}" not in args.phases:
             continue
         t = teachers
@@ -354,20 +360,21 @@ def bench_train(cfg, args, device, dtype):
                  "2to1": ["--teacher", t.get(2), "--skip-level-teacher", t.get(4)]}[stage] if teachers else []
 
         def run(out, steps):
-            train.main(["--stage", stage, "--phase", phase, "--data", data, "--base", base, "--out", str(out),
+            train.main(["--stage", stage, "--phase", phase, "--data", src, "--base", base, "--out", str(out),
                         "--resolution", str(res), "--min-size", str(res), "--batch-size", str(args.batch),
                         "--micro-batch-size", str(args.batch), "--max-steps", str(steps), "--save-every", "1000000",
                         "--device", str(device), *(["--grad-checkpointing"] if args.grad_checkpointing else []), *extra])
         with FlopCounterMode(display=False) as fc:  # one step, counted op by op (forward and backward)
-            run(tmp / f"flops_{stage}_{phase}", 1)
+            run(tmp / f"flops_{stage}_{phase}{bool(label)}", 1)
         flops = fc.get_total_flops()
+        timed_out = tmp / f"time_{stage}_{phase}{bool(label)}"
         with PeakMemory(device) as m:
-            run(tmp / f"time_{stage}_{phase}", args.runs + 1)
-        log = [json.loads(line) for line in (tmp / f"time_{stage}_{phase}" / stage / phase / "log.jsonl").open()]
+            run(timed_out, args.runs + 1)
+        log = [json.loads(line) for line in (timed_out / stage / phase / "log.jsonl").open()]
         ms = statistics.median(r["step_time"] for r in log[1:]) * 1000  # the first step is warmup
         tflops = flops / (ms / 1000) / 1e12
         evals = [r["teacher_evals"] for r in log[1:] if "teacher_evals" in r]  # teacher UNet calls x samples
-        rows.append({"what": f"train {stage}/{phase}", "step_ms": ms, "images_per_s": args.batch / (ms / 1000),
+        rows.append({"what": f"train {stage}/{phase}{label}", "step_ms": ms, "images_per_s": args.batch / (ms / 1000),
                      "teacher_evals": statistics.median(evals) if evals else None,
                      "peak_mb": m.mb, "gflop_per_step": flops / 1e9, "tflops": tflops,
                      "mfu": tflops / args.peak_tflops if args.peak_tflops else None})
@@ -375,14 +382,14 @@ def bench_train(cfg, args, device, dtype):
 
 
 def print_train_table(rows):
-    head = f"{'what':<24} {'step ms':>10} {'images/s':>9} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} " \
+    head = f"{'what':<32} {'step ms':>10} {'images/s':>9} {'peak MB':>9} {'GFLOP/step':>11} {'TFLOP/s':>8} " \
            f"{'MFU':>6} {'teacher evals':>13}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         evals = f"{r['teacher_evals']:g}" if r.get("teacher_evals") is not None else "-"
-        print(f"{r['what']:<24} {r['step_ms']:>10.1f} {r['images_per_s']:>9.2f} {r['peak_mb']:>9.1f} "
+        print(f"{r['what']:<32} {r['step_ms']:>10.1f} {r['images_per_s']:>9.2f} {r['peak_mb']:>9.1f} "
               f"{r['gflop_per_step']:>11.2f} {r['tflops']:>8.3f} {mfu:>6} {evals:>13}")
 
 
@@ -546,6 +553,8 @@ def parse_args(argv=None):
     p.add_argument("--train-data", default=None, help="train bench: image-caption data for --train-base")
     p.add_argument("--resolution", type=int, default=1024, help="train bench with --train-base: pixels")
     p.add_argument("--grad-checkpointing", action="store_true", help="train bench: activation checkpointing")
+    p.add_argument("--cache", action="store_true", help="train bench: also run every phase from a prepare.py cache "
+                   "of the same data (no VAE or text encoders in the step) and report both")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="train bench: the device's peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
     return p.parse_args(argv)
