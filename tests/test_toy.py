@@ -24,9 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick(tmp_path_factory):
     """`python toy.py --out DIR --quick`, once per test session (a few minutes on 2 CPU cores). TOY_QUICK_DIR
     names a folder to build it in and reuse across sessions (a base already there is used as it is)."""
-    if not (os.environ.get("LIGHTNING_TOY_TESTS") or os.environ.get("TOY_QUICK_DIR")):
-        pytest.skip("builds the --quick toy base (~8 min on 2 CPU cores, more than CI's test budget): "
-                    "run with LIGHTNING_TOY_TESTS=1, or TOY_QUICK_DIR=DIR to build it once and reuse it")
     out = Path(os.environ["TOY_QUICK_DIR"]) if os.environ.get("TOY_QUICK_DIR") else tmp_path_factory.mktemp("toy") / "toy"
     if not (os.environ.get("TOY_QUICK_DIR") and (out / "base" / "model_index.json").exists()):
         toy.main(["--out", str(out), "--quick", "--seed", "0"])
