@@ -319,20 +319,14 @@ TRAIN_PHASES = [(s, p) for s, st in lm.STAGES.items() for p in st.phases]
 
 def tiny_training_setup(root):
     """A tiny base, random teachers for every step count, and captioned random images (no network)."""
-    import numpy as np
-    from PIL import Image
     from safetensors.torch import save_file
-    from tests.tiny import diffusers_unet, make_tiny_base
+    from tests.tiny import diffusers_unet, make_tiny_base, write_noise_images
     make_tiny_base(root / "base")
     teachers = {}
     for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
         teachers[steps] = str(root / f"teacher_{steps}.safetensors")
         save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
-    (root / "data").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "data" / f"{i}.png")
-        (root / "data" / f"{i}.txt").write_text(f"a picture number {i}")
+    write_noise_images(root / "data", 16, "a picture number {}")
     return str(root / "base"), str(root / "data"), teachers, 32
 
 

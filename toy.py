@@ -161,10 +161,12 @@ def vocab_and_merges():
     return vocab, merges
 
 
-def write_tokenizer(folder, pad_token):
+def write_tokenizer(folder, pad_token, vocab_merges=None):
+    """A CLIPTokenizer folder as the hub has it (vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json); the toy's vocabulary unless (vocab, merges) are given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = vocab_and_merges()
+    vocab, merges = vocab_merges or vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",

@@ -17,7 +17,8 @@ import lora
 import unet as unet_mod
 import vae as vae_mod
 import weights
-from tests.tiny import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler, make_tiny_base, report
+from tests.tiny import (TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler, make_tiny_base, report,
+                        write_noise_images)
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 48, 32  # a non-square size; the tiny VAE downsamples 2x
@@ -395,7 +396,6 @@ def test_command_line_help_and_exit_code(single, tmp_path):
 def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
     """The README's "Make your own SDXL fine-tune Lightning", as users run it, on tiny models: a fine-tune as one
     file, + the 8-step LoRA as the teacher, train.py 8to4 (every phase, one step each), convert.py to one file."""
-    import numpy as np
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
@@ -405,12 +405,7 @@ def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
     fill_hub_cache(cache, weights.SDXL_BASE, {str(p.relative_to(root)): p for p in root.rglob("*")
                                                if p.is_file() and "tokenizer" in str(p.parent)})
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a red car number {i}")
+    data = write_noise_images(tmp_path / "data", 4, "a red car number {}")
     lora_8step = tmp_path / "sdxl_lightning_8step_lora.safetensors"  # stand-in for the official LoRA
     save_file(_random_lora(4), lora_8step)
     my_8step = tmp_path / "my_8step.safetensors"

@@ -21,7 +21,7 @@ import lightning_min as lm
 import lora
 import train
 import weights
-from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base
+from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base, write_noise_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,12 +36,7 @@ def env(tmp_path_factory):
         teachers[steps] = root / f"teacher_{steps}.safetensors"
         sd = diffusers_unet(seed=seed).state_dict()
         save_file({k: v.half().contiguous() for k, v in sd.items()}, teachers[steps])
-    data = root / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    data = write_noise_images(root / "data", 8, "a picture number {}")
     return {"root": root, "base": root / "base", "teachers": teachers, "data": data}
 
 

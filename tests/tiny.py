@@ -82,3 +82,15 @@ def fill_hub_cache(cache, repo_id, files):
         dst = repo / "snapshots" / commit / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, dst)
+
+
+def write_noise_images(folder, n, caption):
+    """n random 48x40 RGB images with captions caption.format(i): sharp, usable data for the train tests."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption.format(i))
+    return folder

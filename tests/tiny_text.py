@@ -1,11 +1,12 @@
 """Tiny SDXL text conditioning, offline: two CLIP tokenizers from a hand-made vocabulary and two random
 CLIP text encoders, written as a diffusers folder. Shared by the text, sampler and pipeline tests."""
-import json
 import string
 from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+import toy  # its write_tokenizer writes the hub's tokenizer file set
 
 # CLIP-L and bigG stand-ins: different widths, as diffusers' single-file code tells them apart by width.
 # One head each: narrower than SDXL's 64-wide heads, which is what text.text_from_single_file assumes then.
@@ -35,16 +36,7 @@ def tiny_vocab():
 
 def write_tokenizer(folder, pad_token):
     """The hub's file set (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = tiny_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
+    toy.write_tokenizer(folder, pad_token, tiny_vocab())
 
 
 def text_configs(**overrides):
