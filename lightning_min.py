@@ -319,19 +319,35 @@ PHASE_TABLE = [
     ("2to1",    "convert", CONV, False, None, 2,       1e-5, ADAM_MSE, False),    # 3.7.3, Eq. 27-29
     ("2to1",    "cond",    ADV,  False, C,    2,       5e-7, ADAM_ADV, True),     # 3.7.1-3, whole UNet
     ("2to1",    "uncond",  ADV,  False, U,    4,       5e-7, ADAM_ADV, True),     # 3.4, 3.7.2-3
+    # Ablations, run only when named (train.py --phase mse): MSE-only progressive distillation (Sec. 3.1-3.2),
+    # the baseline the adversarial objective replaces. 2to1's starts from its convert phase (x0 student).
+    ("32to8",   "mse",     MSE,  False, None, 32,      1e-5, ADAM_MSE, False),    # 3.2 ablation
+    ("8to4",    "mse",     MSE,  False, None, 8,       1e-5, ADAM_MSE, False),    # 3.2 ablation
+    ("4to2",    "mse",     MSE,  False, None, 4,       1e-5, ADAM_MSE, False),    # 3.2 ablation
+    ("2to1",    "mse",     MSE,  False, None, 2,       1e-5, ADAM_MSE, False),    # 3.2 ablation
 ]
 
 
-def phase_spec(stage, phase):
-    """Everything train.py needs for one phase of one stage: its PHASE_TABLE row and what follows from it."""
+def stage_phases(stage, ablations=False):
+    """The stage's phases: in training order (what a stage runs), or every phase it has, ablations included."""
+    return tuple(r[1] for r in PHASE_TABLE if r[0] == stage) if ablations else STAGES[stage].phases
+
+
+def phase_spec(stage, phase, prediction=None):
+    """Everything train.py needs for one phase of one stage: its PHASE_TABLE row and what follows from it.
+    prediction: the student's output, default x0 ("sample") in 2to1 (Sec. 3.7.3) and epsilon elsewhere;
+    "epsilon" in 2to1 is the ablation without the x0 switch."""
     if stage not in STAGES:
         raise ValueError(f"lightning_min: unknown stage {stage!r}, valid: {list(STAGES)}")
     st = STAGES[stage]
-    if phase not in st.phases:
-        raise ValueError(f"lightning_min: stage {stage} has no phase {phase!r}, valid: {list(st.phases)}")
+    if phase not in stage_phases(stage, ablations=True):
+        raise ValueError(f"lightning_min: stage {stage} has no phase {phase!r}, valid: "
+                         f"{list(stage_phases(stage, ablations=True))}")
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ValueError(f"lightning_min: prediction {prediction!r}, valid: {list(PREDICTIONS)}")
     _, _, loss, lora, disc, steps, lr, betas, renoise = next(r for r in PHASE_TABLE if r[:2] == (stage, phase))
     return PhaseSpec(
         stage=stage, phase=phase, loss=loss, lora=lora, discriminator=disc, teacher_steps=steps, lr=lr,
         betas=betas, renoise=renoise, n=st.n * steps // st.teacher_steps, cfg=st.cfg,
-        student_prediction="sample" if stage == "2to1" else "epsilon", teacher_prediction="epsilon",
+        student_prediction=prediction or ("sample" if stage == "2to1" else "epsilon"), teacher_prediction="epsilon",
         timesteps=tuple(student_timesteps(st.student_steps)))

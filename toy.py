@@ -3,7 +3,8 @@
     python toy.py --out toy            # toy/data (captioned 64 px images), toy/base (a diffusers SDXL folder),
                                        # toy/classifier (the toy's "Inception"); 23 min on 2 shared CPU cores
     python toy.py --out toy --quick    # a smaller base in 5-8 minutes (tests)
-    python toy.py all --out toy        # the whole experiment: base, every stage with train.py, eval.py tables
+    python toy.py all --out toy        # the whole experiment: base, every stage and the ablations with train.py,
+                                       # eval.py tables; ~35 min after the base on 2 CPU cores
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
 --width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
@@ -570,20 +571,68 @@ def phase_lr(stage, phase):
     return TOY_LR[phase] if phase in ("mse", "convert") else TOY_LR["lora" if spec.lora else "whole"]
 
 
-def train_command(out, stage, phase, steps, batch, seed=0):
+def checkpoint(out, folder, stage, phase):
+    return str(Path(out) / folder / stage / phase / "checkpoint.pt")
+
+
+def teachers_2to1(out, phase):
+    """A 2to1 run's teachers, from the method's runs/: the 2-step student, and for uncond the skip-level 4-step."""
+    return ["--teacher", checkpoint(out, "runs", "4to2", "full")] + \
+        (["--skip-level-teacher", checkpoint(out, "runs", "8to4", "full")] if phase == "uncond" else [])
+
+
+def ablations(out):
+    """The paper's ablations that the toy can decide, each in its own folder beside runs/ (the method's):
+    (folder, stage, phase, extra train.py arguments). MSE-only progressive distillation all the way to 1 step
+    (Sec. 3.1-3.2, from the same 128to32 student); the 1-step student without the x0 switch (Sec. 3.7.3) and
+    without re-noising the discriminator's input (Sec. 3.7.2), both from the method's 2-step student."""
+    def ck(folder, stage, phase):
+        return checkpoint(out, folder, stage, phase)
+    return [("runs-mse", "32to8", "mse", ["--teacher", ck("runs", "128to32", "mse")]),
+            ("runs-mse", "8to4", "mse", ["--teacher", ck("runs-mse", "32to8", "mse")]),
+            ("runs-mse", "4to2", "mse", ["--teacher", ck("runs-mse", "8to4", "mse")]),
+            ("runs-mse", "2to1", "convert", ["--teacher", ck("runs-mse", "4to2", "mse")]),
+            ("runs-mse", "2to1", "mse", ["--teacher", ck("runs-mse", "4to2", "mse")]),
+            ("runs-eps", "2to1", "cond", ["--prediction", "epsilon", *teachers_2to1(out, "cond")]),
+            ("runs-eps", "2to1", "uncond", ["--prediction", "epsilon", *teachers_2to1(out, "uncond")]),
+            ("runs-norenoise", "2to1", "cond", ["--renoise", "off", "--init", ck("runs", "2to1", "convert"),
+                                                *teachers_2to1(out, "cond")]),
+            ("runs-norenoise", "2to1", "uncond", ["--renoise", "off", *teachers_2to1(out, "uncond")])]
+
+
+# What was changed where a stage failed to learn at the default budget, as more runs beside the first, so the
+# table shows both: 2to1's convert phase had not converged in 120 steps (its 1-step samples were far worse
+# than the eps model's own 1-step x0, which is what it imitates), so the whole stage again with convert 8x
+# and the adversarial phases 2x longer; and the epsilon ablation with the same adversarial budget.
+# (folder, stage, phase, factor on --phase-steps, extra arguments)
+LONGER = [("runs-long", "2to1", "convert", 8, []), ("runs-long", "2to1", "cond", 2, []),
+          ("runs-long", "2to1", "uncond", 2, []), ("runs-eps-long", "2to1", "cond", 2, ["--prediction", "epsilon"]),
+          ("runs-eps-long", "2to1", "uncond", 2, ["--prediction", "epsilon"])]
+
+
+def full_plan(out, steps):
+    """Every train.py run of `toy.py all`, in order, as (folder, stage, phase, max steps, extra arguments): the
+    method's 13 phases in runs/, the ablations, then the longer runs."""
+    return [("runs", stage, phase, steps, []) for stage, phase in PLAN] + \
+        [(f, stage, phase, steps, extra) for f, stage, phase, extra in ablations(out)] + \
+        [(f, stage, phase, steps * k, extra + teachers_2to1(out, phase)) for f, stage, phase, k, extra in LONGER]
+
+
+def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=()):
     """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see README)."""
     return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base", str(Path(out) / "base"),
-            "--data", str(Path(out) / "data"), "--out", str(Path(out) / "runs"), "--resolution", str(RES),
+            "--data", str(Path(out) / "data"), "--out", str(Path(out) / folder), "--resolution", str(RES),
             "--min-size", str(RES), "--sharpness", "0",  # flat-colour shapes score below the photo default (100)
             "--batch-size", str(batch), "--micro-batch-size", str(batch),
             "--max-steps", str(steps), "--save-every", str(steps), "--lr", str(phase_lr(stage, phase)),
-            "--seed", str(seed), "--device", "cpu"]
+            "--seed", str(seed), "--device", "cpu", *extra]
 
 
-def unet_file(out, stage, phase):
+def unet_file(out, stage, phase, folder="runs", prediction=None):
+    """The phase's exported UNet: train.py names an x0 model *_x0 (the 1-step one unless --prediction epsilon)."""
     steps = lm.STAGES[stage].student_steps
-    name = "sdxl_lightning_1step_unet_x0.safetensors" if steps == 1 else f"sdxl_lightning_{steps}step_unet.safetensors"
-    return Path(out) / "runs" / stage / phase / name
+    x0 = prediction == "sample" if prediction else steps == 1
+    return Path(out) / folder / stage / phase / f"sdxl_lightning_{steps}step_unet{'_x0' if x0 else ''}.safetensors"
 
 
 def eval_rows(out):
@@ -605,10 +654,24 @@ def eval_rows(out):
         f = unet_file(out, stage, phase)
         if f.exists():
             rows += [f"{name}-at{n}:{f}:{n}" for n in steps]
+    # the ablations: MSE-only progressive distillation at 8, 4, 2, 1 steps; the 1-step student without the
+    # x0 switch (epsilon) and without re-noising
+    for name, folder, stage, phase, n, pred in [
+            ("mse-pd8", "runs-mse", "32to8", "mse", 8, "epsilon"), ("mse-pd4", "runs-mse", "8to4", "mse", 4, "epsilon"),
+            ("mse-pd2", "runs-mse", "4to2", "mse", 2, "epsilon"), ("mse-pd1", "runs-mse", "2to1", "mse", 1, "sample"),
+            ("lightning1-eps", "runs-eps", "2to1", "uncond", 1, "epsilon"),
+            ("lightning1-no-renoise", "runs-norenoise", "2to1", "uncond", 1, "sample"),
+            ("convert1-long", "runs-long", "2to1", "convert", 1, "sample"),
+            ("lightning1-long", "runs-long", "2to1", "uncond", 1, "sample"),
+            ("lightning1-eps-long", "runs-eps-long", "2to1", "uncond", 1, "epsilon")]:
+        f = unet_file(out, stage, phase, folder, pred)
+        if f.exists():
+            rows.append(f"{name}:{f}:{n}:0:{pred}")
     return rows
 
 
-GRID_ROWS = ["teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1"]
+GRID_ROWS = ["teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1",
+             "lightning1-long", "lightning1-eps-long"]
 
 
 def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
@@ -616,7 +679,7 @@ def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
     from PIL import ImageFont
     eval_dir = Path(eval_dir)
     rows = [r for r in rows if (eval_dir / r).is_dir()]
-    label_w = 70
+    label_w = 6 * max(len(r) for r in rows) + 8
     img = Image.new("RGB", (label_w + RES * columns, RES * len(rows)), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for y, r in enumerate(rows):
@@ -633,16 +696,18 @@ def experiment(out, args):
     (out / "runs").mkdir(parents=True, exist_ok=True)
     tfile = out / "runs" / "times.json"
     times = json.loads(tfile.read_text()) if tfile.exists() else {}
-    for stage, phase in PLAN:
-        if unet_file(out, stage, phase).exists():
+    for folder, stage, phase, steps, extra in full_plan(out, args.phase_steps):
+        pred = extra[extra.index("--prediction") + 1] if "--prediction" in extra else None
+        if unet_file(out, stage, phase, folder, pred).exists():
             continue
-        cmd = train_command(out, stage, phase, args.phase_steps, args.batch, args.seed)
+        cmd = train_command(out, stage, phase, steps, args.batch, args.seed, folder, extra)
         print("toy.py:", " ".join(cmd[1:]), flush=True)
         t0 = time.time()
         r = subprocess.run(cmd)
         if r.returncode:
-            raise ValueError(f"train.py failed on {stage}/{phase} (exit {r.returncode}); fix and re-run to resume")
-        times[f"{stage}/{phase}"] = time.time() - t0
+            raise ValueError(f"train.py failed on {folder}/{stage}/{phase} (exit {r.returncode}); fix and re-run to "
+                             f"resume")
+        times[f"{stage}/{phase}" if folder == "runs" else f"{folder}/{stage}/{phase}"] = time.time() - t0
         write_json(tfile, times)
     cmd = [sys.executable, str(ROOT / "eval.py"), "--toy", str(out), "--out", str(out / "eval"), "--device", "cpu"]
     for row in eval_rows(out):

@@ -128,8 +128,10 @@ def lora_off(unet):
 # Small helpers: names, seeds, where teachers come from
 
 
-def unet_filename(steps):
-    return "sdxl_lightning_1step_unet_x0.safetensors" if steps == 1 else f"sdxl_lightning_{steps}step_unet.safetensors"
+def unet_filename(steps, prediction=None):
+    """The release names; an x0 model (default: the 1-step one) says so, and sample.py reads the suffix."""
+    x0 = prediction == "sample" if prediction else steps == 1
+    return f"sdxl_lightning_{steps}step_unet{'_x0' if x0 else ''}.safetensors"
 
 
 def lora_filename(steps):
@@ -160,14 +162,30 @@ def default_teacher(args, steps):
     raise ValueError(f"no {steps}-step teacher: run the stage that makes it with the same --out, or pass --teacher")
 
 
+def run_order(stage, prediction=None):
+    """The phases a stage runs without --phase: PHASE_TABLE's order, less the x0 switch when the 1-step student
+    keeps predicting epsilon (--prediction epsilon, the Sec. 3.7.3 ablation)."""
+    return tuple(p for p in lm.stage_phases(stage) if not (p == "convert" and prediction == "epsilon"))
+
+
+def predecessor(stage, phase, prediction=None):
+    """The phase whose fp32 checkpoint this one starts from, or None (the stage's init). The MSE ablation of
+    2to1 (Sec. 3.2) starts from the convert phase, so that its student already predicts x0."""
+    if phase == "mse":
+        return "convert" if stage == "2to1" and prediction != "epsilon" else None
+    order = run_order(stage, prediction)
+    i = order.index(phase)
+    return order[i - 1] if i > 0 else None
+
+
 def plan_phase(args, stage, phase):
     """Where the phase's student, LoRA, teacher and discriminator start from (Sec. 3.6 hand-offs):
     uncond continues cond's LoRA and discriminator backbone; full merges uncond's LoRA into its base in fp32
     and keeps uncond's discriminator and its optimizer state; 2to1's whole-UNet phases continue each other.
     Every hand-off reads the previous phase's fp32 checkpoint, never the fp16 release files."""
-    st, spec = lm.STAGES[stage], lm.phase_spec(stage, phase)
-    i = st.phases.index(phase)
-    prev = phase_dir(args, stage, st.phases[i - 1]) / "checkpoint.pt" if i > 0 else None
+    st, spec = lm.STAGES[stage], lm.phase_spec(stage, phase, args.prediction)
+    prev_phase = predecessor(stage, phase, args.prediction)
+    prev = phase_dir(args, stage, prev_phase) / "checkpoint.pt" if prev_phase else None
     if prev is not None and not prev.exists():
         if args.phase is None:
             raise files.RunError(f"{prev.parent} has no checkpoint")
@@ -176,8 +194,8 @@ def plan_phase(args, stage, phase):
     plan = {"init": args.init or args.teacher or default_teacher(args, first.teacher_steps), "lora_from": None,
             "disc_from": None}
     if prev is not None:
-        ck = files.read_checkpoint(prev, stage, st.phases[i - 1])
-        prev_spec = lm.phase_spec(stage, st.phases[i - 1])
+        ck = files.read_checkpoint(prev, stage, prev_phase)
+        prev_spec = lm.phase_spec(stage, prev_phase)
         if prev_spec.lora:  # uncond continues the LoRA; full merges it into the same base
             plan["init"], plan["lora_from"] = ck["init"], str(prev)
         else:
@@ -200,7 +218,7 @@ class Phase:
 
     def __init__(self, args, ctx, stage, phase):
         self.args, self.ctx, self.stage, self.phase = args, ctx, stage, phase
-        self.spec = spec = lm.phase_spec(stage, phase)
+        self.spec = spec = lm.phase_spec(stage, phase, args.prediction)
         self.st = lm.STAGES[stage]
         self.dir = phase_dir(args, stage, phase)
         self.plan = plan = plan_phase(args, stage, phase)
@@ -371,7 +389,8 @@ class Phase:
             lora.merge_lora(merged, lsd, source="student LoRA")
             sd = merged.state_dict()
             files.atomic_write(self.dir / lora_filename(steps), lambda tmp: lora.save_lora(self.student, tmp))
-        files.save_safetensors({k: v.half().contiguous() for k, v in sd.items()}, self.dir / unet_filename(steps))
+        files.save_safetensors({k: v.half().contiguous() for k, v in sd.items()},
+                               self.dir / unet_filename(steps, self.spec.student_prediction))
         files.save_json(self.student.config.to_diffusers(), self.dir / "config.json")
         files.crash_point("exports")
         files.save_json({"step": self.step}, self.dir / "progress.json")
@@ -578,7 +597,7 @@ class Phase:
             if a.sample_every and self.step % a.sample_every == 0:
                 self.sample_grid()
         bar.close()
-        self.log(f"done: {self.dir / unet_filename(self.st.student_steps)}")
+        self.log(f"done: {self.dir / unet_filename(self.st.student_steps, self.spec.student_prediction)}")
 
 
 def conditioning(text, captions, ids, device, dtype):
@@ -659,7 +678,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=list(lm.STAGES), help="which distillation stage (Sec. 3.6)")
     p.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], default=None,
-                   help="run one phase only; default: all the stage's phases in order")
+                   help="run one phase only; default: all the stage's phases in order. mse outside 128to32 is the "
+                   "MSE-only progressive distillation ablation (Sec. 3.2), run only when named")
+    p.add_argument("--prediction", choices=list(lm.PREDICTIONS), default=None,
+                   help="2to1 only: the 1-step student's output. Default sample (x0, Sec. 3.7.3); epsilon is the "
+                   "ablation without the x0 switch (the convert phase is then skipped)")
     p.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, "
                    ".tar shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     p.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base: text encoders, VAE, UNet config, "
@@ -731,9 +754,14 @@ def check_args(args, world):
     if args.batch_size % (args.micro_batch_size * world):
         raise files.RunError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x {world} ranks")
-    phases = lm.STAGES[args.stage].phases
-    if args.phase is not None and args.phase not in phases:
-        raise files.RunError(f"stage {args.stage} has no phase {args.phase!r}; its phases: {', '.join(phases)}")
+    every = lm.stage_phases(args.stage, ablations=True)
+    if args.phase is not None and args.phase not in every:
+        raise files.RunError(f"stage {args.stage} has no phase {args.phase!r}; its phases: {', '.join(every)}")
+    if args.prediction is not None and args.stage != "2to1":
+        raise files.RunError(f"--prediction applies to stage 2to1 only (the 1-step student); stage {args.stage} "
+                             f"predicts epsilon")
+    if args.prediction == "epsilon" and args.phase == "convert":
+        raise files.RunError("--phase convert is the switch to x0 itself; --prediction epsilon skips it")
     files.check_writable_folder(args.out)
     if args.tensorboard is not None:
         try:
@@ -741,7 +769,7 @@ def check_args(args, world):
         except ImportError:
             raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         files.check_writable_folder(args.tensorboard)
-    return [args.phase] if args.phase else list(phases)
+    return [args.phase] if args.phase else list(run_order(args.stage, args.prediction))
 
 
 def check_resume(args, phases):

@@ -389,7 +389,23 @@ def test_stages():
         for ph in s.phases:
             spec = L.phase_spec(s.name, ph)
             assert spec.renoise == (s.name in ("4to2", "2to1") and spec.discriminator is not None), (s.name, ph)
-    assert len(L.PHASE_TABLE) == sum(len(s.phases) for s in L.STAGES.values())
+    assert len(L.PHASE_TABLE) == sum(len(s.phases) for s in L.STAGES.values()) + 4  # + the MSE ablations
+
+
+def test_ablation_phases():
+    """Sec. 3.2's baseline, MSE-only progressive distillation, is a phase of every later stage that a stage never
+    runs by default; Sec. 3.7.3's 1-step student without the x0 switch is a prediction override."""
+    for name in ["32to8", "8to4", "4to2", "2to1"]:
+        st = L.STAGES[name]
+        assert "mse" in L.stage_phases(name, ablations=True) and "mse" not in L.stage_phases(name)
+        spec = L.phase_spec(name, "mse")
+        assert (spec.loss, spec.discriminator, spec.lora, spec.teacher_steps, spec.n, spec.cfg) == \
+            ("mse", None, False, st.teacher_steps, st.n, 1.0)
+    assert L.phase_spec("2to1", "mse").student_prediction == "sample"
+    assert L.phase_spec("2to1", "cond", "epsilon").student_prediction == "epsilon"
+    assert L.phase_spec("2to1", "cond").student_prediction == "sample"
+    with pytest.raises(ValueError, match="prediction 'v'"):
+        L.phase_spec("2to1", "cond", "v")
 
 
 def test_phase_spec_errors():

@@ -139,6 +139,28 @@ TEST_STEPS = 40
 # bad input
 
 
+def test_experiment_chains_every_run_to_an_earlier_one_and_evaluates_each_ablation(tmp_path):
+    """`toy.py all`: each run's --teacher / --init / --skip-level-teacher is a checkpoint an earlier run writes;
+    every ablation's export becomes its eval row with the prediction it was trained for."""
+    out = tmp_path / "toy"
+    written = set()
+    for folder, stage, phase, steps, extra in toy.full_plan(out, 120):
+        for flag in ("--teacher", "--init", "--skip-level-teacher"):
+            if flag in extra:
+                assert extra[extra.index(flag) + 1] in written, (folder, stage, phase, flag)
+        written.add(str(out / folder / stage / phase / "checkpoint.pt"))
+        pred = extra[extra.index("--prediction") + 1] if "--prediction" in extra else None
+        f = toy.unet_file(out, stage, phase, folder, pred)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"")
+    rows = {r.split(":")[0]: r.split(":") for r in toy.eval_rows(out)}
+    for name, pred, steps in [("mse-pd4", "epsilon", "4"), ("mse-pd1", "sample", "1"),
+                              ("lightning1-eps", "epsilon", "1"), ("lightning1-no-renoise", "sample", "1")]:
+        assert rows[name][-1] == pred and rows[name][-3] == steps, rows[name]
+    assert rows["lightning1-eps"][1].endswith("runs-eps/2to1/uncond/sdxl_lightning_1step_unet.safetensors")
+    assert {"teacher32", "lightning4-lora", "lightning4-cond-only", "lightning1", "lightning1-long"} <= set(rows)
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--images", "10"], "--images must be >= 64"),
     (["--unet-steps", "0"], "--unet-steps"),

@@ -148,6 +148,48 @@ def test_exported_1step_model_samples_with_sample_py(env, tmp_path):
     assert Image.open(tmp_path / "one.png").size == (32, 32)
 
 
+def test_ablation_phases_run_only_when_named(env, tmp_path):
+    """The paper's ablations as train.py runs them: MSE-only progressive distillation (Sec. 3.2) is
+    `--phase mse` in any stage, never part of a stage's default run, and in 2to1 continues the convert phase
+    (an x0 student); `--stage 2to1 --prediction epsilon` (Sec. 3.7.3 without the x0 switch) skips convert and
+    exports a 1-step UNet that sample.py reads as epsilon."""
+    assert train.run_order("32to8") == ("cond", "uncond", "full")
+    assert train.run_order("2to1") == ("convert", "cond", "uncond")
+    assert train.run_order("2to1", "epsilon") == ("cond", "uncond")
+    assert train.predecessor("2to1", "mse") == "convert" and train.predecessor("8to4", "mse") is None
+    assert train.predecessor("2to1", "cond", "epsilon") is None and train.predecessor("2to1", "uncond", "epsilon") == "cond"
+    t = {s: str(p) for s, p in env["teachers"].items()}
+    # MSE-only 8to4: the student's one jump against the teacher's two moves, whole UNet, no discriminator
+    out = tmp_path / "mse"
+    run(["--stage", "8to4", "--phase", "mse", "--teacher", t[8], *common(env, out, "--max-steps", 1)])
+    meta = json.loads((out / "8to4" / "mse" / "phase.json").read_text())
+    assert (meta["loss"], meta["discriminator"], meta["lora"], meta["teacher"], meta["student_init"], meta["n"]) == \
+        ("mse", None, False, t[8], t[8], 2)
+    log = json.loads((out / "8to4" / "mse" / "log.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(log["loss_mse"]) and "loss_d" not in log
+    diffusers_loads(out / "8to4" / "mse" / "sdxl_lightning_4step_unet.safetensors")
+    assert sorted(p.name for p in (out / "8to4").iterdir()) == ["mse"]
+    # MSE-only 2to1 starts from its convert phase's fp32 student and exports an x0 model
+    out = tmp_path / "mse1"
+    for phase in ("convert", "mse"):
+        run(["--stage", "2to1", "--phase", phase, "--teacher", t[2], *common(env, out, "--max-steps", 1)])
+    meta = json.loads((out / "2to1" / "mse" / "phase.json").read_text())
+    assert meta["student_init"] == str(out / "2to1" / "convert" / "checkpoint.pt") and meta["teacher"] == t[2]
+    assert meta["student_prediction"] == "sample" and meta["n"] == 2
+    assert (out / "2to1" / "mse" / "sdxl_lightning_1step_unet_x0.safetensors").exists()
+    # the 1-step student without the x0 switch: cond from the 2-step teacher, uncond from cond, both epsilon
+    out = tmp_path / "eps"
+    run(["--stage", "2to1", "--prediction", "epsilon", *stage_args(env, "2to1"), *common(env, out, "--max-steps", 1)])
+    assert sorted(p.name for p in (out / "2to1").iterdir()) == ["cond", "uncond"]
+    cond, unc = (json.loads((out / "2to1" / p / "phase.json").read_text()) for p in ("cond", "uncond"))
+    assert cond["student_init"] == t[2] and unc["student_init"] == str(out / "2to1" / "cond" / "checkpoint.pt")
+    assert cond["student_prediction"] == unc["student_prediction"] == "epsilon"
+    f = out / "2to1" / "uncond" / "sdxl_lightning_1step_unet.safetensors"
+    assert f.exists() and not list((out / "2to1").glob("*/*_x0.safetensors"))
+    import sample
+    assert sample.default_prediction(str(f), str(env["base"]), 1) == "epsilon"
+
+
 # ----------------------------------------------------------------------------------------------------
 # DDP and resume
 
@@ -543,10 +585,14 @@ def test_bad_arguments_refused_before_any_work(env, tmp_path, capsys, monkeypatc
              (["--renoise-weights-late", "5,1,1"], "--renoise-weights-late must be 4"),
              (["--renoise-weights-late", "a,b,c,d"], "--renoise-weights-late must be 4"),
              (["--renoise-weights-late", "0,0,0,0"], "--renoise-weights-late must be 4"),
-             (["--renoise-weights-late", "5,1,1,nan"], "--renoise-weights-late must be 4")]
+             (["--renoise-weights-late", "5,1,1,nan"], "--renoise-weights-late must be 4"),
+             (["--prediction", "epsilon"], "--prediction applies to stage 2to1 only"),
+             (["--phase", "convert"], "stage 8to4 has no phase 'convert'; its phases: cond, uncond, full, mse")]
     for extra, want in cases:
         msg = _fails([*base, *common(env, out), *map(str, extra)], capsys)
         assert msg.startswith("error: ") and want in msg and "\n" not in msg.strip(), (extra, msg)
+    msg = _fails(["--stage", "2to1", "--phase", "convert", "--prediction", "epsilon", *common(env, out)], capsys)
+    assert "--phase convert is the switch to x0 itself" in msg
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert "is a file, not a folder" in _fails([*base, *common(env, a_file)], capsys)
