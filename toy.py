@@ -142,13 +142,14 @@ MAX_LENGTH = 77
 TEXT_WIDTHS = (32, 64)  # CLIP-L and bigG stand-ins; context = 32 + 64 = 96, pooled = 64
 
 
-def vocab_and_merges():
-    """CLIP-shaped byte-level BPE: letters, letters + </w>, one merge chain per caption word, then the
-    specials with the largest ids (the SDXL configs' eos_token_id = 2 means 'pool at the largest id')."""
+def vocab_and_merges(words=None):
+    """CLIP-shaped byte-level BPE: letters, letters + </w>, one merge chain per word (default: every caption
+    word; a word is then one token), then the specials with the largest ids (the SDXL configs' eos_token_id = 2
+    means 'pool at the largest id')."""
     letters = ["!"] + list(string.ascii_lowercase)
     vocab = {t: i for i, t in enumerate(letters + [ch + "</w>" for ch in letters])}
     merges = []
-    words = sorted({w for cap in all_captions() for w in cap.split()})
+    words = words or sorted({w for cap in all_captions() for w in cap.split()})
     for word in words:
         cur = word[0]
         for j, ch in enumerate(word[1:], start=2):
@@ -629,10 +630,9 @@ def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=
 
 
 def unet_file(out, stage, phase, folder="runs", prediction=None):
-    """The phase's exported UNet: train.py names an x0 model *_x0 (the 1-step one unless --prediction epsilon)."""
-    steps = lm.STAGES[stage].student_steps
-    x0 = prediction == "sample" if prediction else steps == 1
-    return Path(out) / folder / stage / phase / f"sdxl_lightning_{steps}step_unet{'_x0' if x0 else ''}.safetensors"
+    """The phase's exported UNet, named as train.py names it."""
+    import train  # only here: the rest of toy.py (and tests/tiny_text.py, which imports it) needs no training code
+    return Path(out) / folder / stage / phase / train.unet_filename(lm.STAGES[stage].student_steps, prediction)
 
 
 def eval_rows(out):

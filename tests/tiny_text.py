@@ -1,6 +1,5 @@
 """Tiny SDXL text conditioning, offline: two CLIP tokenizers from a hand-made vocabulary and two random
 CLIP text encoders, written as a diffusers folder. Shared by the text, sampler and pipeline tests."""
-import string
 from pathlib import Path
 
 import torch
@@ -18,20 +17,9 @@ WORDS = ("photo", "of", "cat", "dog", "red", "car", "in", "the", "snow")  # whol
 
 
 def tiny_vocab():
-    """A byte-level BPE vocabulary shaped like CLIP's: "!" is id 0, the two specials have the largest ids."""
-    letters = ["!"] + list(string.ascii_lowercase)
-    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters])}
-    merges = []
-    for word in WORDS:  # merge left to right: p h -> ph, ph o -> pho, ..., phot o</w> -> photo</w>
-        cur = word[0]
-        for j, ch in enumerate(word[1:], start=2):
-            nxt = ch + "</w>" if j == len(word) else ch
-            merges.append(f"{cur} {nxt}")
-            cur += nxt
-            vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab, merges
+    """A byte-level BPE vocabulary shaped like CLIP's ("!" is id 0, the two specials have the largest ids),
+    WORDS whole-word tokens: toy.py's, with these words."""
+    return toy.vocab_and_merges(WORDS)
 
 
 def write_tokenizer(folder, pad_token):
