@@ -11,10 +11,11 @@ and `up` a 1x1 conv, so the composition is again one conv of the base kernel and
 The kohya format stores, per wrapped module, `lora_unet_<path with '.' -> '_'>.lora_down.weight`,
 `.lora_up.weight` and a scalar `.alpha` (absent means alpha = rank). The path is spelled either as
 the diffusers module path (`down_blocks_1_attentions_0_...`) or as the original Stability (SGM) one
-(`input_blocks_4_1_...`); '_' makes names ambiguous, so both spellings are looked up in tables built
-from the UNet's real module names instead of being parsed (convert.py holds both spellings).
+(`input_blocks_4_1_...`); '_' makes names ambiguous, so names are looked up in a table built from the
+UNet's real module names instead of being parsed. This file speaks the diffusers spelling; weights.py reads
+files in either spelling (weights.read_lora) and converts between them.
 
-Read top to bottom: targets and names, the lookup tables, reading and merging files, then the
+Read top to bottom: targets and names, the lookup table, checking and merging LoRAs, then the
 training side (hooks on the targets, enable/disable, state dict, save, merge-and-remove).
 """
 import math
@@ -23,8 +24,6 @@ import os
 import torch
 import torch.nn as nn
 
-import unet as unet_mod
-from convert import kohya_name, kohya_table
 
 TARGET_EXCLUDE = ("conv_in", "conv_out", "time_embedding.", "add_embedding.")
 SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -49,33 +48,20 @@ def lora_targets(unet) -> list:
     return [n for n, _ in _base_modules(_unwrap(unet)) if not n.startswith(TARGET_EXCLUDE)]
 
 
+def kohya_name(module_name: str) -> str:
+    """The kohya name of a module in the diffusers spelling: lora_unet_<path with '.' -> '_'>."""
+    return "lora_unet_" + module_name.replace(".", "_")
+
+
 def lookup_table(unet) -> dict:
-    """{kohya name in either spelling: diffusers module name} for every Linear/Conv2d of the UNet.
-    Merging accepts any of them (a superset of `lora_targets`); add_lora wraps only the targets."""
-    unet = _unwrap(unet)
-    cfg = getattr(unet, "config", None)
-    return kohya_table([n for n, _ in _base_modules(unet)], cfg if isinstance(cfg, unet_mod.UNetConfig) else None)
+    """{kohya name: diffusers module name} for every Linear/Conv2d of the UNet. Merging accepts any of them
+    (a superset of `lora_targets`); add_lora wraps only the targets. Files in the SGM spelling are respelled
+    by weights.read_lora before they get here."""
+    return {kohya_name(n): n for n, _ in _base_modules(_unwrap(unet))}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading and merging kohya files
-
-def read_lora(path) -> dict:
-    """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    try:
-        sd = load_file(path, device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
-    if not any(k.endswith(".lora_down.weight") for k in sd):
-        raise ValueError(f"{path}: not a kohya LoRA (no '*.lora_down.weight' tensors; {len(sd)} tensors, "
-                         f"first {sorted(sd)[:3]})")
-    return sd
-
+# Checking and merging kohya LoRAs
 
 def _few(keys, n=5):
     keys = sorted(keys)

@@ -250,7 +250,8 @@ def load(base, unet_source, loras, steps, device, dtype):
     if loras:
         import lora as lora_mod
         for path, scale in [(loras, 1.0)] if isinstance(loras, (str, Path)) else loras:
-            lora_mod.merge_lora(unet, lora_mod.read_lora(resolve_lora(str(path))), scale, source=str(path))
+            lora_mod.merge_lora(unet, weights.read_lora(resolve_lora(str(path)), unet.config), scale,
+                                source=str(path))
     return text, unet.eval(), vae
 
 

@@ -7,17 +7,13 @@ plus six "micro-conditioning" time ids (orig_h, orig_w, crop_top, crop_left, tar
 SDXL-Lightning keeps both encoders frozen and distills only the UNet; its unconditional input for
 classifier-free guidance is all zeros ("a guidance scale of 6 without any negative prompts", Sec. 3.6).
 
-Weights come either from a diffusers folder (tokenizer/ tokenizer_2/ text_encoder/ text_encoder_2/)
-or from an original Stability ("SGM") single file, where CLIP-L is stored in transformers' layout and
-bigG in OpenCLIP's layout (fused q/k/v, transposed text projection); convert.py holds those layouts.
+The encoders are transformers' CLIPTextModel and CLIPTextModelWithProjection; weights.py loads them from a
+diffusers folder or from an original Stability ("SGM") single file (bigG in OpenCLIP's layout there).
 """
 import warnings
-from pathlib import Path
 
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import convert
 
 # -----------------------------------------------------------------------------
 # micro-conditioning and the unconditional input
@@ -104,80 +100,3 @@ class TextEncoders(torch.nn.Module):
         h = out.hidden_states[-2].to(self.device, self.dtype)  # (B, 77, 768)
         context = torch.cat([h, out_2.hidden_states[-2]], dim=-1)  # (B, 77, 768 + 1280)
         return context, out_2.text_embeds  # pooled: final-normed EOS token @ text_projection, (B, 1280)
-
-    @classmethod
-    def from_diffusers(cls, folder, dtype=torch.float32, device="cpu"):
-        """From a local diffusers-layout folder (weights.py resolves hub ids to such folders)."""
-        folder = Path(folder)
-        for sub in ("text_encoder", "text_encoder_2"):
-            if not (folder / sub).is_dir():
-                raise ValueError(f"text.py: {folder} has no {sub}/ folder (a diffusers SDXL folder has "
-                                 "tokenizer/ tokenizer_2/ text_encoder/ text_encoder_2/)")
-        tokenizer, tokenizer_2 = load_tokenizers(folder)
-        text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder")
-        text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
-        return cls(tokenizer, tokenizer_2, text_encoder, text_encoder_2).to(device=device, dtype=dtype)
-
-# -----------------------------------------------------------------------------
-# loading
-
-
-def load_tokenizers(folder):
-    """Both tokenizers of a diffusers SDXL folder; a single file carries none, so it borrows the base repo's."""
-    folder = Path(folder)
-    for sub in ("tokenizer", "tokenizer_2"):
-        if not (folder / sub).is_dir():
-            raise ValueError(f"text.py: {folder} has no {sub}/ folder (SDXL's tokenizers are tokenizer/ tokenizer_2/)")
-    return tuple(CLIPTokenizer.from_pretrained(folder / sub) for sub in ("tokenizer", "tokenizer_2"))
-
-
-def _from_pretrained(model_cls, path):
-    """transformers' from_pretrained, refusing missing / unexpected / mismatched tensors (it would re-initialize)."""
-    model, info = model_cls.from_pretrained(path, output_loading_info=True)
-    bad = {}
-    for kind, keys in info.items():
-        # old hub files still carry the position_ids buffer, which transformers drops silently
-        keys = sorted(str(k) for k in keys if not str(k).endswith("position_ids"))
-        if keys:
-            bad[kind] = keys
-    if bad:
-        raise ValueError(f"text.py: {path} does not fit {model_cls.__name__}: {bad}")
-    return model
-
-
-def _build(model_cls, config, sd, name, dtype, device, key_prefix=""):
-    """Build on the meta device (no random init of ~800M parameters), then load strictly.
-
-    key_prefix only makes the error name the keys as the file does."""
-    with torch.device("meta"):
-        model = model_cls(config)
-    expected = set(convert.canonical_state_dict(model))
-    missing = sorted(key_prefix + k for k in expected - set(sd))
-    unexpected = sorted(key_prefix + k for k in set(sd) - expected)
-    if missing or unexpected:
-        raise ValueError(f"text.py: {name} in the single file does not fit the model its shapes describe: "
-                         f"missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(convert.model_keys(sd, model), strict=True, assign=True)
-    for buf_name, buf in model.named_buffers():  # non-persistent buffers are not in any file
-        if buf.is_meta and buf_name.endswith("position_ids"):
-            owner = model.get_submodule(buf_name.rpartition(".")[0])
-            owner.position_ids = torch.arange(buf.shape[-1]).expand(buf.shape).clone()  # (1, 77)
-        elif buf.is_meta:
-            raise ValueError(f"text.py: {model_cls.__name__} has buffer {buf_name!r} that no file provides")
-    return model.to(device=device, dtype=dtype)
-
-
-def encoders_from_single_file(sd, dtype=torch.float32, device="cpu", head_dim=64):
-    """(CLIP-L, bigG) from an SGM single-file state dict (other keys, e.g. the UNet's, are ignored);
-    the configs come from the shapes (convert.text_from_sgm; head_dim cannot be read from them)."""
-    (clip_l, config), (bigg, config_2) = convert.text_from_sgm(sd, head_dim)
-    text_encoder = _build(CLIPTextModel, config, clip_l, "CLIP-L", dtype, device, key_prefix=convert.SGM_CLIP_L)
-    # bigG's keys are already converted: the error names them as transformers does
-    text_encoder_2 = _build(CLIPTextModelWithProjection, config_2, bigg, "OpenCLIP bigG (transformers names)",
-                            dtype, device)
-    return text_encoder, text_encoder_2
-
-
-def text_from_single_file(sd, tokenizer, tokenizer_2, dtype=torch.float32, device="cpu", head_dim=64):
-    """TextEncoders from an SGM single file; its tokenizers come from elsewhere (the SDXL base repo)."""
-    return TextEncoders(tokenizer, tokenizer_2, *encoders_from_single_file(sd, dtype, device, head_dim))

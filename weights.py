@@ -1,4 +1,4 @@
-"""Where weights come from, which layout they are in, and strict loading with errors that say what is wrong.
+"""Where weights come from, every layout they come in, and strict loading with errors that say what is wrong.
 
 A source is one of:
 - a Hugging Face hub repo id (`stabilityai/stable-diffusion-xl-base-1.0`): files come through
@@ -7,7 +7,21 @@ A source is one of:
 - a single `.safetensors` file: a UNet alone (diffusers keys, or SGM `model.diffusion_model.*` keys) or a
   whole SGM checkpoint (UNet, `first_stage_model.*` VAE, `conditioner.embedders.*` text encoders).
 Only `.safetensors` is read: pickled checkpoints (`.ckpt`, `.bin`, `.pt`) are refused, never unpickled.
-The renames between layouts are convert.py's; this file decides which to apply and loads the result strictly.
+
+Three layouts meet here, converted both ways:
+- diffusers: our module names (unet.py, vae.py) and the official `sdxl_lightning_*_unet.safetensors`;
+  text encoders in transformers' CLIP layout, every key under `text_model.` but `text_projection`.
+- SGM, the original Stability single file that ComfyUI, A1111 and kohya open:
+    model.diffusion_model.*              UNet, modules numbered by position (input_blocks.4.1 ...)
+    first_stage_model.*                  VAE, attention as 1x1 convs, decoder levels numbered bottom-up
+    conditioner.embedders.0.transformer.* CLIP-L in transformers' layout
+    conditioner.embedders.1.model.*      OpenCLIP bigG: fused in_proj, transposed text_projection
+  It carries no config: the architecture is derived from tensor names and shapes (head width 64).
+- kohya LoRA names: `lora_unet_<module path, '.' -> '_'>`, spelled with the diffusers path
+  (`lora_unet_down_blocks_1_...`) or the SGM one (`lora_unet_input_blocks_4_...`).
+
+Read top to bottom: finding files, the layouts (UNet, VAE, text encoders, LoRA names, the whole single
+file), strict loading, then each part: UNet, VAE, text encoders, LoRA files. tools/convert.py is the command.
 """
 import json
 import os
@@ -17,8 +31,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import convert
+import lora as lora_mod
+import text as text_mod
 import unet as unet_mod
 import vae as vae_mod
 
@@ -107,6 +123,422 @@ def read_json(path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Layouts: every rename between the original single file (SGM), diffusers and kohya, both directions
+
+SGM_UNET = "model.diffusion_model."
+SGM_VAE = "first_stage_model."
+SGM_CLIP_L = "conditioner.embedders.0.transformer."  # + canonical CLIPTextModel keys
+SGM_BIGG = "conditioner.embedders.1.model."           # + OpenCLIP keys
+# Tensors real single files carry that no model uses (a buffer, CLIP's contrastive temperature).
+SGM_UNUSED = (SGM_CLIP_L + "text_model.embeddings.position_ids", SGM_BIGG + "logit_scale")
+
+
+# ----------------------------------------------------------------------------------------------------
+# UNet. SGM numbers modules by position: input_blocks.k.{0: resnet or downsampler op, 1: attention},
+# middle_block.{0,1,2}, output_blocks.k.{0: resnet, 1: attention, last: upsampler}. One table of
+# module prefixes, built from the config, renames both ways.
+
+SGM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+SGM_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+             "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
+             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+             "middle_block.1": "mid_block.attentions.0"}
+
+
+def unet_prefix_map(cfg: unet_mod.UNetConfig) -> dict:
+    """{SGM module prefix: (diffusers module prefix, is_resnet)} for every module of the UNet."""
+    m = {k: (v, False) for k, v in SGM_FIXED.items()}
+    m["middle_block.0"], m["middle_block.2"] = ("mid_block.resnets.0", True), ("mid_block.resnets.1", True)
+    L, n, k = len(cfg.block_out_channels), cfg.layers_per_block, 1
+    for b in range(L):
+        for i in range(n):
+            m[f"input_blocks.{k}.0"] = (f"down_blocks.{b}.resnets.{i}", True)
+            if cfg.transformer_depth[b]:
+                m[f"input_blocks.{k}.1"] = (f"down_blocks.{b}.attentions.{i}", False)
+            k += 1
+        if b < L - 1:
+            m[f"input_blocks.{k}.0.op"] = (f"down_blocks.{b}.downsamplers.0.conv", False)
+            k += 1
+    k = 0
+    for b in range(L):
+        has_attn = cfg.transformer_depth[L - 1 - b] > 0
+        for i in range(n + 1):
+            m[f"output_blocks.{k}.0"] = (f"up_blocks.{b}.resnets.{i}", True)
+            if has_attn:
+                m[f"output_blocks.{k}.1"] = (f"up_blocks.{b}.attentions.{i}", False)
+            if i == n and b < L - 1:
+                m[f"output_blocks.{k}.{2 if has_attn else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", False)
+            k += 1
+    return m
+
+
+def _rename(name: str, prefix_map: dict, inner: dict) -> str:
+    """Rename a parameter or module name by its longest module prefix in `prefix_map`
+    ({old prefix: (new prefix, is_resnet)}); inside resnets also by `inner` (SGM_RESNET or its inverse)."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):  # longest matching module prefix wins
+        head = ".".join(parts[:cut])
+        if head in prefix_map:
+            new, is_resnet = prefix_map[head]
+            rest = ".".join(parts[cut:])
+            if is_resnet:
+                for old, repl in inner.items():
+                    if rest == old or rest.startswith(old + "."):
+                        rest = repl + rest[len(old):]
+                        break
+            return new + ("." + rest if rest else "")
+    raise KeyError(name)
+
+
+def _to_sgm(cfg: unet_mod.UNetConfig):
+    """diffusers name -> SGM name, for one config (the reverse table is built once per call of this)."""
+    inverse = {new: (old, is_resnet) for old, (new, is_resnet) in unet_prefix_map(cfg).items()}
+    resnet_inverse = {new: old for old, new in SGM_RESNET.items()}
+    return lambda name: _rename(name, inverse, resnet_inverse)
+
+
+def unet_name_to_sgm(name: str, cfg: unet_mod.UNetConfig) -> str:
+    """One diffusers name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
+    return _to_sgm(cfg)(name)
+
+
+def unet_config_from_sgm(sd: dict, source="checkpoint", prefix=SGM_UNET) -> unet_mod.UNetConfig:
+    """Derive the UNet architecture from SGM tensor names and shapes (no config in a single file).
+    Head width is taken as 64, as in SDXL; the 6 time ids have 256 sinusoidal channels each."""
+    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "label_emb.0.0.weight" not in keys:
+        raise ValueError(f"{source}: not an SDXL-architecture UNet (no {prefix}label_emb: an SD1.x/2.x checkpoint?)")
+    blocks, k = [], 1  # per level: [width, resnets, depth]
+    while f"input_blocks.{k}.0.op.weight" in keys or f"input_blocks.{k}.0.in_layers.0.weight" in keys:
+        if f"input_blocks.{k}.0.op.weight" in keys:
+            blocks.append(None)  # level boundary
+        else:
+            if not blocks or blocks[-1] is None:
+                blocks.append([0, 0, 0])
+            depth = len({kk.split(".")[4] for kk in keys if kk.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
+            blocks[-1] = [keys[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0], blocks[-1][1] + 1, depth]
+        k += 1
+    levels = [b for b in blocks if b is not None]
+    if not levels or len({b[1] for b in levels}) != 1:
+        raise ValueError(f"{source}: cannot derive the UNet's levels from its input_blocks")
+    to_k = [v for kk, v in keys.items() if kk.endswith("attn2.to_k.weight")]
+    add_in = keys["label_emb.0.0.weight"].shape[1]
+    try:
+        return unet_mod.UNetConfig(in_channels=keys["input_blocks.0.0.weight"].shape[1],
+                          out_channels=keys["out.2.weight"].shape[0],
+                          block_out_channels=tuple(b[0] for b in levels), layers_per_block=levels[0][1],
+                          transformer_depth=tuple(b[2] for b in levels),
+                          num_heads=tuple(max(b[0] // 64, 1) for b in levels),
+                          cross_attention_dim=to_k[0].shape[1] if to_k else 2048, pooled_dim=add_in - 6 * 256)
+    except KeyError as e:
+        raise ValueError(f"{source}: the UNet lacks {prefix}{e.args[0]}") from None
+
+
+def unet_from_sgm(sd: dict, cfg: unet_mod.UNetConfig, source="checkpoint", prefix=SGM_UNET) -> dict:
+    """SGM UNet tensors (other keys ignored) -> diffusers names; the caller loads them strictly."""
+    pm, out, unknown = unet_prefix_map(cfg), {}, []
+    for k, v in sd.items():
+        if k.startswith(prefix):
+            try:
+                out[_rename(k[len(prefix):], pm, SGM_RESNET)] = v
+            except KeyError:
+                unknown.append(k)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} unexpected UNet keys ({', '.join(sorted(unknown)[:3])}"
+                         f"{', ...' if len(unknown) > 3 else ''})")
+    return out
+
+
+def unet_to_sgm(sd: dict, cfg: unet_mod.UNetConfig, prefix=SGM_UNET) -> dict:
+    """Diffusers-named UNet tensors -> SGM names."""
+    to_sgm = _to_sgm(cfg)
+    return {prefix + to_sgm(k): v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# VAE. SGM spells resnets `block.j`, samplers `downsample`/`upsample`, the mid block `block_1, attn_1,
+# block_2`, its attention as 1x1 convs named q, k, v, proj_out; the decoder counts levels bottom-up.
+
+SGM_VAE_RESNET = {"nin_shortcut": "conv_shortcut"}
+SGM_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def vae_name_from_sgm(name: str, n_levels: int) -> str:
+    """One SGM VAE name (without 'first_stage_model.') -> the diffusers name."""
+    p = name.split(".")
+    if p[0] in ("encoder", "decoder"):
+        if p[1] in ("down", "up"):  # encoder.down.i.block.j / downsample; decoder.up.i counts bottom-up
+            i = int(p[2]) if p[1] == "down" else n_levels - 1 - int(p[2])
+            blocks = "down_blocks" if p[1] == "down" else "up_blocks"
+            if p[3] == "block":
+                rest = SGM_VAE_RESNET.get(p[5], p[5])
+                return ".".join([p[0], blocks, str(i), "resnets", p[4], rest] + p[6:])
+            sampler = {"downsample": "downsamplers.0", "upsample": "upsamplers.0"}[p[3]]
+            return ".".join([p[0], blocks, str(i), sampler] + p[4:])
+        if p[1] == "mid":
+            if p[2].startswith("block_"):
+                rest = SGM_VAE_RESNET.get(p[3], p[3])
+                return ".".join([p[0], "mid_block.resnets", str(int(p[2][-1]) - 1), rest] + p[4:])
+            return ".".join([p[0], "mid_block.attentions.0", SGM_VAE_ATTN[p[3]]] + p[4:])
+        if p[1] == "norm_out":
+            return ".".join([p[0], "conv_norm_out"] + p[2:])
+    return name  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
+
+
+def vae_config_from_sgm(sd: dict, source="checkpoint", prefix=SGM_VAE) -> vae_mod.VAEConfig:
+    keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if "encoder.conv_in.weight" not in keys:
+        raise ValueError(f"{source}: no VAE ({prefix}encoder.*) in this file")
+    n = len({k.split(".")[2] for k in keys if k.startswith("encoder.down.")})
+    try:
+        widths = tuple(keys[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(n))
+        layers = len({k.split(".")[4] for k in keys if k.startswith("encoder.down.0.block.")})
+        return vae_mod.VAEConfig(in_channels=keys["encoder.conv_in.weight"].shape[1],
+                         out_channels=keys["decoder.conv_out.weight"].shape[0],
+                         latent_channels=keys["post_quant_conv.weight"].shape[0], block_out_channels=widths,
+                         layers_per_block=layers)
+    except KeyError as e:
+        raise ValueError(f"{source}: the VAE lacks {prefix}{e.args[0]}") from None
+
+
+def vae_from_sgm(sd: dict, cfg: vae_mod.VAEConfig, source="checkpoint", prefix=SGM_VAE) -> dict:
+    """SGM VAE tensors (other keys ignored) -> diffusers names; attention 1x1 convs become Linear weights."""
+    out, unknown = {}, []
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue
+        try:
+            name = vae_name_from_sgm(k[len(prefix):], len(cfg.block_out_channels))
+        except (KeyError, IndexError, ValueError):
+            unknown.append(k)
+            continue
+        if ".attentions." in name and name.endswith("weight") and v.ndim == 4:
+            v = v[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C)
+        out[name] = v
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} unexpected VAE keys ({', '.join(sorted(unknown)[:3])})")
+    return out
+
+
+def _sgm_vae_names(cfg: vae_mod.VAEConfig) -> list:
+    """Every SGM VAE tensor name of this architecture (the reverse map is built from these)."""
+    n, L = len(cfg.block_out_channels), cfg.layers_per_block
+    res = ["norm1", "conv1", "norm2", "conv2", "nin_shortcut"]
+    names = ["quant_conv", "post_quant_conv"]
+    for part, lvl, m in (("encoder", "down", L), ("decoder", "up", L + 1)):
+        names += [f"{part}.conv_in", f"{part}.conv_out", f"{part}.norm_out"]
+        names += [f"{part}.mid.block_{i}.{r}" for i in (1, 2) for r in res]
+        names += [f"{part}.mid.attn_1.{a}" for a in SGM_VAE_ATTN]
+        for i in range(n):
+            names += [f"{part}.{lvl}.{i}.block.{j}.{r}" for j in range(m) for r in res]
+            names += [f"{part}.{lvl}.{i}.{lvl}sample.conv"]
+    return [f"{n_}.{w}" for n_ in names for w in ("weight", "bias")]
+
+
+def vae_to_sgm(sd: dict, cfg: vae_mod.VAEConfig, prefix=SGM_VAE) -> dict:
+    """Diffusers-named VAE tensors -> SGM names, attention Linear weights as 1x1 convs."""
+    inverse = {vae_name_from_sgm(name, len(cfg.block_out_channels)): name for name in _sgm_vae_names(cfg)}
+    missing = [k for k in sd if k not in inverse]
+    if missing:
+        raise ValueError(f"no SGM name for VAE keys {missing[:5]}")
+    out = {}
+    for k, v in sd.items():
+        if ".attentions." in k and k.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        out[prefix + inverse[k]] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoders. "Canonical" keys are those of the hub's text_encoder*/model.safetensors and of the SGM
+# CLIP-L: everything but text_projection under "text_model.". transformers >= 5.6 flattened
+# CLIPTextModel (no text_model. wrapper) while CLIPTextModelWithProjection keeps it, so each model is
+# asked for its own layout. bigG is stored in OpenCLIP's layout.
+
+# canonical key -> OpenCLIP key, outside the blocks
+OPENCLIP_GLOBAL = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",  # a bare tensor in OpenCLIP
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+# canonical module -> OpenCLIP module, inside block i (text_model.encoder.layers.i / transformer.resblocks.i)
+OPENCLIP_BLOCK = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                  "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_LAYER = "text_model.encoder.layers."
+_RESBLOCK = "transformer.resblocks."
+
+
+def _wrapped(model):
+    return any(k.startswith("text_model.") for k in model.state_dict())
+
+
+def canonical_state_dict(model) -> dict:
+    """A transformers CLIP model's state dict with canonical (hub / SGM) key names, whatever the version."""
+    sd = model.state_dict()
+    return dict(sd) if _wrapped(model) else {"text_model." + k: v for k, v in sd.items()}
+
+
+def model_keys(sd: dict, model) -> dict:
+    """Canonical keys -> the installed transformers' key names for this model."""
+    return dict(sd) if _wrapped(model) else {k.removeprefix("text_model."): v for k, v in sd.items()}
+
+
+def openclip_to_transformers(sd: dict, prefix="") -> dict:
+    """OpenCLIP text tower (prefix removed) -> canonical CLIPTextModelWithProjection keys.
+    Unknown keys raise a ValueError naming them (with `prefix`), so nothing loads half-way."""
+    inv_global = {v: k for k, v in OPENCLIP_GLOBAL.items()}
+    inv_block = {v: k for k, v in OPENCLIP_BLOCK.items()}
+    out, unknown = {}, []
+    for key, v in sd.items():
+        block = re.fullmatch(re.escape(_RESBLOCK) + r"(\d+)\.(.+)\.(\w+)", key)
+        if key in inv_global:
+            out[inv_global[key]] = v
+        elif key == "text_projection":
+            out["text_projection.weight"] = v.t().contiguous()  # (width, proj) -> nn.Linear's (proj, width)
+        elif block and block[2] == "attn" and block[3] in ("in_proj_weight", "in_proj_bias"):
+            # nn.MultiheadAttention stacks q, k, v along dim 0: (3 * width, width) or (3 * width,)
+            kind = block[3].removeprefix("in_proj_")
+            for name, part in zip("qkv", v.chunk(3, dim=0)):
+                out[f"{_LAYER}{block[1]}.self_attn.{name}_proj.{kind}"] = part.clone()  # no shared storage
+        elif block and block[2] in inv_block:
+            out[f"{_LAYER}{block[1]}.{inv_block[block[2]]}.{block[3]}"] = v
+        else:
+            unknown.append(prefix + key)
+    if unknown:
+        raise ValueError(f"unknown OpenCLIP text keys {sorted(unknown)}")
+    return out
+
+
+def transformers_to_openclip(sd: dict) -> dict:
+    """Canonical CLIPTextModelWithProjection keys -> OpenCLIP text tower keys (q, k, v fused again)."""
+    out, qkv = {}, {}
+    for key, v in sd.items():
+        layer = re.fullmatch(re.escape(_LAYER) + r"(\d+)\.(.+)\.(\w+)", key)
+        if key in OPENCLIP_GLOBAL:
+            out[OPENCLIP_GLOBAL[key]] = v
+        elif key == "text_projection.weight":
+            out["text_projection"] = v.t().contiguous()  # (proj, width) -> OpenCLIP's (width, proj)
+        elif layer and layer[2] in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            qkv.setdefault((layer[1], layer[3]), {})[layer[2][10]] = v  # "self_attn.q_proj"[10] == "q"
+        elif layer and layer[2] in OPENCLIP_BLOCK:
+            out[f"{_RESBLOCK}{layer[1]}.{OPENCLIP_BLOCK[layer[2]]}.{layer[3]}"] = v
+        else:
+            raise ValueError(f"no OpenCLIP name for text encoder key {key!r}")
+    for (i, kind), parts in qkv.items():
+        out[f"{_RESBLOCK}{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def clip_config_from_shapes(sd: dict, hidden_act: str, head_dim=64):
+    """CLIPTextConfig from canonical tensors: a single file carries no config, but the shapes say it all.
+    head_dim cannot be read from the tensors (q/k/v are width x width whatever the heads): SDXL uses 64
+    (CLIP-L 12 heads, bigG 20); an encoder narrower than head_dim gets one head (tiny test models)."""
+    from transformers import CLIPTextConfig
+    vocab_size, width = sd["text_model.embeddings.token_embedding.weight"].shape
+    if width > head_dim and width % head_dim:
+        raise ValueError(f"text encoder width {width} is not a multiple of head_dim {head_dim}")
+    layers = {int(m[1]) for k in sd if (m := re.match(re.escape(_LAYER) + r"(\d+)\.", k))}
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=sd[_LAYER + "0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=len(layers), num_attention_heads=max(1, width // head_dim),
+        max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+        projection_dim=sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else width,
+        hidden_act=hidden_act, layer_norm_eps=1e-5,
+        # as the SDXL hub configs: eos_token_id 2 makes transformers pool at argmax(input_ids), which is
+        # OpenCLIP's own rule (EOS has the largest id in CLIP's vocabulary) and also the first EOS when
+        # tokenizer 1 pads with EOS
+        bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def text_from_sgm(sd: dict, head_dim=64) -> tuple:
+    """Both encoders of an SGM file (other parts' keys ignored) -> ((CLIP-L canonical tensors, config),
+    (bigG canonical tensors, config)). CLIP-L uses OpenAI's quick_gelu, bigG (OpenCLIP) the exact gelu."""
+    clip_l = {k[len(SGM_CLIP_L):]: v for k, v in sd.items() if k.startswith(SGM_CLIP_L) and k not in SGM_UNUSED}
+    bigg = {k[len(SGM_BIGG):]: v for k, v in sd.items() if k.startswith(SGM_BIGG) and k not in SGM_UNUSED}
+    for name, part, prefix in (("CLIP-L", clip_l, SGM_CLIP_L), ("OpenCLIP bigG", bigg, SGM_BIGG)):
+        if not part:
+            raise ValueError(f"the single file has no {name} text encoder keys ({prefix}*)")
+    try:
+        bigg = openclip_to_transformers(bigg, prefix=SGM_BIGG)
+        return ((clip_l, clip_config_from_shapes(clip_l, "quick_gelu", head_dim)),
+                (bigg, clip_config_from_shapes(bigg, "gelu", head_dim)))
+    except KeyError as e:
+        raise ValueError(f"the single file lacks text encoder tensor {e.args[0]!r}") from None
+
+
+def text_to_sgm(clip_l: dict, bigg: dict) -> dict:
+    """Canonical CLIP-L and bigG tensors -> SGM keys (CLIP-L stays in transformers' layout)."""
+    out = {SGM_CLIP_L + k: v for k, v in clip_l.items()}
+    out.update({SGM_BIGG + k: v for k, v in transformers_to_openclip(bigg).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA names (kohya). '_' makes the names ambiguous to parse, so both spellings are looked up in a
+# table built from the UNet's real module names.
+
+def kohya_table(module_names, cfg: unet_mod.UNetConfig = None) -> dict:
+    """{kohya name in either spelling: diffusers module name}; the SGM spelling needs the UNet config."""
+    table = {lora_mod.kohya_name(n): n for n in module_names}
+    if cfg is not None:
+        to_sgm = _to_sgm(cfg)
+        for n in module_names:
+            try:
+                k = lora_mod.kohya_name(to_sgm(n))
+            except KeyError:
+                continue
+            if table.get(k, n) != n:  # would silently merge into the wrong layer
+                raise ValueError(f"SGM LoRA name {k} is ambiguous ({table[k]} and {n})")
+            table[k] = n
+    return table
+
+
+def kohya_respell(lora_sd: dict, cfg: unet_mod.UNetConfig, to="sgm", source="lora") -> dict:
+    """A kohya LoRA state dict in the other spelling, same tensors: to='sgm' (lora_unet_input_blocks_...)
+    or to='diffusers' (lora_unet_down_blocks_...). Keys of no Linear/Conv2d of this UNet are refused."""
+    with torch.device("meta"):
+        names = [n for n, m in unet_mod.UNet(cfg).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    table, to_sgm = kohya_table(names, cfg), _to_sgm(cfg)
+    out, unknown = {}, []
+    for k, v in lora_sd.items():
+        name, _, suffix = k.partition(".")
+        if name not in table:
+            unknown.append(k)
+            continue
+        module = table[name]
+        out[f"{lora_mod.kohya_name(to_sgm(module) if to == 'sgm' else module)}.{suffix}"] = v
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} LoRA keys name no Linear/Conv2d of this UNet: "
+                         f"{sorted(unknown)[:3]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole single file
+
+SGM_PARTS = {"unet": SGM_UNET, "vae": SGM_VAE, "clip_l": SGM_CLIP_L, "bigg": SGM_BIGG}
+
+
+def check_single_file(sd: dict, source="checkpoint"):
+    """Refuse keys outside the four parts (the unused tensors real files carry are tolerated by name)."""
+    unknown = sorted(k for k in sd if not k.startswith(tuple(SGM_PARTS.values())) and k not in SGM_UNUSED)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} keys belong to no SDXL part (UNet {SGM_UNET}*, VAE {SGM_VAE}*, "
+                         f"text {SGM_CLIP_L}*, {SGM_BIGG}*): {', '.join(unknown[:3])}"
+                         f"{', ...' if len(unknown) > 3 else ''}")
+
+
+def to_single_file(unet_sd, unet_cfg, vae_sd, vae_cfg, clip_l_sd, bigg_sd) -> dict:
+    """Diffusers-named UNet and VAE tensors and canonical text encoder tensors -> one SGM state dict."""
+    out = unet_to_sgm(unet_sd, unet_cfg)
+    out.update(vae_to_sgm(vae_sd, vae_cfg))
+    out.update(text_to_sgm(clip_l_sd, bigg_sd))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
 # Strict loading
 
 def check_keys(model: torch.nn.Module, sd: dict, source: str):
@@ -154,9 +586,9 @@ def detect_layout(sd: dict, source: str) -> str:
 # Parts
 
 def checked_single_file(sd: dict, source: str) -> dict:
-    """A single file's tensors after checking that every key belongs to a part (convert.check_single_file)."""
+    """A single file's tensors after checking that every key belongs to a part (check_single_file)."""
     try:
-        convert.check_single_file(sd, source)
+        check_single_file(sd, source)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     return sd
@@ -167,7 +599,7 @@ def unet_config(base: str, sd=None) -> unet_mod.UNetConfig:
     (`sd`: its already-read tensors)."""
     if is_file(base):
         try:
-            return convert.unet_config_from_sgm(read_safetensors(base) if sd is None else sd, source=str(base))
+            return unet_config_from_sgm(read_safetensors(base) if sd is None else sd, source=str(base))
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     p = fetch(base, "unet/config.json")
@@ -179,8 +611,8 @@ def unet_state_dict(sd: dict, source: str, cfg=None) -> tuple:
     if detect_layout(sd, source) == "sgm":
         checked_single_file(sd, source)
         try:
-            cfg = cfg or convert.unet_config_from_sgm(sd, source=source)
-            return convert.unet_from_sgm(sd, cfg, source=source), cfg
+            cfg = cfg or unet_config_from_sgm(sd, source=source)
+            return unet_from_sgm(sd, cfg, source=source), cfg
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if cfg is None:
@@ -203,8 +635,8 @@ def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=No
     if is_file(source):
         sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
         try:
-            cfg = convert.vae_config_from_sgm(sd, source=str(source))
-            vae_sd = convert.vae_from_sgm(sd, cfg, source=str(source))
+            cfg = vae_config_from_sgm(sd, source=str(source))
+            vae_sd = vae_from_sgm(sd, cfg, source=str(source))
         except ValueError as e:
             raise CheckpointError(str(e)) from None
         return build_strict(vae_mod.VAE, cfg, vae_sd, str(source), device, dtype)
@@ -217,26 +649,23 @@ def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=No
 def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, tokenizers=SDXL_BASE, sd=None):
     """Both CLIP text encoders and tokenizers. A single file brings its encoders; its tokenizers come from
     `tokenizers` (the SDXL base repo), as single files carry none."""
-    import text as text_mod
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # one bar per encoder is noise on a command line
     if is_file(source):
-        from transformers import CLIPTokenizer
         folder = fetch_folder(tokenizers, TOKENIZER_FILES)
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         return text_mod.TextEncoders(tok, tok2, *load_text_encoders(source, device, dtype, sd))
     v = "" if variant is None else f".{variant}"
     folder = fetch_folder(source, [p.format(v=v) for p in TEXT_FILES])
-    return text_mod.TextEncoders.from_diffusers(folder, dtype=dtype, device=device)
+    return text_from_folder(folder, dtype=dtype, device=device)
 
 
 def load_text_encoders(source: str, device="cpu", dtype=torch.float32, sd=None) -> tuple:
     """(CLIP-L, bigG) transformers models of a single file, without tokenizers."""
-    import text as text_mod
     sd = checked_single_file(read_safetensors(source) if sd is None else sd, str(source))
     try:
-        return text_mod.encoders_from_single_file(sd, dtype=dtype, device=device)
+        return encoders_from_single_file(sd, dtype=dtype, device=device)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -249,3 +678,114 @@ def fetch_variant(source, pattern, variant):
         except CheckpointError:
             pass
     return fetch(source, pattern.format(v=""))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoders: a diffusers folder or a single file, loaded strictly
+
+def load_tokenizers(folder):
+    """Both tokenizers of a diffusers SDXL folder; a single file carries none, so it borrows the base repo's."""
+    folder = Path(folder)
+    for sub in ("tokenizer", "tokenizer_2"):
+        if not (folder / sub).is_dir():
+            raise ValueError(f"{folder} has no {sub}/ folder (SDXL's tokenizers are tokenizer/ tokenizer_2/)")
+    return tuple(CLIPTokenizer.from_pretrained(folder / sub) for sub in ("tokenizer", "tokenizer_2"))
+
+
+def _from_pretrained(model_cls, path):
+    """transformers' from_pretrained, refusing missing / unexpected / mismatched tensors (it would re-initialize)."""
+    model, info = model_cls.from_pretrained(path, output_loading_info=True)
+    bad = {}
+    for kind, keys in info.items():
+        # old hub files still carry the position_ids buffer, which transformers drops silently
+        keys = sorted(str(k) for k in keys if not str(k).endswith("position_ids"))
+        if keys:
+            bad[kind] = keys
+    if bad:
+        raise ValueError(f"{path} does not fit {model_cls.__name__}: {bad}")
+    return model
+
+
+def _build(model_cls, config, sd, name, dtype, device, key_prefix=""):
+    """Build on the meta device (no random init of ~800M parameters), then load strictly.
+
+    key_prefix only makes the error name the keys as the file does."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = set(canonical_state_dict(model))
+    missing = sorted(key_prefix + k for k in expected - set(sd))
+    unexpected = sorted(key_prefix + k for k in set(sd) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{name} in the single file does not fit the model its shapes describe: "
+                         f"missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(model_keys(sd, model), strict=True, assign=True)
+    for buf_name, buf in model.named_buffers():  # non-persistent buffers are not in any file
+        if buf.is_meta and buf_name.endswith("position_ids"):
+            owner = model.get_submodule(buf_name.rpartition(".")[0])
+            owner.position_ids = torch.arange(buf.shape[-1]).expand(buf.shape).clone()  # (1, 77)
+        elif buf.is_meta:
+            raise ValueError(f"{model_cls.__name__} has buffer {buf_name!r} that no file provides")
+    return model.to(device=device, dtype=dtype)
+
+
+def encoders_from_single_file(sd, dtype=torch.float32, device="cpu", head_dim=64):
+    """(CLIP-L, bigG) from an SGM single-file state dict (other keys, e.g. the UNet's, are ignored);
+    the configs come from the shapes (text_from_sgm; head_dim cannot be read from them)."""
+    (clip_l, config), (bigg, config_2) = text_from_sgm(sd, head_dim)
+    text_encoder = _build(CLIPTextModel, config, clip_l, "CLIP-L", dtype, device, key_prefix=SGM_CLIP_L)
+    # bigG's keys are already converted: the error names them as transformers does
+    text_encoder_2 = _build(CLIPTextModelWithProjection, config_2, bigg, "OpenCLIP bigG (transformers names)",
+                            dtype, device)
+    return text_encoder, text_encoder_2
+
+
+def text_from_single_file(sd, tokenizer, tokenizer_2, dtype=torch.float32, device="cpu", head_dim=64):
+    """TextEncoders from an SGM single file; its tokenizers come from elsewhere (the SDXL base repo)."""
+    return text_mod.TextEncoders(tokenizer, tokenizer_2, *encoders_from_single_file(sd, dtype, device, head_dim))
+
+
+def text_from_folder(folder, dtype=torch.float32, device="cpu"):
+    """From a local diffusers-layout folder (fetch_folder resolves hub ids to such folders)."""
+    folder = Path(folder)
+    for sub in ("text_encoder", "text_encoder_2"):
+        if not (folder / sub).is_dir():
+            raise ValueError(f"text.py: {folder} has no {sub}/ folder (a diffusers SDXL folder has "
+                             "tokenizer/ tokenizer_2/ text_encoder/ text_encoder_2/)")
+    tokenizer, tokenizer_2 = load_tokenizers(folder)
+    text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder")
+    text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
+    return text_mod.TextEncoders(tokenizer, tokenizer_2, text_encoder, text_encoder_2).to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA files
+
+def read_lora(path, cfg=None) -> dict:
+    """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU), in the diffusers spelling
+    that lora.merge_lora reads: with the UNet's config, names in the SGM spelling are respelled."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        sd = load_file(path, device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
+    if not any(k.endswith(".lora_down.weight") for k in sd):
+        raise ValueError(f"{path}: not a kohya LoRA (no '*.lora_down.weight' tensors; {len(sd)} tensors, "
+                         f"first {sorted(sd)[:3]})")
+    return sd if cfg is None else lora_diffusers_spelling(sd, cfg, path)
+
+
+def lora_diffusers_spelling(lora_sd: dict, cfg, source) -> dict:
+    """SGM-spelled kohya names -> diffusers-spelled; names this UNet does not have pass unchanged (merge_lora
+    names them). One layer in both spellings is refused: it would be fused twice."""
+    with torch.device("meta"):
+        names = [n for n, m in unet_mod.UNet(cfg).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    table, out = kohya_table(names, cfg), {}
+    for k, v in lora_sd.items():
+        name, dot, suffix = k.partition(".")
+        new = lora_mod.kohya_name(table[name]) + dot + suffix if name in table else k
+        if new in out:
+            raise CheckpointError(f"{source}: {table[name]} appears twice (both the diffusers and the SGM spelling)")
+        out[new] = v
+    return out

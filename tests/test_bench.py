@@ -2,7 +2,7 @@
 built on the meta device (no weights, no GPU, a few seconds)."""
 import json
 
-import bench
+from tools import bench
 
 
 def test_memory_table_from_the_real_sdxl_shapes(tmp_path, capsys):

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-import convert
+from tools import convert
 import lora
 import unet as unet_mod
 import vae as vae_mod
 import weights
-from tests.tiny import (TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler, make_tiny_base, report,
+from tools.tiny import (TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler, make_tiny_base, report,
                         write_noise_images)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _random_lora(seed, rank=4):
     sd = {}
     for name in lora.lora_targets(m):
         w = m.get_submodule(name).weight
-        k = convert.kohya_name(name)
+        k = lora.kohya_name(name)
         sd[f"{k}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
         sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
         sd[f"{k}.alpha"] = torch.tensor(8.0)
@@ -50,10 +50,10 @@ def _random_lora(seed, rank=4):
 def test_unet_sgm_renames_equal_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     ref = diffusers_unet()
-    sgm = convert.unet_to_sgm(ref.state_dict(), TINY_UNET)
+    sgm = weights.unet_to_sgm(ref.state_dict(), TINY_UNET)
     assert all(k.startswith("model.diffusion_model.") for k in sgm)
-    assert convert.unet_config_from_sgm(sgm) == TINY_UNET
-    ours = convert.unet_from_sgm(sgm, TINY_UNET)
+    assert weights.unet_config_from_sgm(sgm) == TINY_UNET
+    ours = weights.unet_from_sgm(sgm, TINY_UNET)
     theirs = convert_ldm_unet_checkpoint(sgm, _kwargs(TINY_UNET))
     assert set(ours) == set(theirs)
     for k in ours:
@@ -67,18 +67,18 @@ def test_full_size_sgm_key_sets():
         names, vae_names = unet_mod.UNet(full_unet).state_dict(), vae_mod.VAE(full_vae).state_dict()
     assert len(names) == 1680 and sum(v.numel() for v in names.values()) == 2_567_463_684
     assert len(vae_names) == 248 and sum(v.numel() for v in vae_names.values()) == 83_653_863
-    sgm = convert.unet_to_sgm(names, full_unet)
-    assert len(sgm) == 1680 and convert.unet_config_from_sgm(sgm) == full_unet
-    back = convert.unet_from_sgm(sgm, full_unet)
+    sgm = weights.unet_to_sgm(names, full_unet)
+    assert len(sgm) == 1680 and weights.unet_config_from_sgm(sgm) == full_unet
+    back = weights.unet_from_sgm(sgm, full_unet)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in names.items()}
     assert "model.diffusion_model.output_blocks.2.2.conv.weight" in sgm  # DESIGN's block map
     assert "model.diffusion_model.input_blocks.3.0.op.weight" in sgm
     assert "model.diffusion_model.middle_block.2.emb_layers.1.weight" in sgm
-    vae_sgm = convert.vae_to_sgm(vae_names, full_vae)
-    assert len(vae_sgm) == 248 and convert.vae_config_from_sgm(vae_sgm) == full_vae
+    vae_sgm = weights.vae_to_sgm(vae_names, full_vae)
+    assert len(vae_sgm) == 248 and weights.vae_config_from_sgm(vae_sgm) == full_vae
     assert vae_sgm["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
     assert "first_stage_model.decoder.up.3.block.2.conv1.weight" in vae_sgm  # top decoder level, numbered bottom-up
-    back = convert.vae_from_sgm(vae_sgm, full_vae)
+    back = weights.vae_from_sgm(vae_sgm, full_vae)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae_names.items()}
 
 
@@ -96,14 +96,14 @@ def test_full_size_single_file_is_recognised_as_sdxl():
     with torch.device("meta"):
         unet, vae = unet_mod.UNet(), vae_mod.VAE()
         clip_l, bigg = CLIPTextModel(cfg_l), CLIPTextModelWithProjection(cfg_g)
-    sd = convert.to_single_file(unet.state_dict(), unet.config, vae.state_dict(), vae.config,
-                                convert.canonical_state_dict(clip_l), convert.canonical_state_dict(bigg))
+    sd = weights.to_single_file(unet.state_dict(), unet.config, vae.state_dict(), vae.config,
+                                weights.canonical_state_dict(clip_l), weights.canonical_state_dict(bigg))
     assert len(sd) == 1680 + 248 + 196 + 389  # CLIP-L 2 + 12 x 16 + 2; bigG 5 + 32 x 12 (q, k, v fused)
     assert infer_diffusers_model_type(sd) == "xl_base"
-    convert.check_single_file(sd)
-    (got_l, config_l), (got_g, config_g) = convert.text_from_sgm(sd)
-    assert got_l.keys() == convert.canonical_state_dict(clip_l).keys()
-    assert got_g.keys() == convert.canonical_state_dict(bigg).keys()
+    weights.check_single_file(sd)
+    (got_l, config_l), (got_g, config_g) = weights.text_from_sgm(sd)
+    assert got_l.keys() == weights.canonical_state_dict(clip_l).keys()
+    assert got_g.keys() == weights.canonical_state_dict(bigg).keys()
     for got, want in ((config_l, cfg_l), (config_g, cfg_g)):
         for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
             assert getattr(got, f) == getattr(want, f), f
@@ -112,10 +112,10 @@ def test_full_size_single_file_is_recognised_as_sdxl():
 def test_vae_sgm_renames_equal_diffusers_converter():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     ref = diffusers_vae()
-    sgm = convert.vae_to_sgm(ref.state_dict(), TINY_VAE)
+    sgm = weights.vae_to_sgm(ref.state_dict(), TINY_VAE)
     assert sgm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
-    assert convert.vae_config_from_sgm(sgm) == TINY_VAE
-    ours = convert.vae_from_sgm(sgm, TINY_VAE)
+    assert weights.vae_config_from_sgm(sgm) == TINY_VAE
+    ours = weights.vae_from_sgm(sgm, TINY_VAE)
     theirs = convert_ldm_vae_checkpoint(sgm, _kwargs(TINY_VAE))
     assert set(ours) == set(theirs)
     for k in ours:
@@ -123,44 +123,44 @@ def test_vae_sgm_renames_equal_diffusers_converter():
 
 
 def test_unknown_keys_refused_tolerated_ones_named():
-    sgm = convert.unet_to_sgm(diffusers_unet().state_dict(), TINY_UNET)
+    sgm = weights.unet_to_sgm(diffusers_unet().state_dict(), TINY_UNET)
     with pytest.raises(ValueError, match=r"1 unexpected UNet keys \(model.diffusion_model.input_blocks.1.9.x\)"):
-        convert.unet_from_sgm({**sgm, "model.diffusion_model.input_blocks.1.9.x": torch.zeros(1)}, TINY_UNET, "f")
-    vae_sgm = convert.vae_to_sgm(diffusers_vae().state_dict(), TINY_VAE)
+        weights.unet_from_sgm({**sgm, "model.diffusion_model.input_blocks.1.9.x": torch.zeros(1)}, TINY_UNET, "f")
+    vae_sgm = weights.vae_to_sgm(diffusers_vae().state_dict(), TINY_VAE)
     with pytest.raises(ValueError, match="first_stage_model.encoder.mid.attn_1.extra"):
-        convert.vae_from_sgm({**vae_sgm, "first_stage_model.encoder.mid.attn_1.extra": torch.zeros(1)}, TINY_VAE)
-    convert.check_single_file({**sgm, **vae_sgm, **{k: torch.zeros(1) for k in convert.SGM_UNUSED}})
+        weights.vae_from_sgm({**vae_sgm, "first_stage_model.encoder.mid.attn_1.extra": torch.zeros(1)}, TINY_VAE)
+    weights.check_single_file({**sgm, **vae_sgm, **{k: torch.zeros(1) for k in weights.SGM_UNUSED}})
     with pytest.raises(ValueError, match="f.safetensors: 1 keys belong to no SDXL part.*: model_ema.decay"):
-        convert.check_single_file({**sgm, "model_ema.decay": torch.zeros(1)}, "f.safetensors")
+        weights.check_single_file({**sgm, "model_ema.decay": torch.zeros(1)}, "f.safetensors")
 
 
 def test_kohya_table_both_spellings():
     with torch.device("meta"):
         m = unet_mod.UNet()
     names = [n for n, x in m.named_modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))]
-    table = convert.kohya_table(names, m.config)
+    table = weights.kohya_table(names, m.config)
     assert len(table) == 2 * len(names) == 2 * 794
     assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
         table["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"]
     assert table["lora_unet_output_blocks_8_0_skip_connection"] == "up_blocks.2.resnets.2.conv_shortcut"
-    assert convert.kohya_table(names) == {convert.kohya_name(n): n for n in names}  # no config: diffusers spelling
+    assert weights.kohya_table(names) == {lora.kohya_name(n): n for n in names}  # no config: diffusers spelling
 
 
 def test_kohya_respell_both_ways_equals_diffusers_reading():
     """diffusers' kohya reader (it renames SGM block numbers itself) gives the same peft tensors for both spellings."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
     sd = _random_lora(1)
-    sgm = convert.kohya_respell(sd, TINY_UNET, to="sgm")
+    sgm = weights.kohya_respell(sd, TINY_UNET, to="sgm")
     assert sgm.keys() != sd.keys() and any(k.startswith("lora_unet_input_blocks_") for k in sgm)
     assert any("_in_layers_2." in k for k in sgm) and any("_skip_connection." in k for k in sgm)
-    back = convert.kohya_respell(sgm, TINY_UNET, to="diffusers")
+    back = weights.kohya_respell(sgm, TINY_UNET, to="diffusers")
     assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
     config = diffusers_unet().config
     a, alphas_a = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(sd), unet_config=config)
     b, alphas_b = StableDiffusionXLLoraLoaderMixin.lora_state_dict(dict(sgm), unet_config=config)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and alphas_a == alphas_b
     with pytest.raises(ValueError, match="lora_unet_nowhere"):
-        convert.kohya_respell({**sd, "lora_unet_nowhere.alpha": torch.tensor(1.0)}, TINY_UNET)
+        weights.kohya_respell({**sd, "lora_unet_nowhere.alpha": torch.tensor(1.0)}, TINY_UNET)
 
 
 def test_parse_lora_spec():
@@ -222,7 +222,7 @@ def test_single_file_loads_in_diffusers_and_samples_the_same(base, single):
     from diffusers import StableDiffusionXLPipeline
     root, pipe = base
     sd = load_file(single)
-    counts = {part: sum(k.startswith(prefix) for k in sd) for part, prefix in convert.SGM_PARTS.items()}
+    counts = {part: sum(k.startswith(prefix) for k in sd) for part, prefix in weights.SGM_PARTS.items()}
     n = {part: len(getattr(pipe, part).state_dict()) for part in PARTS}
     fused = 4 * pipe.text_encoder_2.config.num_hidden_layers  # q, k, v weights and biases -> in_proj weight, bias
     assert counts == {"unet": n["unet"], "vae": n["vae"], "clip_l": n["text_encoder"],
@@ -293,15 +293,15 @@ def test_stacked_loras_and_fp16(base, single, tmp_path):
     root, pipe = base
     a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file(_random_lora(1), a_path)
-    save_file(convert.kohya_respell(_random_lora(2, rank=8), TINY_UNET, to="sgm"), b_path)  # the other spelling
+    save_file(weights.kohya_respell(_random_lora(2, rank=8), TINY_UNET, to="sgm"), b_path)  # the other spelling
     out32, out16 = tmp_path / "fp32.safetensors", tmp_path / "fp16.safetensors"
     spec = ["--lora", f"{a_path}:0.5", "--lora", str(b_path)]
     convert.main([str(single), str(out32), "--to", "single-file", *spec])
     convert.main([str(single), str(out16), "--to", "single-file", *spec, "--fp16"])
     want = unet_mod.UNet(TINY_UNET)
     want.load_state_dict(pipe.unet.state_dict())
-    lora.merge_lora(want, load_file(a_path), scale=0.5)
-    lora.merge_lora(want, load_file(b_path), scale=1.0)
+    lora.merge_lora(want, weights.read_lora(a_path, TINY_UNET), scale=0.5)
+    lora.merge_lora(want, weights.read_lora(b_path, TINY_UNET), scale=1.0)
     got = weights.load_unet(str(out32), dtype=None).state_dict()
     err = max((got[k] - v).abs().max().item() for k, v in want.state_dict().items())
     print(f"two stacked LoRAs vs merge_lora twice: max abs err {err:.3e}")
@@ -385,10 +385,11 @@ def test_command_line_help_and_exit_code(single, tmp_path):
     parser = convert.build_parser()
     for action in parser._actions:
         assert action.help, action.dest
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tools.convert", "--help"], capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 0 and "--to" in r.stdout and "--fp16" in r.stdout and "--lora" in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), str(single), str(tmp_path / "x"),
-                        "--to", "single-file"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "tools.convert", str(single), str(tmp_path / "x"),
+                        "--to", "single-file"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [f"error: OUT {tmp_path / 'x'} must end in "
                                                                     ".safetensors for --to single-file"]
 
@@ -399,7 +400,7 @@ def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
-    from tests.tiny import fill_hub_cache
+    from tools.tiny import fill_hub_cache
     root, pipe = base
     cache = tmp_path / "hub"  # a single file carries no tokenizers: they come from the SDXL base repo's cache
     fill_hub_cache(cache, weights.SDXL_BASE, {str(p.relative_to(root)): p for p in root.rglob("*")

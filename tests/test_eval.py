@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import eval as eval_mod
+from tools import eval as eval_mod
 
 
 def scipy_fd(mu1, s1, mu2, s2):
@@ -77,7 +77,7 @@ def test_fid_patch_is_the_centre_crop_at_full_resolution(w, h, top, left):
 def tiny_clip(folder):
     """A random tiny CLIPModel with its tokenizer (toy.py's local vocabulary) and image processor, saved."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-    import toy
+    from tools import toy_world as toy
     toy.write_tokenizer(folder, pad_token="<|endoftext|>")
     vocab = len(toy.vocab_and_merges()[0])
     cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -140,7 +140,7 @@ def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     """eval.py as a user runs it: tiny random SDXL base, a TorchScript 'Inception', a tiny CLIP; two rows.
     Generated at 64 px (below 299: FID-Patch is left out, '-'; the patch path runs on the 320 px references).
     The features of the reference set against themselves give 0; every number lands in both tables."""
-    from tests.tiny import make_tiny_base
+    from tools.tiny import make_tiny_base
     make_tiny_base(tmp_path / "base")
     torch.manual_seed(0)
     torch.jit.script(_TinyInception()).save(str(tmp_path / "inception.pt"))

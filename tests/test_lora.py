@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import lora
+import weights
 import unet as unet_mod
-from tests.tiny import TINY_UNET, diffusers_unet, report
+from tools.tiny import TINY_UNET, diffusers_unet, report
 
 RANK, ALPHA = 4, 8.0
 
@@ -34,7 +35,8 @@ def _random_lora(m, seed=1, spelling="diffusers"):
     """A kohya state dict with random nonzero down AND up on every target (up is zero only at init)."""
     g = torch.Generator().manual_seed(seed)
     modules = dict(m.named_modules())
-    to_sgm = {v: k for k, v in lora.lookup_table(m).items() if k != lora.kohya_name(v)}
+    table = weights.kohya_table([n for n, _ in lora._base_modules(m)], m.config)
+    to_sgm = {v: k for k, v in table.items() if k != lora.kohya_name(v)}
     sd = {}
     for name in lora.lora_targets(m):
         down_shape, up_shape = lora._expected_shapes(modules[name], RANK)
@@ -93,7 +95,7 @@ def test_merge_equals_diffusers(spelling, scale):
     if spelling == "sgm":  # really the other spelling, resnet inner names included
         assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")) for k in sd)
         assert any("_in_layers_2." in k for k in sd) and any("_skip_connection." in k for k in sd)
-    n = lora.merge_lora(m, sd, scale=scale)
+    n = lora.merge_lora(m, weights.lora_diffusers_spelling(sd, m.config, "lora"), scale=scale)
     assert n == len(lora.lora_targets(m)) == len(sd) // 3
     ours = m.state_dict()
     moved = max((ours[k] - base[k]).abs().max().item() for k in base)
@@ -129,7 +131,7 @@ def test_full_sdxl_lora_layout():
     assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (320, 64, 1, 1)
     assert sd["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (64, 2048)
     # every Linear/Conv2d (794 with conv_in/out and the embeddings) has both spellings, no collisions
-    table = lora.lookup_table(m)
+    table = weights.kohya_table([n for n, _ in lora._base_modules(m)], m.config)
     assert len(table) == 2 * 794
     assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
         "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -246,13 +248,13 @@ def test_save_lora_read_by_diffusers_and_round_trip(tmp_path):
     assert raw["lora_unet_down_blocks_1_attentions_0_proj_in.alpha"].item() == ALPHA
 
     fused = _ours()
-    lora.merge_lora(fused, lora.read_lora(path), source=str(path))
+    lora.merge_lora(fused, weights.read_lora(path), source=str(path))
     _compare_weights("saved fp16 LoRA: our merge vs diffusers", fused.state_dict(), _diffusers_fused(path))
 
     path32 = tmp_path / "lora32.safetensors"
     lora.save_lora(m, path32, dtype=torch.float32)
     round_trip = _ours()
-    lora.merge_lora(round_trip, lora.read_lora(path32))
+    lora.merge_lora(round_trip, weights.read_lora(path32))
     merged = copy.deepcopy(m)
     lora.merge_and_remove_lora(merged)
     _compare_weights("save -> read -> merge vs merge_and_remove_lora", round_trip.state_dict(), merged.state_dict(),
@@ -287,13 +289,13 @@ def test_bad_lora_files(tmp_path):
     _merge_fails({}, "no LoRA layers")
 
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        lora.read_lora(tmp_path / "nope.safetensors")
+        weights.read_lora(tmp_path / "nope.safetensors")
     save_file({"conv_in.weight": torch.zeros(2, 2)}, tmp_path / "unet.safetensors")
     with pytest.raises(ValueError, match="not a kohya LoRA"):
-        lora.read_lora(tmp_path / "unet.safetensors")
+        weights.read_lora(tmp_path / "unet.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="junk.safetensors"):
-        lora.read_lora(tmp_path / "junk.safetensors")
+        weights.read_lora(tmp_path / "junk.safetensors")
 
     m = _ours()
     with pytest.raises(ValueError, match="no LoRA layers"):

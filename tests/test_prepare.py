@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
-import prepare
+from tools import prepare
 import weights
-from tests.tiny import make_tiny_base
+from tools.tiny import make_tiny_base
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 32
@@ -129,7 +129,7 @@ def test_cached_sample_equals_encoded_image(env):
 def test_two_ranks_equal_one_rank(env, tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), str(ROOT / "prepare.py"), *args(env, out)]
+           str(29600 + os.getpid() % 1000), "-m", "tools.prepare", *args(env, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

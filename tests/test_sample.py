@@ -20,7 +20,7 @@ import sample
 import unet as unet_mod
 import weights
 from text import time_ids
-from tests.tiny import TINY_UNET, diffusers_unet, fill_hub_cache, lightning_scheduler, make_tiny_base, report
+from tools.tiny import TINY_UNET, diffusers_unet, fill_hub_cache, lightning_scheduler, make_tiny_base, report
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 48, 32  # a non-square size; the tiny VAE downsamples 2x
@@ -107,12 +107,11 @@ def test_default_hub_path_offline_equals_pipeline_png(base, tmp_path):
 
 def _single_file(root, pipe, path):
     """A tiny all-in-one checkpoint in the original (SGM) layout, written from the diffusers weights."""
-    import convert
-    from tests.tiny import TINY_VAE
+    from tools.tiny import TINY_VAE
     te = weights.load_text(str(root))
-    sd = convert.to_single_file(pipe.unet.state_dict(), TINY_UNET, pipe.vae.state_dict(), TINY_VAE,
-                                convert.canonical_state_dict(te.text_encoder),
-                                convert.canonical_state_dict(te.text_encoder_2))
+    sd = weights.to_single_file(pipe.unet.state_dict(), TINY_UNET, pipe.vae.state_dict(), TINY_VAE,
+                                weights.canonical_state_dict(te.text_encoder),
+                                weights.canonical_state_dict(te.text_encoder_2))
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
 
 

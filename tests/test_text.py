@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import convert
+import weights
 import text
-from tests.tiny_text import CONTEXT_DIM, MAX_LENGTH, POOLED_DIM, make_tiny_text_folder
+from tools.tiny import CONTEXT_DIM, MAX_LENGTH, POOLED_DIM, make_tiny_text_folder
 
 PROMPTS = ["a photo of a cat", "a red car in the snow at night"]  # different lengths: EOS at different positions
 
@@ -29,7 +29,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def te(root):
-    return text.TextEncoders.from_diffusers(root)
+    return weights.text_from_folder(root)
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,16 @@ def pipe(te):
 
 def _to_sgm(te):
     """The text encoders' part of a single file (CLIP-L in transformers' layout, bigG in OpenCLIP's)."""
-    return convert.text_to_sgm(convert.canonical_state_dict(te.text_encoder),
-                               convert.canonical_state_dict(te.text_encoder_2))
+    return weights.text_to_sgm(weights.canonical_state_dict(te.text_encoder),
+                               weights.canonical_state_dict(te.text_encoder_2))
 
 
 @pytest.fixture(scope="module")
 def single_file(te, tmp_path_factory):
     """A written-and-read SGM file, with the unused tensors real files carry and a UNet key to ignore."""
     sd = _to_sgm(te)
-    sd[convert.SGM_CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH)[None]
-    sd[convert.SGM_BIGG + "logit_scale"] = torch.tensor(4.6052)
+    sd[weights.SGM_CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH)[None]
+    sd[weights.SGM_BIGG + "logit_scale"] = torch.tensor(4.6052)
     sd["model.diffusion_model.conv_in.weight"] = torch.zeros(4, 4, 3, 3)
     path = tmp_path_factory.mktemp("sgm") / "tiny_sdxl.safetensors"
     save_file(sd, path)  # also proves the export has no shared or non-contiguous tensors
@@ -132,7 +132,7 @@ def test_single_file_matches_diffusers_conversion(te, root, single_file):
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
                                                      create_diffusers_clip_model_from_ldm)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    ours = text.text_from_single_file(single_file, te.tokenizer, te.tokenizer_2)
+    ours = weights.text_from_single_file(single_file, te.tokenizer, te.tokenizer_2)
     for a, b in ((ours.text_encoder, te.text_encoder), (ours.text_encoder_2, te.text_encoder_2)):
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                       "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps"):
@@ -142,12 +142,12 @@ def test_single_file_matches_diffusers_conversion(te, root, single_file):
     # diffusers' own conversion of the same file gives the same tensors under the same (canonical) names
     want = convert_ldm_clip_checkpoint(single_file)
     want.pop("text_model.embeddings.position_ids")
-    got = convert.canonical_state_dict(ours.text_encoder)
+    got = weights.canonical_state_dict(ours.text_encoder)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
-    want = convert_open_clip_checkpoint(te.text_encoder_2, single_file, prefix=convert.SGM_BIGG)
-    got = convert.canonical_state_dict(ours.text_encoder_2)
+    want = convert_open_clip_checkpoint(te.text_encoder_2, single_file, prefix=weights.SGM_BIGG)
+    got = weights.canonical_state_dict(ours.text_encoder_2)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
@@ -169,17 +169,17 @@ def test_single_file_matches_diffusers_conversion(te, root, single_file):
 
 def test_single_file_errors(te, single_file):
     def load(sd, **kw):
-        return text.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, **kw)
+        return weights.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, **kw)
 
-    for key in (convert.SGM_BIGG + "transformer.resblocks.0.attn.extra", convert.SGM_BIGG + "attn_mask",
-                convert.SGM_CLIP_L + "text_model.extra.weight"):
+    for key in (weights.SGM_BIGG + "transformer.resblocks.0.attn.extra", weights.SGM_BIGG + "attn_mask",
+                weights.SGM_CLIP_L + "text_model.extra.weight"):
         with pytest.raises(ValueError, match=re.escape(key)):
             load({**single_file, key: torch.zeros(3)})
-    missing = convert.SGM_BIGG + "transformer.resblocks.1.ln_2.bias"
+    missing = weights.SGM_BIGG + "transformer.resblocks.1.ln_2.bias"
     with pytest.raises(ValueError, match="resblocks.1.ln_2.bias|layers.1.layer_norm2.bias"):
         load({k: v for k, v in single_file.items() if k != missing})
     with pytest.raises(ValueError, match="no OpenCLIP bigG"):
-        load({k: v for k, v in single_file.items() if not k.startswith(convert.SGM_BIGG)})
+        load({k: v for k, v in single_file.items() if not k.startswith(weights.SGM_BIGG)})
     with pytest.raises(ValueError, match="head_dim"):
         load(single_file, head_dim=7)
     with pytest.raises(ValueError, match="token_embedding"):
@@ -199,9 +199,9 @@ def test_full_size_single_file_config(te):
     with torch.device("meta"):
         full = SimpleNamespace(text_encoder=CLIPTextModel(want), text_encoder_2=CLIPTextModelWithProjection(want_2))
     sd = _to_sgm(full)
-    assert sd[convert.SGM_BIGG + "text_projection"].shape == (1280, 1280)
-    assert sd[convert.SGM_BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
-    got = text.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, device="meta")
+    assert sd[weights.SGM_BIGG + "text_projection"].shape == (1280, 1280)
+    assert sd[weights.SGM_BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
+    got = weights.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, device="meta")
     for a, b in ((got.text_encoder.config, want), (got.text_encoder_2.config, want_2)):
         for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                       "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps", "eos_token_id"):
@@ -219,15 +219,15 @@ def test_from_diffusers_hub_layout_dtype_and_errors(te, root, tmp_path):
     sd = {"text_model." + k.removeprefix("text_model."): v for k, v in load_file(path).items()}
     sd["text_model.embeddings.position_ids"] = torch.arange(MAX_LENGTH)[None]
     save_file(sd, path, metadata={"format": "pt"})
-    loaded = text.TextEncoders.from_diffusers(hub)
+    loaded = weights.text_from_folder(hub)
     report("hub-layout folder context", loaded.encode(PROMPTS)[0], te.encode(PROMPTS)[0])
-    half = text.TextEncoders.from_diffusers(hub, dtype=torch.bfloat16)
+    half = weights.text_from_folder(hub, dtype=torch.bfloat16)
     context, pooled = half.encode(PROMPTS)
     assert context.dtype == pooled.dtype == torch.bfloat16
     del sd["text_model.final_layer_norm.bias"]
     save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="final_layer_norm.bias"):
-        text.TextEncoders.from_diffusers(hub)
+        weights.text_from_folder(hub)
     shutil.rmtree(hub / "tokenizer_2")
     with pytest.raises(ValueError, match="tokenizer_2"):
-        text.TextEncoders.from_diffusers(hub)
+        weights.text_from_folder(hub)

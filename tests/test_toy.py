@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import data as data_mod
-import eval as eval_mod
+from tools import eval as eval_mod
 import sample as sample_mod
-import toy
+from tools import toy, toy_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,28 +35,28 @@ def quick(tmp_path_factory):
 
 
 def test_data_is_deterministic_and_read_by_data_py(tmp_path):
-    a, cap_a = toy.draw(3, 17)
-    b, cap_b = toy.draw(3, 17)
+    a, cap_a = toy_world.draw(3, 17)
+    b, cap_b = toy_world.draw(3, 17)
     assert cap_a == cap_b and np.array_equal(np.asarray(a), np.asarray(b))
-    assert not np.array_equal(np.asarray(a), np.asarray(toy.draw(4, 17)[0]))  # the seed matters
-    toy.write_data(tmp_path / "d", 64, seed=3)
+    assert not np.array_equal(np.asarray(a), np.asarray(toy_world.draw(4, 17)[0]))  # the seed matters
+    toy_world.write_data(tmp_path / "d", 64, seed=3)
     ds = data_mod.ImageCaptionData(str(tmp_path / "d"), resolution=64, min_size=64)
     assert len(ds) == 64
     s = ds.get(0)
-    assert s.pixels.shape == (3, 64, 64) and s.caption in toy.all_captions()
+    assert s.pixels.shape == (3, 64, 64) and s.caption in toy_world.all_captions()
     assert s.time_ids.tolist() == [64, 64, 0, 0, 64, 64]
     caps = {(tmp_path / "d" / f"{i:05d}.txt").read_text() for i in range(64)}
     assert len(caps) > 30  # many different captions, not one
 
 
 def test_captions_parse_and_tokenize_to_whole_words(tmp_path):
-    caps = toy.all_captions()
+    caps = toy_world.all_captions()
     assert len(caps) == len(set(caps)) == 3 * 5 * 5 * 3
     for c in caps:
-        p = toy.parse_caption(c)
-        assert toy.caption(*(toy.ATTRIBUTES[k][p[k]] for k in ("shape", "colour", "position", "background"))) == c
+        p = toy_world.parse_caption(c)
+        assert toy_world.caption(*(toy_world.ATTRIBUTES[k][p[k]] for k in ("shape", "colour", "position", "background"))) == c
     from transformers import CLIPTokenizer
-    toy.write_tokenizer(tmp_path / "tok", pad_token="!")
+    toy_world.write_tokenizer(tmp_path / "tok", pad_token="!")
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
     ids = tok(caps[0]).input_ids
     assert len(ids) == len(caps[0].split()) + 2  # BOS, one token per word, EOS: the merges cover every word

@@ -21,7 +21,7 @@ import lightning_min as lm
 import lora
 import train
 import weights
-from tests.tiny import TINY_UNET, diffusers_unet, make_tiny_base, write_noise_images
+from tools.tiny import TINY_UNET, diffusers_unet, make_tiny_base, write_noise_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -642,7 +642,7 @@ def test_resume_with_other_arguments_or_a_bad_checkpoint(env, tmp_path, capsys):
 def test_phase_on_a_prepare_cache_equals_the_phase_on_images(env, tmp_path, monkeypatch):
     """Issue 10.1: a phase trained from a prepare.py cache equals the same phase trained from the images, to the
     fp16 rounding of the cached tensors; the cache run loads no VAE and no text encoder."""
-    import prepare
+    from tools import prepare
     cache = tmp_path / "cache"
     prepare.main([str(a) for a in ["--data", env["data"], "--base", env["base"], "--out", cache, "--resolution", "32",
                   "--min-size", "32", "--shard-size", "4"]])
@@ -767,7 +767,7 @@ def test_fsdp_bf16_policy_keeps_time_ids_float32():
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     import shard
     import unet as unet_lib
-    from tests.tiny import TINY_UNET
+    from tools.tiny import TINY_UNET
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         seen = {}

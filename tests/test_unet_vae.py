@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 import unet as unet_mod
 import vae as vae_mod
-from tests.tiny import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, report
+from tools.tiny import TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, report
 
 
 def _kwargs(cfg):
@@ -104,7 +104,7 @@ def test_bench_runs_and_compares_the_same_computation(tmp_path):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--what", "unet", "--runs", "1", "--warmup", "0",
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--what", "unet", "--runs", "1", "--warmup", "0",
                         "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "b.json").read_text())["results"][0]

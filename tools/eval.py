@@ -196,7 +196,7 @@ class ToyJudge:
     """The toy world's stand-in for Inception: toy.py's classifier, its reference statistics on the data."""
 
     def __init__(self, toy_dir, n_ref=2000):
-        import toy
+        from tools import toy_world as toy
         self.toy, self.dir = toy, Path(toy_dir)
         self.clf = toy.load_classifier(self.dir / "classifier")
         data = self.dir / "data"
@@ -376,7 +376,7 @@ def main(argv=None):
 
 
 def run_toy(args, rows, out, device, dtype):
-    import toy
+    from tools import toy_world as toy
     toy_dir = Path(args.toy)
     base = args.base or str(toy_dir / "base")
     if not (Path(base) / "model_index.json").exists() and not weights_is_file(base):

@@ -229,7 +229,7 @@ def unet_inputs(cfg: BenchConfig, batch, device, dtype):
 def clip_configs(kind, vocab_size):
     """CLIP-L (hidden 768, 12 layers, quick_gelu) and OpenCLIP bigG (1280, 32 layers, gelu, projection 1280)."""
     from transformers import CLIPTextConfig
-    from tests.tiny_text import text_configs
+    from tools.tiny import text_configs
     if kind == "tiny":
         return text_configs()
     common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
@@ -243,7 +243,7 @@ def clip_configs(kind, vocab_size):
 def build_text(cfg: BenchConfig, device, dtype):
     """Two CLIP tokenizers (an offline vocabulary from tests/tiny_text.py) and two random text encoders."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-    from tests.tiny_text import write_tokenizer
+    from tools.tiny import write_tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         write_tokenizer(f"{tmp}/tokenizer", pad_token="<|endoftext|>")  # CLIP-L pads with EOS
         write_tokenizer(f"{tmp}/tokenizer_2", pad_token="!")  # bigG pads with "!"
@@ -320,7 +320,7 @@ TRAIN_PHASES = [(s, p) for s, st in lm.STAGES.items() for p in st.phases]
 def tiny_training_setup(root):
     """A tiny base, random teachers for every step count, and captioned random images (no network)."""
     from safetensors.torch import save_file
-    from tests.tiny import diffusers_unet, make_tiny_base, write_noise_images
+    from tools.tiny import diffusers_unet, make_tiny_base, write_noise_images
     make_tiny_base(root / "base")
     teachers = {}
     for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
@@ -410,13 +410,13 @@ def sdxl_parameter_counts():
     sizes FSDP2 gathers (root unit, largest unit), built on the meta device in a second."""
     import copy
     import lora
-    import shard
+    import parallel
     from discriminator import Discriminator
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
     def gathered(model):
-        head = shard.head_convs(model)
-        units = [n(m) for m in model.modules() if isinstance(m, shard.UNITS) or any(m is h for h in head)]
+        head = parallel.head_convs(model)
+        units = [n(m) for m in model.modules() if isinstance(m, parallel.UNITS) or any(m is h for h in head)]
         return {"root": n(model) - sum(units), "unit": max(units)}
     with torch.device("meta"):
         unet = unet_mod.UNet(unet_mod.UNetConfig())

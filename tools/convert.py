@@ -1,0 +1,195 @@
+"""The command that writes a checkpoint in another layout: a single file or a diffusers folder.
+
+The renames themselves are weights.py's (every layout conversion, both directions); this file gathers the
+parts with strict loads, fuses LoRAs and writes (run from the repository root):
+
+    python -m tools.convert my_sdxl_finetune/ my_finetune.safetensors --to single-file # diffusers folder
+    python -m tools.convert runs/8to4/full/sdxl_lightning_4step_unet.safetensors my4step.safetensors \\
+        --to single-file --base my_finetune.safetensors --fp16                   # a training export
+    python -m tools.convert my_finetune.safetensors my_finetune_4step.safetensors --to single-file \\
+        --lora sdxl_lightning_4step_lora.safetensors:1.0                         # LoRA fused in
+    python -m tools.convert sdxl_lightning_4step.safetensors sdxl_lightning_4step/ --to diffusers
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+
+import lora as lora_mod
+import weights
+from unet import UNetConfig
+from weights import SGM_VAE, canonical_state_dict, to_single_file
+
+# ----------------------------------------------------------------------------------------------------
+# Gather the parts with weights.py (strict loads, clear errors), fuse LoRAs, write.
+
+_BASE = weights.SDXL_BASE
+
+SDXL_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+PIPELINE_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                  "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                  "text_encoder": ["transformers", "CLIPTextModel"],
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def parse_lora(spec: str) -> tuple:
+    """'FILE' or 'FILE:SCALE' -> (file, scale); a Windows drive letter is not a scale."""
+    path, sep, scale = spec.rpartition(":")
+    if not sep or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
+        return spec, 1.0
+    return path, float(scale)
+
+
+def load_parts(args):
+    """(UNet, VAE, (CLIP-L, bigG), TextEncoders or None) from IN and --base, every part loaded strictly,
+    in the source's dtypes; the LoRAs fused into the UNet. Tokenizers are loaded only where they are at hand
+    or needed (--to diffusers)."""
+    src, base = args.input, args.base
+    single = weights.is_file(src)
+    sd = weights.read_safetensors(src) if single else None
+    whole = single and any(k.startswith(SGM_VAE) for k in sd)  # a UNet-only file needs a base for the rest
+    if base is not None and (whole or not single):
+        raise weights.CheckpointError(f"{src} holds its own VAE and text encoders; --base is for UNet-only inputs")
+    base = src if (whole or not single) else (base or weights.SDXL_BASE)
+    base_single = weights.is_file(base)
+    base_sd = sd if base == src else (weights.read_safetensors(base) if base_single else None)
+    if single and weights.detect_layout(sd, src) == "diffusers":
+        cfg_json = Path(src).with_name("config.json")  # train.py exports a UNet file and its config.json
+        cfg = UNetConfig.from_diffusers(weights.read_json(cfg_json), str(cfg_json)) if cfg_json.is_file() else \
+            weights.unet_config(base, base_sd)
+        unet = weights.load_unet(src, cfg, sd=sd, dtype=None)
+    else:
+        unet = weights.load_unet(src, sd=sd, dtype=None)
+    for spec in args.lora:
+        path, scale = parse_lora(spec)
+        try:
+            lora_mod.merge_lora(unet, weights.read_lora(path, unet.config), scale=scale, source=path)
+        except (FileNotFoundError, ValueError) as e:
+            raise weights.CheckpointError(str(e)) from None
+    vae = weights.load_vae(base, dtype=None, sd=base_sd)
+    if base_single and args.to == "single-file":  # no tokenizers needed
+        encoders = weights.load_text_encoders(base, dtype=None, sd=base_sd)
+        return unet, vae, encoders, None
+    text = weights.load_text(base, dtype=None, tokenizers=args.tokenizers, sd=base_sd)
+    return unet, vae, (text.text_encoder, text.text_encoder_2), text
+
+
+def _cast(sd, fp16):
+    return {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def write_single_file(path, unet, vae, encoders, fp16=False):
+    from safetensors.torch import save_file
+    sd = to_single_file(unet.state_dict(), unet.config, vae.state_dict(), vae.config,
+                        canonical_state_dict(encoders[0]), canonical_state_dict(encoders[1]))
+    save_file(_cast(sd, fp16), str(path), metadata={"format": "pt"})
+
+
+def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
+    """A diffusers SDXL folder (model_index.json, scheduler/, unet/, vae/, text_encoder*/, tokenizer*/)."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    for sub, model, cfg in (("unet", unet, unet.config.to_diffusers()), ("vae", vae, vae.config.to_diffusers())):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "config.json").write_text(json.dumps(cfg, indent=1))
+        save_file(_cast(model.state_dict(), fp16), str(folder / sub / "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})
+    for sub, model in (("text_encoder", encoders[0]), ("text_encoder_2", encoders[1])):
+        (folder / sub).mkdir()
+        config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
+        config.pop("dtype", None), config.pop("torch_dtype", None)
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=1))
+        # canonical (hub) key names, which every transformers version reads
+        save_file(_cast(canonical_state_dict(model), fp16), str(folder / sub / "model.safetensors"),
+                  metadata={"format": "pt"})
+    text.tokenizer.save_pretrained(folder / "tokenizer")
+    text.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER, indent=1))
+    (folder / "model_index.json").write_text(json.dumps(PIPELINE_INDEX, indent=1))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN",
+                   help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors (original "
+                        "layout, all parts); or a UNet-only .safetensors (either layout; our training export, "
+                        "whose config.json next to it gives the architecture), completed from --base")
+    p.add_argument("output", metavar="OUT", help="the .safetensors file (--to single-file) or folder (--to diffusers)")
+    p.add_argument("--to", required=True, choices=["single-file", "diffusers"],
+                   help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, kohya); "
+                        "diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
+    p.add_argument("--base", default=None,
+                   help="for a UNet-only IN: where the VAE, text encoders (and the UNet config, if no config.json "
+                        f"lies next to IN) come from: hub id, diffusers folder or single file; default {_BASE}")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="kohya-format LoRA fused into the UNet at SCALE (default 1.0); repeatable, fused in order")
+    p.add_argument("--tokenizers", default=_BASE,
+                   help="with --to diffusers from a single file: the SDXL repo or folder whose tokenizer/ and "
+                        "tokenizer_2/ are copied (single files carry none)")
+    p.add_argument("--fp16", action="store_true",
+                   help="store floating tensors in float16 (half the size); default: keep the source's dtypes")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    return p
+
+
+def check_args(args):
+    """Everything that can be checked before reading gigabytes."""
+    out = Path(args.output)
+    if args.to == "single-file" and out.suffix != ".safetensors":
+        raise ValueError(f"OUT {out} must end in .safetensors for --to single-file")
+    if args.to == "diffusers" and out.suffix:
+        raise ValueError(f"OUT {out} names a file; --to diffusers writes a folder")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"OUT {out} exists (pass --overwrite to replace it)")
+    if out.resolve() == Path(args.input).resolve():
+        raise ValueError(f"OUT {out} is IN")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"OUT's folder {out.parent} does not exist")
+    if not os.access(out.parent.resolve(), os.W_OK):
+        raise ValueError(f"OUT's folder {out.parent} is not writable")
+    for spec in args.lora:
+        path, _ = parse_lora(spec)
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {spec}: no such file {path}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        check_args(args)
+        unet, vae, encoders, text = load_parts(args)
+        if args.to == "single-file":
+            write_single_file(tmp, unet, vae, encoders, args.fp16)
+        else:
+            write_diffusers(tmp, unet, vae, encoders, text, args.fp16)
+        if out.is_dir():  # --overwrite of a folder: os.replace cannot replace a non-empty one
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except ValueError as e:  # weights.CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}")
+    except OSError as e:  # a missing file names itself; a failed write (disk full) is named here
+        raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else f"error: writing {out}: {e}")
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+    n = sum(p.numel() for m in (unet, vae, *encoders) for p in m.parameters())
+    print(f"wrote {out} ({args.to}, {n / 1e6:,.1f}M parameters{', float16' if args.fp16 else ''})")
+
+
+if __name__ == "__main__":
+    main()
