@@ -21,13 +21,10 @@ model's steps; the 1- and 2-step models were trained at t = 250, 500, 750, 1000 
 model on its N trailing timesteps, so those strengths are the valid ones (--force for others).
 """
 import argparse
-import errno
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
+import files
 import lightning_min as lm
 import text as text_mod
 import weights
@@ -66,32 +63,16 @@ def pick_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def trained_strengths(steps):
-    """The img2img strengths a `steps`-step model was trained for: its training times / T (Sec. 3.7.1:
-    0.25, 0.5, 0.75, 1 for the 1- and 2-step models; k / N on the trailing grid for N steps)."""
-    return sorted(t / lm.T for t in lm.student_timesteps(steps))
-
-
-def timesteps(steps, strength=1.0):
-    """The times a `steps`-step model visits, from round(strength * T) to 0: each move is one of its own
-    steps, t -> t - T/steps on its trailing grid, clamped at 0 (lm.target_time, as it was trained, Eq. 13-15).
-    strength 1 gives the trailing timesteps [1000, ..., 0]; a 2-step model at 0.75 visits 750, 250, 0."""
-    t = round(strength * lm.T)
-    if not 1 <= t <= lm.T:
-        raise ValueError(f"--strength must be in (0, 1], got {strength}")
-    ts = [t]
-    while ts[-1] > 0:
-        ts.append(int(lm.target_time(torch.tensor(ts[-1]), 1, steps)))
-    return ts
-
-
 def check_strength(steps, strength, force=False):
     """Refuse an img2img strength off the model's training times, listing the valid ones."""
-    valid = trained_strengths(steps)
+    valid = lm.trained_strengths(steps)
     if round(strength * lm.T) not in [round(s * lm.T) for s in valid] and not force:
         raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; valid: "
                          f"{', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
-    timesteps(steps, strength)  # range check
+    try:
+        lm.timesteps(steps, strength)  # the range check, lightning_min's rule
+    except ValueError as e:
+        raise ValueError(f"--strength: {e}") from None
 
 
 def load_image(path, width=None, height=None, resize="stretch"):
@@ -149,16 +130,10 @@ def encode_image(vae, image, gens, batch, dtype):
     return z.expand(batch, *z.shape[1:])
 
 
-def denoise(model, x, ts, prediction="epsilon", progress=False):
-    """Eq. (5) along ts (t_0 > ... > 0) from x at time t_0: x_{t'} = move(x_t, model(x_t, t), t, t'). A model
-    output with NaN or Inf stops it (naming the step) instead of giving a black image."""
-    pairs = list(zip(ts[:-1], ts[1:]))
-    for k, (t, t_next) in enumerate(tqdm(pairs, disable=not progress)):
-        t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        u = model(x, t_b).float()
-        _check_finite(u, f"the UNet at t={t} (step {k + 1} of {len(pairs)})")
-        x = lm.move(x, u, t_b, t_next, prediction)
-    return x
+def _check_step(step):
+    """lm.sample's callback: a UNet output with NaN or Inf stops sampling, naming the step, instead of giving
+    a black image."""
+    _check_finite(step["u"], f"the UNet at t={step['t']} (step {step['i'] + 1} of {step['n']})")
 
 
 def _diagnose(unet, guidance, error):
@@ -182,7 +157,7 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     image, as diffusers' list of generators: image i is the same whatever the batch around it).
     negative: a negative prompt encoded as CFG's unconditional input (diffusers' negative_prompt); needs
     guidance > 1. image: (1, 3, H, W) in [-1, 1] for img2img (SDEdit): its latent, noised to
-    round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (`timesteps`).
+    round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (lm.timesteps).
     names: what warnings call each prompt (e.g. the file it will be written to)."""
     f = vae.config.downscale
     if width % f or height % f:
@@ -202,16 +177,15 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     gens = gens[0] if isinstance(seed, int) else gens
     shape = (len(prompts), unet.config.in_channels, height // f, width // f)
-    ts = timesteps(steps, strength if image is not None else 1.0)
-    if image is None:  # diffusers' first UNet input is sqrt(1 - alpha_bar(T)) * noise, not Eq. (24)'s noise
-        x = _randn(shape, gens, dtype).float() * (1 - lm.alpha_bar(torch.tensor(lm.T))).sqrt()
-    else:
+    z0 = None
+    if image is not None:
         if tuple(image.shape[-2:]) != (height, width):
             raise ValueError(f"the image is {image.shape[-1]}x{image.shape[-2]}, not {width}x{height}")
         z0 = encode_image(vae, image, gens, len(prompts), dtype).to(device)  # first draw of each generator
-        x = lm.forward(z0, _randn(shape, gens, dtype).to(device), ts[0])  # Eq. (1), the second draw
+    noise = _randn(shape, gens, dtype).to(device)  # img2img: the second draw
     try:
-        latents = denoise(lm.unet_model(unet, cond, guidance, uncond), x.to(device), ts, prediction, progress)
+        latents = lm.sample(lm.unet_model(unet, cond, guidance, uncond), noise, steps, prediction, progress,
+                            x0=z0, strength=strength if image is not None else 1.0, callback=_check_step)
     except NonFiniteError as e:
         raise _diagnose(unet, guidance, e) from None
     if not decode:
@@ -282,25 +256,14 @@ MANIFEST = "prompts.jsonl"
 
 
 def check_out(out):
-    """Refuse an output path that would fail after the images are made: an unknown extension, a folder,
-    a parent that is a file, a folder we cannot write in (tried with a real file, so root and read-only
-    mounts are judged right)."""
+    """Refuse an output path that would fail after the images are made: a folder, an unknown extension, then
+    files.check_writable_folder on its folder (a parent that is a file, a folder we cannot write in)."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name like {out / 'image.png'}")
     if out.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
-    folder = out.absolute().parent
-    while not folder.exists():  # created at save time
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sample_probe")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror})") from None
+    files.check_writable_folder(out.parent)  # created at save time
 
 
 def output_paths(out, n, indexed):
@@ -309,31 +272,18 @@ def output_paths(out, n, indexed):
     return [out.with_name(f"{out.stem}_{i:05d}{out.suffix}") for i in range(n)] if indexed else [out]
 
 
-def atomic_write(path, write):
-    """write(tmp) to a temp file next to `path`, then rename: a crash or a full disk never leaves a partial
-    or 0-byte file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise OSError(f"cannot write {path}{full}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_image(img, path):
-    atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
+    """One image, written atomically (files.atomic_write), its folder made first; the format from the extension."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
 
 
 def read_prompts(path):
     """One prompt per line of a UTF-8 file, blank lines skipped. -> [(line number, prompt)]"""
     try:
         lines = Path(path).read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"--prompts {path}: cannot read it: no such file") from None
     except OSError as e:
         raise ValueError(f"--prompts {path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -347,20 +297,6 @@ def read_prompts(path):
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
-
-
-def parse_lora(spec):
-    """FILE[:SCALE] -> (FILE, SCALE); a colon not followed by a number belongs to the path (C:\\...)."""
-    path, _, scale = spec.rpartition(":")
-    try:
-        value = float(scale) if path else None
-    except ValueError:
-        value = None
-    if value is None:
-        return spec, 1.0
-    if not math.isfinite(value):
-        raise ValueError(f"--lora {spec}: the scale must be a finite number")
-    return path, value
 
 
 def build_parser():
@@ -450,7 +386,7 @@ def check_args(args):
     if args.image is not None:
         if args.strength is None:
             raise ValueError(f"--image needs --strength; the {args.steps}-step model was trained for "
-                             f"{', '.join(f'{s:.3g}' for s in trained_strengths(args.steps))}")
+                             f"{', '.join(f'{s:.3g}' for s in lm.trained_strengths(args.steps))}")
         check_strength(args.steps, args.strength, args.force)
     lines = read_prompts(args.prompts) if args.prompts else [(None, args.prompt)]
     n = len(lines) * args.num
@@ -460,7 +396,7 @@ def check_args(args):
     if args.prompts and (Path(args.out).absolute().parent / MANIFEST).resolve() == Path(args.prompts).resolve():
         raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change --out")
     for spec in args.lora:
-        path = parse_lora(spec)[0]
+        path = weights.parse_lora_spec(spec)[0]
         if not Path(path).is_file() and path not in weights.LIGHTNING_LORAS.values():
             raise ValueError(f"--lora {path}: no such file (official names, fetched from the hub: "
                              f"{', '.join(weights.LIGHTNING_LORAS.values())})")
@@ -488,7 +424,7 @@ def run(args):
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         t0 = time.time()
-        text, unet, vae = load(args.base, args.unet, [parse_lora(s) for s in args.lora], args.steps, device, dtype)
+        text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora], args.steps, device, dtype)
         if args.compile:
             unet.compile()
         t1 = time.time()
@@ -506,11 +442,12 @@ def run(args):
                 manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
             if indexed:  # rewritten after each batch: it always lists exactly the images on disk
                 text_out = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
-                atomic_write(paths[0].parent / MANIFEST, lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
+                files.atomic_write(paths[0].parent / MANIFEST,
+                                   lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.time()
-    except (weights.CheckpointError, ValueError, OSError) as e:
+    except (weights.CheckpointError, files.RunError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     shown = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
     print(f"saved {shown} ({args.steps} steps, {prediction}, {size[0]}x{size[1]}, {device} "

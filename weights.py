@@ -24,6 +24,7 @@ Read top to bottom: finding files, the layouts (UNet, VAE, text encoders, LoRA n
 file), strict loading, then each part: UNet, VAE, text encoders, LoRA files. tools/convert.py is the command.
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -759,6 +760,22 @@ def text_from_folder(folder, dtype=torch.float32, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------------
 # LoRA files
+
+def parse_lora_spec(spec: str) -> tuple:
+    """--lora FILE[:SCALE] -> (FILE, SCALE), SCALE 1.0 when absent. Only a number after the last colon is a
+    scale: a Windows drive letter (C:\\loras\\a.safetensors) or any other non-number belongs to the path. A
+    scale that is not finite (inf, nan) is refused: it would fill the UNet with Inf/NaN."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale must be a finite number")
+    return path, value
+
 
 def read_lora(path, cfg=None) -> dict:
     """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU), in the diffusers spelling

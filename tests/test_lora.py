@@ -11,6 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import files
 import lora
 import weights
 import unet as unet_mod
@@ -237,11 +238,15 @@ def test_ddp_syncs_lora_params(tmp_path):
 # Saving
 
 def test_save_lora_read_by_diffusers_and_round_trip(tmp_path):
+    """lora.kohya_file's tensors and metadata, written with files.save_safetensors (as train.py does)."""
     m = _ours()
     lora.add_lora(m, RANK, ALPHA)
     _randomize_lora(m)
     path = tmp_path / "out" / "lightning_lora.safetensors"
-    lora.save_lora(m, path)  # fp16, as released
+    path.parent.mkdir()
+    tensors, metadata = lora.kohya_file(m)  # fp16, as released
+    assert metadata["ss_network_dim"] == str(RANK) and float(metadata["ss_network_alpha"]) == ALPHA
+    files.save_safetensors(tensors, path, metadata)
     assert os.listdir(path.parent) == [path.name]  # no temp file left behind
     raw = load_file(path)
     assert len(raw) == 3 * len(lora.lora_targets(m)) and all(v.dtype == torch.float16 for v in raw.values())
@@ -252,7 +257,8 @@ def test_save_lora_read_by_diffusers_and_round_trip(tmp_path):
     _compare_weights("saved fp16 LoRA: our merge vs diffusers", fused.state_dict(), _diffusers_fused(path))
 
     path32 = tmp_path / "lora32.safetensors"
-    lora.save_lora(m, path32, dtype=torch.float32)
+    tensors32, metadata32 = lora.kohya_file(m, dtype=torch.float32)
+    files.save_safetensors(tensors32, path32, metadata32)
     round_trip = _ours()
     lora.merge_lora(round_trip, weights.read_lora(path32))
     merged = copy.deepcopy(m)

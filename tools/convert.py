@@ -12,12 +12,11 @@ parts with strict loads, fuses LoRAs and writes (run from the repository root):
 """
 import argparse
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 
 
+import files
 import lora as lora_mod
 import weights
 from unet import UNetConfig
@@ -41,14 +40,6 @@ PIPELINE_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_e
                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
-def parse_lora(spec: str) -> tuple:
-    """'FILE' or 'FILE:SCALE' -> (file, scale); a Windows drive letter is not a scale."""
-    path, sep, scale = spec.rpartition(":")
-    if not sep or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
-        return spec, 1.0
-    return path, float(scale)
-
-
 def load_parts(args):
     """(UNet, VAE, (CLIP-L, bigG), TextEncoders or None) from IN and --base, every part loaded strictly,
     in the source's dtypes; the LoRAs fused into the UNet. Tokenizers are loaded only where they are at hand
@@ -70,7 +61,7 @@ def load_parts(args):
     else:
         unet = weights.load_unet(src, sd=sd, dtype=None)
     for spec in args.lora:
-        path, scale = parse_lora(spec)
+        path, scale = weights.parse_lora_spec(spec)
         try:
             lora_mod.merge_lora(unet, weights.read_lora(path, unet.config), scale=scale, source=path)
         except (FileNotFoundError, ValueError) as e:
@@ -154,12 +145,14 @@ def check_args(args):
         raise ValueError(f"OUT {out} exists (pass --overwrite to replace it)")
     if out.resolve() == Path(args.input).resolve():
         raise ValueError(f"OUT {out} is IN")
-    if not out.parent.resolve().is_dir():
+    if not out.parent.resolve().is_dir():  # convert makes no folders but OUT itself
         raise ValueError(f"OUT's folder {out.parent} does not exist")
-    if not os.access(out.parent.resolve(), os.W_OK):
-        raise ValueError(f"OUT's folder {out.parent} is not writable")
+    try:
+        files.check_writable_folder(out.parent)
+    except files.RunError as e:  # its message says --out; this command's output is OUT
+        raise ValueError(f"OUT {out}: {e}") from None
     for spec in args.lora:
-        path, _ = parse_lora(spec)
+        path, _ = weights.parse_lora_spec(spec)
         if not Path(path).is_file():
             raise ValueError(f"--lora {spec}: no such file {path}")
 
@@ -167,26 +160,22 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        check_args(args)
-        unet, vae, encoders, text = load_parts(args)
+
+    def write(tmp):  # OUT.tmp, a file or a folder; files.atomic_write renames it over OUT
         if args.to == "single-file":
             write_single_file(tmp, unet, vae, encoders, args.fp16)
         else:
             write_diffusers(tmp, unet, vae, encoders, text, args.fp16)
         if out.is_dir():  # --overwrite of a folder: os.replace cannot replace a non-empty one
             shutil.rmtree(out)
-        os.replace(tmp, out)
-    except ValueError as e:  # weights.CheckpointError is a ValueError
+    try:
+        check_args(args)
+        unet, vae, encoders, text = load_parts(args)
+        files.atomic_write(out, write)
+    except (ValueError, files.RunError) as e:  # weights.CheckpointError is a ValueError; a full disk RunError
         raise SystemExit(f"error: {e}")
-    except OSError as e:  # a missing file names itself; a failed write (disk full) is named here
+    except OSError as e:  # a missing file names itself; another failed write is named here
         raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else f"error: writing {out}: {e}")
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
     n = sum(p.numel() for m in (unet, vae, *encoders) for p in m.parameters())
     print(f"wrote {out} ({args.to}, {n / 1e6:,.1f}M parameters{', float16' if args.fp16 else ''})")
 

@@ -279,22 +279,16 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
             imgs = sample_mod.generate(text, unet, vae, prompts[b:b + batch], row.steps, seed + b // batch, width,
                                        height, pred, row.guidance, dtype)
             for p, im in zip(paths[b:b + batch], sample_mod.to_pil(imgs)):
-                tmp = p.with_suffix(".tmp.png")
-                im.save(tmp)
-                tmp.replace(p)
+                sample_mod.save_image(im, p)
             n += len(imgs)
     secs = time.time() - t0
     return [Image.open(p).convert("RGB") for p in paths], (secs / n if n else None)
 
 
 def read_prompts(path):
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--prompts {p}: no such file")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {p}: no prompts (one per line)")
-    return prompts
+    """sample.py's prompt file (one per line, UTF-8, blank lines skipped; errors name the file and line)."""
+    import sample as sample_mod
+    return [prompt for _, prompt in sample_mod.read_prompts(path)]
 
 # ----------------------------------------------------------------------------------------------------
 # Tables
@@ -320,11 +314,12 @@ REAL_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fid_whole", "{:.2f}"), 
 
 
 def write_tables(out, results, columns, notes):
+    """OUT/results.json and OUT/results.md, each written atomically."""
+    import files
     out = Path(out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"rows": results, "notes": notes}, indent=1))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(results, columns) + "\n" + notes + "\n")
+    files.save_json({"rows": results, "notes": notes}, out / "results.json")
+    md = markdown(results, columns) + "\n" + notes + "\n"
+    files.atomic_write(out / "results.md", lambda tmp: tmp.write_text(md))
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
@@ -353,6 +348,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import files
     import sample as sample_mod
     import weights
     try:
@@ -362,14 +358,13 @@ def main(argv=None):
         if args.batch < 1 or (args.num is not None and args.num < 1):
             raise ValueError("--batch and --num must be at least 1")
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
+        files.check_writable_folder(out)
         device, dtype = sample_mod.pick_device_dtype(args.device, args.dtype)
         if args.toy:
             results = run_toy(args, rows, out, device, dtype)
         else:
             results = run_real(args, rows, out, device, dtype)
-    except (weights.CheckpointError, ValueError, OSError) as e:
+    except (weights.CheckpointError, files.RunError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(Path(args.out, "results.md").read_text())
     return results

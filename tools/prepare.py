@@ -15,7 +15,6 @@ rank 0, when every shard exists. Re-running the same command resumes: finished s
 The seed plays no part here: data.CachedData applies the training seed's order when it reads.
 """
 import argparse
-import errno
 import hashlib
 import json
 import os
@@ -25,9 +24,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 import data
+import files
 import weights
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,20 +100,12 @@ def encode_shard(k, ds, vae, text, header, args, device):
 
 
 def save_shard(tensors, counts, k, header, out):
-    """Atomically (temp file, then rename): a shard file that exists is complete."""
+    """Atomically (files.atomic_write: temp file, then rename): a shard file that exists is complete."""
     path = os.path.join(out, data.shard_name(k))
     core = {key: v for key, v in header.items() if key != "fingerprint"}
     meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION), "fingerprint": header["fingerprint"],
             "shard": str(k), "stats": json.dumps(counts), "header": json.dumps(core)}
-    tmp = path + ".tmp"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise ValueError(f"{path}: could not write the shard{full}: {e.strerror or e}") from None
+    files.save_safetensors(tensors, path, metadata=meta)
 
 
 def write_index(ds, header, out):
@@ -126,10 +117,7 @@ def write_index(ds, header, out):
         for key, v in json.loads(meta["stats"]).items():
             stats[key] = stats.get(key, 0) + v
     index = {**header, "shards": shards, "stats": stats}
-    tmp = os.path.join(out, data.CACHE_INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(out, data.CACHE_INDEX))
+    files.save_json(index, os.path.join(out, data.CACHE_INDEX))
     return index
 
 
@@ -168,23 +156,12 @@ def check_args(args):
     for name in ("resolution", "shard_size", "batch_size", "vae_slice", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    # on every rank: an error on one rank only would leave the others waiting in a barrier
+    files.check_writable_folder(args.out)
     if data.is_cache(args.data):
         raise ValueError(f"--data {args.data}: is a cache already; give the images")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here")
-
-
-def check_out(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out}: not writable ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -197,7 +174,7 @@ def main(argv=None):
         check_args(args)
         use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-        check_out(args.out)  # on every rank: an error on one rank only would leave the others in a barrier
+        os.makedirs(args.out, exist_ok=True)
         ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0, args.min_aesthetic,
                                    args.clean_captions, args.aesthetic_key)
         cdt = COMPUTE_DTYPES[args.compute_dtype]
@@ -249,7 +226,7 @@ def main(argv=None):
             if index["stats"]["cached"] == 0:
                 raise ValueError(f"{args.data}: no image passed the load-time filters (corrupt, caption not UTF-8, "
                                  f"sharpness < {args.sharpness}): {index['stats']}")
-    except (weights.CheckpointError, ValueError, RuntimeError) as e:
+    except (weights.CheckpointError, files.RunError, ValueError, RuntimeError) as e:
         if ddp:
             dist.destroy_process_group()
         raise SystemExit(f"error: {e}")

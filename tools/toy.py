@@ -62,18 +62,17 @@ def main(argv=None):
                          f"--batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, {cfg.clf_steps}, "
                          f"{args.phase_steps}, {args.batch}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        files.check_writable_folder(out)
         t0 = time.time()
         times = build(out, cfg, args.quick)
         print(f"toy.py: {out}/data, {out}/base, {out}/classifier ready ({time.time() - t0:.0f}s this run; "
               f"parts: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
         if args.command == "all":
             experiment(out, args)
-    except ValueError as e:
+    except (ValueError, files.RunError) as e:
         raise SystemExit(f"error: {e}")
 
 
@@ -204,7 +203,7 @@ def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
         d.text((4, y * RES + RES // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
         for x in range(columns):
             img.paste(Image.open(eval_dir / r / f"{x * every:05d}.png"), (label_w + x * RES, y * RES))
-    img.save(path)
+    files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return rows
 
 

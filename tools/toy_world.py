@@ -35,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+import files
 import lightning_min as lm
 import text as text_mod
 import unet as unet_mod
@@ -100,20 +101,22 @@ def draw(seed, i):
 
 
 def write_data(folder, n, seed):
-    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written to a temp folder, then renamed."""
+    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written as one folder (files.atomic_write:
+    a temp folder, then renamed)."""
     folder = Path(folder)
     if (folder / "done.json").exists():
         return
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i in tqdm(range(n), desc="data", mininterval=2):
-        img, cap = draw(seed, i)
-        img.save(tmp / f"{i:05d}.png")
-        (tmp / f"{i:05d}.txt").write_text(cap)
-    (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def write(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
+        tmp.mkdir(parents=True)
+        for i in tqdm(range(n), desc="data", mininterval=2):
+            img, cap = draw(seed, i)
+            img.save(tmp / f"{i:05d}.png")
+            (tmp / f"{i:05d}.txt").write_text(cap)
+        (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder: os.replace needs it gone
+    files.atomic_write(folder, write)
 
 
 def load_data(folder, n):
@@ -240,16 +243,9 @@ VAE_CONFIG = vae_mod.VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_b
 # Training pieces
 
 
-def atomic_save(tensors, path):
-    tmp = Path(str(path) + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_tensors(tensors, path):
+    """A state dict as .safetensors, detached, on the CPU, written atomically."""
+    files.save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
 def train_vae(pixels, cfg, seed):
@@ -392,7 +388,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % 200 == 0 or step == cfg.unet_steps:
-            atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            files.save_torch({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                "gen": g.get_state(), "step": step}, ck)
     bar.close()
     return ema.eval()
@@ -418,13 +414,13 @@ MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version":
 
 def write_json(path, obj):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    files.save_json(obj, path)
 
 
 def write_model(folder, model):
     """config.json + diffusion_pytorch_model.safetensors: the diffusers layout (our keys are its keys)."""
     write_json(folder / "config.json", model.config.to_diffusers())
-    atomic_save(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+    save_tensors(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
 
 # ----------------------------------------------------------------------------------------------------
 # Building the whole base
@@ -465,7 +461,7 @@ def build(out, cfg, quick):
 
     timed("data", lambda: write_data(data, cfg.images, cfg.seed))
     pixels, captions = load_data(data, cfg.images)
-    tmp = work / "base.tmp"  # parts land here, the finished folder is renamed to base/
+    tmp = work / "base.tmp"  # parts land here over runs (resumable); the finished folder becomes base/
     if (base / "model_index.json").exists():
         return times
     if not (tmp / "text_encoder_2" / "model.safetensors").exists():
@@ -483,7 +479,7 @@ def build(out, cfg, quick):
                                                        for x in pixels.split(256)]).clamp(-1, 1))
         clf = timed("classifier", lambda: train_classifier(pixels, recon, captions, cfg, cfg.seed))
         clf_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save(clf.state_dict(), clf_dir / "classifier.safetensors")
+        save_tensors(clf.state_dict(), clf_dir / "classifier.safetensors")
     if not (tmp / "unet" / "diffusion_pytorch_model.safetensors").exists():
         text = weights.text_from_folder(tmp)
         with torch.no_grad():
@@ -493,7 +489,11 @@ def build(out, cfg, quick):
         write_model(tmp / "unet", unet)
     write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
     write_json(tmp / "model_index.json", MODEL_INDEX)
-    shutil.rmtree(base, ignore_errors=True)
-    os.replace(tmp, base)
+
+    def move_in(base_tmp):  # the finished parts become files.atomic_write's temp folder, then base/
+        shutil.rmtree(base_tmp, ignore_errors=True)
+        os.replace(tmp, base_tmp)
+        shutil.rmtree(base, ignore_errors=True)
+    files.atomic_write(base, move_in)
     (work / "unet.pt").unlink(missing_ok=True)
     return times
