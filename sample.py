@@ -432,12 +432,12 @@ def run(args):
         paths = output_paths(args.out, len(jobs), indexed)
         manifest = []
         for b in range(0, len(jobs), args.batch_size):
-            batch, files = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
+            batch, outs = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
             images = generate(text, unet, vae, [p for p, _, _ in batch], args.steps, [s for _, s, _ in batch],
                               *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
                               negative=args.negative, image=image, strength=args.strength or 1.0,
-                              names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, files)])
-            for img, (prompt, seed, _), path in zip(to_pil(images), batch, files):
+                              names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, outs)])
+            for img, (prompt, seed, _), path in zip(to_pil(images), batch, outs):
                 save_image(img, path)
                 manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
             if indexed:  # rewritten after each batch: it always lists exactly the images on disk

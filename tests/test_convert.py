@@ -164,10 +164,18 @@ def test_kohya_respell_both_ways_equals_diffusers_reading():
 
 
 def test_parse_lora_spec():
-    assert convert.parse_lora("a.safetensors") == ("a.safetensors", 1.0)
-    assert convert.parse_lora("dir/a.safetensors:0.7") == ("dir/a.safetensors", 0.7)
-    assert convert.parse_lora("a.safetensors:-1e-1") == ("a.safetensors", -0.1)
-    assert convert.parse_lora(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    """weights.parse_lora_spec, the one FILE[:SCALE] parser of convert.py and sample.py: a drive letter or any
+    other non-number after the colon belongs to the path; a scale that is not finite is refused."""
+    parse = weights.parse_lora_spec
+    assert parse("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse("dir/a.safetensors:0.7") == ("dir/a.safetensors", 0.7)
+    assert parse("a.safetensors:-1e-1") == ("a.safetensors", -0.1)
+    assert parse(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    assert parse(r"C:\loras\a.safetensors:0.5") == (r"C:\loras\a.safetensors", 0.5)
+    assert parse("odd:name.safetensors") == ("odd:name.safetensors", 1.0)
+    for bad in ("inf", "-inf", "nan"):
+        with pytest.raises(ValueError, match=f"--lora a.safetensors:{bad}: the scale must be a finite number"):
+            parse(f"a.safetensors:{bad}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +385,7 @@ def test_failed_write_leaves_nothing(base, single, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(convert, "write_single_file", half_then_fail)
     out = tmp_path / "o.safetensors"
-    _assert_refused([str(single), str(out), "--to", "single-file"], f"writing {out}: [Errno 28] No space left", out)
+    _assert_refused([str(single), str(out), "--to", "single-file"], f"{out}: the disk is full", out)
 
 
 def test_command_line_help_and_exit_code(single, tmp_path):

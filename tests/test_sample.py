@@ -242,7 +242,7 @@ def test_timesteps_trailing_and_diffusers_img2img_selection():
     from types import SimpleNamespace
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     for n in range(1, 11):
-        assert sample.timesteps(n) == lm.trailing_timesteps(n)
+        assert lm.timesteps(n) == lm.trailing_timesteps(n)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="trailing")
 
@@ -253,8 +253,8 @@ def test_timesteps_trailing_and_diffusers_img2img_selection():
 
     differ = []
     for n in (1, 2, 4, 8):
-        for s in sample.trained_strengths(n):
-            ours = sample.timesteps(n, s)
+        for s in lm.trained_strengths(n):
+            ours = lm.timesteps(n, s)
             try:
                 same = diffusers_ts(n, s) == ours
             except Exception:
@@ -269,7 +269,7 @@ def test_timesteps_trailing_and_diffusers_img2img_selection():
     assert dict(((n, s), ts) for n, s, ts in differ) == {
         (1, 0.25): [250, 0], (1, 0.5): [500, 0], (1, 0.75): [750, 0], (2, 0.25): [250, 0], (2, 0.75): [750, 250, 0]}
     # the 1-step model at 0.25 / 0.5 is diffusers' 4- / 2-step grid cut to one step
-    assert diffusers_ts(4, 0.25) == sample.timesteps(1, 0.25) and diffusers_ts(2, 0.5) == sample.timesteps(1, 0.5)
+    assert diffusers_ts(4, 0.25) == lm.timesteps(1, 0.25) and diffusers_ts(2, 0.5) == lm.timesteps(1, 0.5)
 
 
 def test_load_image_equals_diffusers_image_processor(tmp_path):
@@ -342,7 +342,7 @@ def test_img2img_where_diffusers_strength_differs(base, tmp_path, steps, predict
                                   torch.device("cpu"), torch.float32)
     path = _photo(tmp_path / "in.png", size=(W, H))
     image, _ = sample.load_image(path)
-    ts = sample.timesteps(steps, 0.75)
+    ts = lm.timesteps(steps, 0.75)
     assert ts == {2: [750, 250, 0], 1: [750, 0]}[steps]
     ours = (sample.generate(text, unet, vae, ["a dog"], steps, 2, W, H, prediction, image=image,
                             strength=0.75) / 2 + 0.5).clamp(0, 1)
@@ -611,7 +611,7 @@ def test_bad_arguments_refused_before_work(base, tmp_path, case):
             _chattr(ro, "-i") if os.geteuid() == 0 else ro.chmod(0o755)
     expect = {"txt": "unknown image extension '.txt'", "folder": "is a folder",
               "parent_is_file": "is a file, not a folder",
-              "read_only": "cannot write in", "seed": "0..2**64-1", "seed_neg": "0..2**64-1",
+              "read_only": "is not writable", "seed": "0..2**64-1", "seed_neg": "0..2**64-1",
               "guidance_inf": "finite", "guidance_nan": "finite", "device": "no CUDA GPU",
               "size": "multiples of 8"}[case]
     assert expect in msg
@@ -628,7 +628,7 @@ def test_full_disk_leaves_no_partial_png(base, tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", full_disk)
     msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H,
                       "--out", tmp_path / "x.png")
-    assert "x.png (the disk is full)" in msg
+    assert "x.png: the disk is full" in msg
     assert list(tmp_path.iterdir()) == []  # neither the PNG nor its temp file
 
 

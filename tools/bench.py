@@ -1,10 +1,10 @@
 """Speed and memory: ours against diffusers, same config, weights, dtype and device, in the same run.
 
-    python bench.py --config tiny                              # smoke run, seconds
-    python bench.py --config mid --what unet --runs 5          # CPU: one UNet forward, 64x64 latents
-    python bench.py --config mid --what sample --runs 3        # CPU: text + 4 steps + VAE decode, 512 px
-    python bench.py --config sdxl --what all --json out.json   # GPU: full SDXL, 1024 px, bf16, 4 steps
-    python bench.py --what memory                              # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
+    python -m tools.bench --config tiny                              # smoke run, seconds
+    python -m tools.bench --config mid --what unet --runs 5          # CPU: one UNet forward, 64x64 latents
+    python -m tools.bench --config mid --what sample --runs 3        # CPU: text + 4 steps + VAE decode, 512 px
+    python -m tools.bench --config sdxl --what all --json out.json   # GPU: full SDXL, 1024 px, bf16, 4 steps
+    python -m tools.bench --what memory                              # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
 
 What is timed (median of --runs after --warmup, both under torch.no_grad):
 - `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
@@ -340,7 +340,7 @@ def bench_train(cfg, args, device, dtype):
         base, data, teachers, res = tiny_training_setup(tmp)
     sources = [("", data)]
     if args.cache:  # the same data encoded once by prepare.py: no VAE or text encoders in the step
-        import prepare
+        from tools import prepare
         prepare.main(["--data", data, "--base", base, "--out", str(tmp / "cache"), "--resolution", str(res),
                       "--min-size", str(res)])
         sources.append((" (cache)", str(tmp / "cache")))

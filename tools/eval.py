@@ -2,12 +2,12 @@
 
     # the toy world (toy.py): Frechet distance on the toy classifier's features, caption accuracy,
     # sharpness relative to the data, agreement with the teacher's 32-step CFG-6 image from the same noise
-    python eval.py --toy toy --out toy/eval --row teacher32:base:32:6 --row teacher4:base:4 \\
+    python -m tools.eval --toy toy --out toy/eval --row teacher32:base:32:6 --row teacher4:base:4 \\
         --row lightning4:toy/runs/8to4/full/sdxl_lightning_4step_unet.safetensors:4
 
     # real SDXL, the paper's protocol (Sec. 4.3): FID-Whole, FID-Patch, CLIP score over e.g. the first 10K
     # COCO val captions, one 1024 px image each, against a folder of reference images
-    python eval.py --prompts coco10k.txt --ref-images coco_val2014/ --out eval/ --width 1024 --height 1024 \\
+    python -m tools.eval --prompts coco10k.txt --ref-images coco_val2014/ --out eval/ --width 1024 --height 1024 \\
         --fid-model inception-2015-12-05.pt --clip-model laion/CLIP-ViT-g-14-laion2B-s12B-b42K \\
         --row lightning4::4 --row sdxl32:base:32:5
 
@@ -201,7 +201,7 @@ class ToyJudge:
         self.clf = toy.load_classifier(self.dir / "classifier")
         data = self.dir / "data"
         if not (data / "done.json").exists():
-            raise ValueError(f"{data}: no toy data set (run `python toy.py --out {self.dir}` first)")
+            raise ValueError(f"{data}: no toy data set (run `python -m tools.toy --out {self.dir}` first)")
         n = min(n_ref, json.loads((data / "done.json").read_text())["images"])
         pixels, _ = toy.load_data(data, n)
         self.ref_features = self.features_of(pixels)
@@ -375,7 +375,7 @@ def run_toy(args, rows, out, device, dtype):
     toy_dir = Path(args.toy)
     base = args.base or str(toy_dir / "base")
     if not (Path(base) / "model_index.json").exists() and not weights_is_file(base):
-        raise ValueError(f"{base}: no toy base (run `python toy.py --out {toy_dir}` first)")
+        raise ValueError(f"{base}: no toy base (run `python -m tools.toy --out {toy_dir}` first)")
     prompts = read_prompts(args.prompts) if args.prompts else toy.all_captions() * 2
     prompts = prompts[:args.num] if args.num else prompts
     for p in prompts:

@@ -1,8 +1,8 @@
 """Encode a data set once for training: VAE latents and both CLIP embeddings, so that train.py runs without
 the VAE and the text encoders (frozen in every stage, and about three quarters of a UNet forward per image).
 
-    python prepare.py --data shards/ --base stabilityai/stable-diffusion-xl-base-1.0 --out cache/
-    torchrun --nproc_per_node 8 prepare.py --data shards/ --out cache/ --resolution 1024 --dtype bf16
+    python -m tools.prepare --data shards/ --base stabilityai/stable-diffusion-xl-base-1.0 --out cache/
+    torchrun --nproc_per_node 8 -m tools.prepare --data shards/ --out cache/ --resolution 1024 --dtype bf16
     python train.py --stage 8to4 --data cache/ ...
 
 The data set is indexed exactly as train.py indexes it (data.ImageCaptionData with the same filters), then

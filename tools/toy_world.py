@@ -330,7 +330,7 @@ def load_classifier(folder):
     """The classifier toy.py wrote (folder/classifier.safetensors), strictly."""
     path = Path(folder) / "classifier.safetensors"
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (run `python toy.py --out {Path(folder).parent}` first)")
+        raise ValueError(f"{path}: no such file (run `python -m tools.toy --out {Path(folder).parent}` first)")
     clf = Classifier()
     sd = load_file(str(path))
     missing = set(clf.state_dict()) - set(sd)
