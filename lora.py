@@ -64,7 +64,8 @@ def lookup_table(unet) -> dict:
 
 def _few(keys, n=5):
     keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)} in all)")
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n
+                                  else f" ({len(keys)} in all)")
 
 
 def _expected_shapes(module, rank):
@@ -86,7 +87,8 @@ def _group(lora_sd, table, modules, source):
         else:
             layers.setdefault(name, {})[suffix] = lora_sd[k]
     if text:
-        raise ValueError(f"{source}: text-encoder LoRA keys are not supported (UNet LoRAs only): {_few(text)}")
+        raise ValueError(f"{source}: text-encoder LoRA keys are not supported (UNet LoRAs only): "
+                         f"{_few(text)}")
     if unknown:
         raise ValueError(f"{source}: unknown LoRA keys, not 'lora_unet_<module>.{{lora_down.weight,"
                          f"lora_up.weight,alpha}}' of a Linear/Conv2d of this UNet: {_few(unknown)}")
@@ -157,7 +159,8 @@ class LoRALayer(nn.Module):
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, **kw)
         else:
             if base.groups != 1 or base.dilation != (1, 1):
-                raise ValueError(f"lora.py: conv with groups={base.groups}, dilation={base.dilation} is unsupported")
+                raise ValueError(f"lora.py: conv with groups={base.groups}, dilation={base.dilation} is "
+                                 "unsupported")
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                        bias=False, **kw)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **kw)
@@ -186,7 +189,8 @@ def add_lora(unet, rank=64, alpha=8.0) -> nn.ModuleDict:
     so optimizers, DDP, checkpointing and .to() see them; the hooks rerun under activation recompute."""
     unet = _unwrap(unet)
     if hasattr(unet, "lora"):
-        raise ValueError("add_lora: this UNet already has LoRA layers (unet.lora); merge_and_remove_lora first")
+        raise ValueError("add_lora: this UNet already has LoRA layers (unet.lora); merge_and_remove_lora "
+                         "first")
     if rank < 1:
         raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
     lora_dict = nn.ModuleDict()
@@ -220,9 +224,9 @@ def lora_state_dict(unet) -> dict:
 
 
 def kohya_file(unet, dtype=torch.float16) -> tuple:
-    """The LoRA as a kohya `.safetensors` holds it: (tensors on the CPU in `dtype`, contiguous; metadata), which
-    diffusers' load_lora_weights and ComfyUI read. Written by the caller (files.save_safetensors(tensors, path,
-    metadata)): a model file does no I/O."""
+    """The LoRA as a kohya `.safetensors` holds it: (tensors on the CPU in `dtype`, contiguous; metadata),
+    which diffusers' load_lora_weights and ComfyUI read. Written by the caller
+    (files.save_safetensors(tensors, path, metadata)): a model file does no I/O."""
     lora_dict = _lora_dict(unet)
     sd = {k: v.to("cpu", dtype).contiguous() for k, v in lora_state_dict(unet).items()}
     first = next(iter(lora_dict.values()))  # add_lora gives every layer the same rank and alpha

@@ -3,11 +3,12 @@
     python sample.py "a cat in a spacesuit" --steps 4                      # official 4-step UNet
     python sample.py "a cat in a spacesuit" --steps 1                      # 1-step UNet, x0 prediction
     python sample.py "a cat" --steps 4 --unet base --lora sdxl_lightning_4step_lora.safetensors
-    python sample.py "a cat" --steps 4 --unet base --lora lightning.safetensors:0.8 --lora style.safetensors:0.5
+    python sample.py "a cat" --steps 4 --unet base --lora lightning.safetensors:0.8 \\
+        --lora style.safetensors:0.5
     python sample.py "a cat" --steps 4 --base sdxl_lightning_4step.safetensors --unet base   # all-in-one file
-    python sample.py "a cat" --steps 32 --unet base --guidance 6 --negative "blurry"  # the SDXL base (a teacher)
+    python sample.py "a cat" --steps 32 --unet base --guidance 6 --negative "blurry"  # SDXL base (a teacher)
     python sample.py "a cat, oil painting" --steps 4 --image photo.png --strength 0.5  # img2img (SDEdit)
-    python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png, ...
+    python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png ...
     python sample.py "a cat" --steps 1 --unet runs/2to1/uncond/sdxl_lightning_1step_unet_x0.safetensors
 
 The base (`--base`) gives the text encoders, tokenizers, VAE and UNet architecture; `--unet` the UNet
@@ -67,8 +68,8 @@ def check_strength(steps, strength, force=False):
     """Refuse an img2img strength off the model's training times, listing the valid ones."""
     valid = lm.trained_strengths(steps)
     if round(strength * lm.T) not in [round(s * lm.T) for s in valid] and not force:
-        raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; valid: "
-                         f"{', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
+        raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; "
+                         f"valid: {', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
     try:
         lm.timesteps(steps, strength)  # the range check, lightning_min's rule
     except ValueError as e:
@@ -92,7 +93,8 @@ def load_image(path, width=None, height=None, resize="stretch"):
         w = width if width / height > im.width / im.height else im.width * height // im.height
         h = height if width / height <= im.width / im.height else im.height * width // im.width
         canvas = Image.new("RGB", (width, height))
-        canvas.paste(im.resize((w, h), resample=Image.LANCZOS), box=(width // 2 - w // 2, height // 2 - h // 2))
+        canvas.paste(im.resize((w, h), resample=Image.LANCZOS),
+                     box=(width // 2 - w // 2, height // 2 - h // 2))
         im = canvas
     else:
         im = im.resize((width, height), resample=Image.LANCZOS)
@@ -124,7 +126,8 @@ def encode_image(vae, image, gens, batch, dtype):
     vae_dtype = next(vae.parameters()).dtype
     # diffusers casts the image to the run's dtype first, then upcasts for the VAE
     mean, logvar = vae.encode(image.to(dtype).to(next(vae.parameters()).device, vae_dtype))  # (1, 4, h, w)
-    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)  # (B or 1, ...)
+    # (B or 1, ...)
+    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)
     z = (mean + (0.5 * logvar).exp() * draw.to(mean.device)).to(dtype) * vae.config.scaling_factor
     _check_finite(z, "the VAE encoder")
     return z.expand(batch, *z.shape[1:])
@@ -140,8 +143,9 @@ def _diagnose(unet, guidance, error):
     """Say what made the NaN: broken weights (named), the guidance scale, or arithmetic (fp16 overflow)."""
     bad = [n for n, p in unet.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        return NonFiniteError(f"{error}: the UNet weights hold NaN/Inf in {len(bad)} tensors ({', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}): the --unet file or a --lora is broken")
+        return NonFiniteError(f"{error}: the UNet weights hold NaN/Inf in {len(bad)} tensors "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the --unet file or "
+                              "a --lora is broken")
     if guidance > 1:
         return NonFiniteError(f"{error} with --guidance {guidance:g}: lower the guidance scale")
     return NonFiniteError(f"{error} from finite weights: try --dtype float32 or bfloat16 (float16 overflow?)")
@@ -161,7 +165,8 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     names: what warnings call each prompt (e.g. the file it will be written to)."""
     f = vae.config.downscale
     if width % f or height % f:
-        raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got {width}x{height}")
+        raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got "
+                         f"{width}x{height}")
     if negative is not None and not guidance > 1:
         raise ValueError("a negative prompt needs guidance > 1 (without CFG it does nothing)")
     device = next(unet.parameters()).device
@@ -262,7 +267,8 @@ def check_out(out):
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name like {out / 'image.png'}")
     if out.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use "
+                         f"{', '.join(IMAGE_EXTENSIONS)}")
     files.check_writable_folder(out.parent)  # created at save time
 
 
@@ -273,7 +279,8 @@ def output_paths(out, n, indexed):
 
 
 def save_image(img, path):
-    """One image, written atomically (files.atomic_write), its folder made first; the format from the extension."""
+    """One image, written atomically (files.atomic_write), its folder made first; the format from the
+    extension."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
 
@@ -303,18 +310,21 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
     p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; writes "
-                        f"OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per image)")
+                   help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; "
+                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per "
+                        "image)")
     p.add_argument("--negative", default=None, metavar="TEXT",
-                   help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's all-zero "
-                        "input (diffusers' negative_prompt); needs --guidance > 1")
+                   help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's "
+                        "all-zero input (diffusers' negative_prompt); needs --guidance > 1")
     p.add_argument("--steps", type=int, default=4,
-                   help="the model's steps (official Lightning UNets: 1, 2, 4, 8); with --image, the steps left "
-                        "after the time --strength selects are run")
+                   help="the model's steps (official Lightning UNets: 1, 2, 4, 8); with --image, the steps "
+                        "left after the time --strength selects are run")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of image 0's noise (CPU generator, as diffusers); image i uses seed + i, in 0..2**64-1")
+                   help="seed of image 0's noise (CPU generator, as diffusers); image i uses seed + i, in "
+                        "0..2**64-1")
     p.add_argument("--num", type=int, default=1,
-                   help="images per prompt; more than one writes OUT_00000.png, ... and the manifest, as --prompts")
+                   help="images per prompt; more than one writes OUT_00000.png, ... and the manifest, as "
+                        "--prompts")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images generated together (memory vs speed); the images do not depend on it")
     p.add_argument("--width", type=int, default=None,
@@ -322,31 +332,32 @@ def build_parser():
     p.add_argument("--height", type=int, default=None,
                    help="image height in pixels, a multiple of 8; default 1024, or the --image's own height")
     p.add_argument("--out", default="out.png",
-                   help=f"output image (.png, .jpg, .webp), written atomically; several images: OUT_00000.png, ... "
-                        f"with {MANIFEST} next to them")
+                   help="output image (.png, .jpg, .webp), written atomically; several images: "
+                        f"OUT_00000.png, ... with {MANIFEST} next to them")
     p.add_argument("--base", default=weights.SDXL_BASE,
                    help="SDXL base for text encoders, tokenizers, VAE and UNet config: a hub id, a diffusers "
                         "folder, or a single-file .safetensors checkpoint")
     p.add_argument("--unet", default=None,
-                   help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a UNet "
-                        ".safetensors file (diffusers or original layout); or 'base' for the base's own UNet")
+                   help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a "
+                        "UNet .safetensors file (diffusers or original layout); or 'base' for the base's own "
+                        "UNet")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a kohya-format LoRA .safetensors fused into the UNet at SCALE (default 1); repeat to "
-                        "stack, fused in order (official names like sdxl_lightning_4step_lora.safetensors come "
-                        "from the hub)")
+                   help="a kohya-format LoRA .safetensors fused into the UNet at SCALE (default 1); repeat "
+                        "to stack, fused in order (official names like sdxl_lightning_4step_lora.safetensors "
+                        "come from the hub)")
     p.add_argument("--prediction", choices=lm.PREDICTIONS, default=None,
-                   help="what the UNet predicts; default 'sample' (x0) for the official 1-step UNet and for files "
-                        "named *_x0* or with a config.json saying prediction_type 'sample' next to them, "
-                        "else 'epsilon'")
+                   help="what the UNet predicts; default 'sample' (x0) for the official 1-step UNet and for "
+                        "files named *_x0* or with a config.json saying prediction_type 'sample' next to "
+                        "them, else 'epsilon'")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is off "
-                        "(Lightning: off)")
+                   help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is "
+                        "off (Lightning: off)")
     p.add_argument("--image", default=None, metavar="FILE",
-                   help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time --strength "
-                        "selects")
+                   help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time "
+                        "--strength selects")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much to change, 1 = all (t = strength * 1000); must be a time the model "
-                        "was trained at: 0.25/0.5/0.75/1 for 1 and 2 steps, k/N for N steps")
+                   help="with --image: how much to change, 1 = all (t = strength * 1000); must be a time the "
+                        "model was trained at: 0.25/0.5/0.75/1 for 1 and 2 steps, k/N for N steps")
     p.add_argument("--force", action="store_true", help="accept a --strength the model was not trained at")
     p.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
                    help="how --image is fit to --width x --height: 'stretch' (diffusers' default) or 'crop' "
@@ -355,7 +366,8 @@ def build_parser():
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (slow first call, faster steps; same images to float tolerance)")
+                   help="torch.compile the UNet (slow first call, faster steps; same images to float "
+                        "tolerance)")
     return p
 
 
@@ -370,13 +382,15 @@ def check_args(args):
     for name in ("width", "height"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
-            raise ValueError(f"--width/--height must be positive multiples of 8, got {args.width}x{args.height}")
+            raise ValueError("--width/--height must be positive multiples of 8, got "
+                             f"{args.width}x{args.height}")
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     if args.negative is not None and not args.guidance > 1:
-        raise ValueError("--negative needs --guidance > 1 (without classifier-free guidance it would do nothing)")
+        raise ValueError("--negative needs --guidance > 1 (without classifier-free guidance it would do "
+                         "nothing)")
     if args.unet is None:
         weights.lightning_unet_file(args.steps)  # refuse an unsupported step count before loading anything
     else:
@@ -393,8 +407,10 @@ def check_args(args):
     if args.seed < 0 or args.seed + n - 1 >= 2**64:
         raise ValueError(f"--seed must be in 0..2**64-1 for all {n} images (seed + index), got {args.seed}")
     check_out(args.out)
-    if args.prompts and (Path(args.out).absolute().parent / MANIFEST).resolve() == Path(args.prompts).resolve():
-        raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change --out")
+    manifest = (Path(args.out).absolute().parent / MANIFEST).resolve()
+    if args.prompts and manifest == Path(args.prompts).resolve():
+        raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change "
+                         "--out")
     for spec in args.lora:
         path = weights.parse_lora_spec(spec)[0]
         if not Path(path).is_file() and path not in weights.LIGHTNING_LORAS.values():
@@ -424,7 +440,8 @@ def run(args):
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         t0 = time.time()
-        text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora], args.steps, device, dtype)
+        text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora],
+                               args.steps, device, dtype)
         if args.compile:
             unet.compile()
         t1 = time.time()
@@ -449,7 +466,8 @@ def run(args):
         t2 = time.time()
     except (weights.CheckpointError, files.RunError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
-    shown = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
+    shown = ", ".join(map(str, paths)) if len(paths) <= 3 else \
+        f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
     print(f"saved {shown} ({args.steps} steps, {prediction}, {size[0]}x{size[1]}, {device} "
           f"{str(dtype).removeprefix('torch.')}): load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s")
 

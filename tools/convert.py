@@ -36,7 +36,8 @@ PIPELINE_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_e
                   "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                   "text_encoder": ["transformers", "CLIPTextModel"],
                   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"],
                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
@@ -49,14 +50,15 @@ def load_parts(args):
     sd = weights.read_safetensors(src) if single else None
     whole = single and any(k.startswith(SGM_VAE) for k in sd)  # a UNet-only file needs a base for the rest
     if base is not None and (whole or not single):
-        raise weights.CheckpointError(f"{src} holds its own VAE and text encoders; --base is for UNet-only inputs")
+        raise weights.CheckpointError(f"{src} holds its own VAE and text encoders; --base is for UNet-only "
+                                      "inputs")
     base = src if (whole or not single) else (base or weights.SDXL_BASE)
     base_single = weights.is_file(base)
     base_sd = sd if base == src else (weights.read_safetensors(base) if base_single else None)
     if single and weights.detect_layout(sd, src) == "diffusers":
         cfg_json = Path(src).with_name("config.json")  # train.py exports a UNet file and its config.json
-        cfg = UNetConfig.from_diffusers(weights.read_json(cfg_json), str(cfg_json)) if cfg_json.is_file() else \
-            weights.unet_config(base, base_sd)
+        cfg = UNetConfig.from_diffusers(weights.read_json(cfg_json), str(cfg_json)) \
+            if cfg_json.is_file() else weights.unet_config(base, base_sd)
         unet = weights.load_unet(src, cfg, sd=sd, dtype=None)
     else:
         unet = weights.load_unet(src, sd=sd, dtype=None)
@@ -89,7 +91,8 @@ def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
     """A diffusers SDXL folder (model_index.json, scheduler/, unet/, vae/, text_encoder*/, tokenizer*/)."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    for sub, model, cfg in (("unet", unet, unet.config.to_diffusers()), ("vae", vae, vae.config.to_diffusers())):
+    for sub, model, cfg in (("unet", unet, unet.config.to_diffusers()),
+                            ("vae", vae, vae.config.to_diffusers())):
         (folder / sub).mkdir(parents=True)
         (folder / sub / "config.json").write_text(json.dumps(cfg, indent=1))
         save_file(_cast(model.state_dict(), fp16), str(folder / sub / "diffusion_pytorch_model.safetensors"),
@@ -113,23 +116,28 @@ def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN",
-                   help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors (original "
-                        "layout, all parts); or a UNet-only .safetensors (either layout; our training export, "
-                        "whose config.json next to it gives the architecture), completed from --base")
-    p.add_argument("output", metavar="OUT", help="the .safetensors file (--to single-file) or folder (--to diffusers)")
+                   help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors "
+                        "(original layout, all parts); or a UNet-only .safetensors (either layout; our "
+                        "training export, whose config.json next to it gives the architecture), completed "
+                        "from --base")
+    p.add_argument("output", metavar="OUT",
+                   help="the .safetensors file (--to single-file) or folder (--to diffusers)")
     p.add_argument("--to", required=True, choices=["single-file", "diffusers"],
-                   help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, kohya); "
-                        "diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
+                   help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, "
+                        "kohya); diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
     p.add_argument("--base", default=None,
-                   help="for a UNet-only IN: where the VAE, text encoders (and the UNet config, if no config.json "
-                        f"lies next to IN) come from: hub id, diffusers folder or single file; default {_BASE}")
+                   help="for a UNet-only IN: where the VAE, text encoders (and the UNet config, if no "
+                        "config.json lies next to IN) come from: hub id, diffusers folder or single file; "
+                        f"default {_BASE}")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="kohya-format LoRA fused into the UNet at SCALE (default 1.0); repeatable, fused in order")
+                   help="kohya-format LoRA fused into the UNet at SCALE (default 1.0); repeatable, fused in "
+                        "order")
     p.add_argument("--tokenizers", default=_BASE,
-                   help="with --to diffusers from a single file: the SDXL repo or folder whose tokenizer/ and "
-                        "tokenizer_2/ are copied (single files carry none)")
+                   help="with --to diffusers from a single file: the SDXL repo or folder whose tokenizer/ "
+                        "and tokenizer_2/ are copied (single files carry none)")
     p.add_argument("--fp16", action="store_true",
-                   help="store floating tensors in float16 (half the size); default: keep the source's dtypes")
+                   help="store floating tensors in float16 (half the size); default: keep the source's "
+                        "dtypes")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     return p
 

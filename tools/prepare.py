@@ -42,7 +42,8 @@ def cache_header(ds, args, vae, text):
          "base": os.path.realpath(args.base) if os.path.exists(args.base) else args.base,
          "resolution": args.resolution, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
          "data": os.path.abspath(args.data), "shard_size": args.shard_size, "items": len(ds),
-         "filters": {"min_size": args.min_size, "sharpness": args.sharpness, "min_aesthetic": args.min_aesthetic,
+         "filters": {"min_size": args.min_size, "sharpness": args.sharpness,
+                     "min_aesthetic": args.min_aesthetic,
                      "aesthetic_key": args.aesthetic_key, "clean_captions": args.clean_captions},
          "latent_shape": [vae.config.latent_channels, args.resolution // vae.config.downscale,
                           args.resolution // vae.config.downscale],
@@ -85,14 +86,17 @@ def encode_shard(k, ds, vae, text, header, args, device):
             if not samples:
                 continue
             pixels = torch.stack([s.pixels for s in samples]).to(device, cdt)  # (B, 3, R, R)
-            latent, std, context, pooled = data.encode(vae, text, pixels, [s.caption for s in samples], args.vae_slice)
-            for name, v in (("latent", latent), ("latent_std", std), ("context", context), ("pooled", pooled)):
+            latent, std, context, pooled = data.encode(vae, text, pixels,
+                                                       [s.caption for s in samples], args.vae_slice)
+            for name, v in (("latent", latent), ("latent_std", std), ("context", context),
+                            ("pooled", pooled)):
                 out[name].append(v.float().to(sdt).cpu())
             out["time_ids"].append(torch.stack([s.time_ids for s in samples]))  # (B, 6) float32
             out["index"].append(torch.tensor([s.index for s in samples], dtype=torch.int64))
     counts["cached"] = sum(len(t) for t in out["index"])
     empty = {"index": (torch.int64, (0,)), "latent": (sdt, (0, *header["latent_shape"])),
-             "latent_std": (sdt, (0, *header["latent_shape"])), "context": (sdt, (0, *header["context_shape"])),
+             "latent_std": (sdt, (0, *header["latent_shape"])),
+             "context": (sdt, (0, *header["context_shape"])),
              "pooled": (sdt, (0, header["pooled_dim"])), "time_ids": (torch.float32, (0, 6))}
     tensors = {name: torch.cat(v).contiguous() if v else torch.zeros(empty[name][1], dtype=empty[name][0])
                for name, v in out.items()}
@@ -103,7 +107,8 @@ def save_shard(tensors, counts, k, header, out):
     """Atomically (files.atomic_write: temp file, then rename): a shard file that exists is complete."""
     path = os.path.join(out, data.shard_name(k))
     core = {key: v for key, v in header.items() if key != "fingerprint"}
-    meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION), "fingerprint": header["fingerprint"],
+    meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION),
+            "fingerprint": header["fingerprint"],
             "shard": str(k), "stats": json.dumps(counts), "header": json.dumps(core)}
     files.save_safetensors(tensors, path, metadata=meta)
 
@@ -127,7 +132,8 @@ def write_index(ds, header, out):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, or .tar shards")
+    p.add_argument("--data", required=True,
+                   help="a folder of images with same-stem .txt captions, or .tar shards")
     p.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base whose VAE and text encoders encode "
                    "(hub id, diffusers folder or single file); train with the same --base")
     p.add_argument("--out", required=True, help="cache folder (shards + cache_index.json); re-run to resume")
@@ -135,17 +141,24 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(data.CACHE_DTYPES), default="fp16",
                    help="storage dtype of latents and embeddings (fp16: 3 more mantissa bits than bf16)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="fp32",
-                   help="dtype the VAE and text encoders run in (the SDXL VAE overflows in fp16, hence no fp16)")
-    p.add_argument("--min-size", type=int, default=1024, help="skip images whose shorter side is below this (Sec. 3.6)")
+                   help="dtype the VAE and text encoders run in (the SDXL VAE overflows in fp16, hence no "
+                        "fp16)")
+    p.add_argument("--min-size", type=int, default=1024,
+                   help="skip images whose shorter side is below this (Sec. 3.6)")
     p.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS,
-                   help="skip images whose Laplacian variance at the training crop is below this (Sec. 3.6); 0 off")
-    p.add_argument("--min-aesthetic", type=float, default=0.0, help="skip samples whose metadata .json aesthetic "
+                   help="skip images whose Laplacian variance at the training crop is below this (Sec. 3.6); "
+                        "0 off")
+    p.add_argument("--min-aesthetic", type=float, default=0.0,
+                   help="skip samples whose metadata .json aesthetic "
                    f"score ({', '.join(data.AESTHETIC_KEYS)}) is below this, or missing; 0 off")
     p.add_argument("--aesthetic-key", default=None, help="read the aesthetic score from this .json key only")
-    p.add_argument("--clean-captions", action="store_true", help="remove URLs and HTML entities, collapse whitespace")
-    p.add_argument("--shard-size", type=int, default=256, help="dataset indices per shard (~150 MB at 1024 px fp16)")
+    p.add_argument("--clean-captions", action="store_true",
+                   help="remove URLs and HTML entities, collapse whitespace")
+    p.add_argument("--shard-size", type=int, default=256,
+                   help="dataset indices per shard (~150 MB at 1024 px fp16)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
-    p.add_argument("--vae-slice", type=int, default=4, help="images per VAE encode call inside a batch (memory)")
+    p.add_argument("--vae-slice", type=int, default=4,
+                   help="images per VAE encode call inside a batch (memory)")
     p.add_argument("--workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     return p.parse_args(argv)
@@ -175,8 +188,8 @@ def main(argv=None):
         use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
         os.makedirs(args.out, exist_ok=True)
-        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0, args.min_aesthetic,
-                                   args.clean_captions, args.aesthetic_key)
+        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0,
+                                   args.min_aesthetic, args.clean_captions, args.aesthetic_key)
         cdt = COMPUTE_DTYPES[args.compute_dtype]
         single = weights.is_file(args.base)
         sd = weights.read_safetensors(args.base) if single else None
@@ -184,8 +197,8 @@ def main(argv=None):
         text = weights.load_text(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
         del sd
         if args.resolution % vae.config.downscale:
-            raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale factor "
-                             f"{vae.config.downscale}")
+            raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale "
+                             f"factor {vae.config.downscale}")
         header = cache_header(ds, args, vae, text)
         index_file = os.path.join(args.out, data.CACHE_INDEX)
         if os.path.exists(index_file):
@@ -195,12 +208,13 @@ def main(argv=None):
             except (OSError, ValueError, AttributeError):
                 old = None
             if old != header["fingerprint"]:
-                raise ValueError(f"{index_file}: --out holds another cache (other data, base, resolution, dtype or "
-                                 f"filters); choose another --out or delete it")
+                raise ValueError(f"{index_file}: --out holds another cache (other data, base, resolution, "
+                                 f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
         if rank == 0:
-            print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); {device}")
+            print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); "
+                  f"{device}")
         kept, done, t0, n_done = 0, 0, time.time(), 0
         for k in mine:
             path = os.path.join(args.out, data.shard_name(k))
@@ -216,16 +230,17 @@ def main(argv=None):
             done, n_done = done + 1, n_done + len(shard_range(k, header))
             if rank == 0:
                 dt = time.time() - t0
-                print(f"shard {k + 1}/{K}: {counts['cached']} cached {counts}; rank 0: {n_done / dt:.2f} images/s")
+                print(f"shard {k + 1}/{K}: {counts['cached']} cached {counts}; rank 0: {n_done / dt:.2f} "
+                      "images/s")
         if ddp:
             dist.barrier()
         if rank == 0:
             index = write_index(ds, header, args.out)
-            print(f"cache: {index['stats']['cached']} samples in {K} shards ({kept} kept from an earlier run on "
-                  f"rank 0); {index['stats']} -> {index_file}")
+            print(f"cache: {index['stats']['cached']} samples in {K} shards ({kept} kept from an earlier run "
+                  f"on rank 0); {index['stats']} -> {index_file}")
             if index["stats"]["cached"] == 0:
-                raise ValueError(f"{args.data}: no image passed the load-time filters (corrupt, caption not UTF-8, "
-                                 f"sharpness < {args.sharpness}): {index['stats']}")
+                raise ValueError(f"{args.data}: no image passed the load-time filters (corrupt, caption not "
+                                 f"UTF-8, sharpness < {args.sharpness}): {index['stats']}")
     except (weights.CheckpointError, files.RunError, ValueError, RuntimeError) as e:
         if ddp:
             dist.destroy_process_group()

@@ -10,7 +10,8 @@ What is in the base, smallest piece first:
   with random frozen weights, and CLIPTokenizers whose vocabulary (letters + one merge chain per caption
   word) is written here. Random encoders are enough: the UNet learns to read their features.
 - VAE: our vae.py at widths (16, 32, 64, 64), one resnet per level (factor 8: 64 px -> 8x8x4 latents), trained
-  on reconstruction of the latent mean; its scaling factor is set so the latents have unit variance, as SDXL's.
+  on reconstruction of the latent mean; its scaling factor is set so the latents have unit variance, as
+  SDXL's.
 - teacher: our unet.py, SDXL layout (text-time embedding, cross-attention), widths (32, 64, 128), trained for
   epsilon on SDXL's scaled-linear schedule with 15% of captions dropped to the all-zero unconditional input
   (SDXL's force_zeros_for_empty_prompt), EMA weights exported.
@@ -56,7 +57,8 @@ COLOURS = {"red": (215, 45, 45), "green": (45, 170, 70), "blue": (45, 85, 215), 
 POSITIONS = {"top left": (17, 17), "top right": (47, 17), "bottom left": (17, 47), "bottom right": (47, 47),
              "center": (32, 32)}  # (x, y) centre of the shape in the 64 px image
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235)}
-ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS),
+              "background": tuple(BACKGROUNDS)}
 
 
 def caption(shape, colour, position, background):
@@ -65,15 +67,18 @@ def caption(shape, colour, position, background):
 
 
 def parse_caption(text):
-    """A toy caption -> {"shape": i, "colour": i, "position": i, "background": i} (indices into ATTRIBUTES)."""
+    """A toy caption -> {"shape": i, "colour": i, "position": i, "background": i} (indices into
+    ATTRIBUTES)."""
     for s in SHAPES:
         for c in COLOURS:
             for p in POSITIONS:
                 for b in BACKGROUNDS:
                     if caption(s, c, p, b) == text.strip():
                         return {"shape": SHAPES.index(s), "colour": list(COLOURS).index(c),
-                                "position": list(POSITIONS).index(p), "background": list(BACKGROUNDS).index(b)}
-    raise ValueError(f"{text.strip()!r} is not a toy caption (like {caption('circle', 'red', 'center', 'gray')!r})")
+                                "position": list(POSITIONS).index(p),
+                                "background": list(BACKGROUNDS).index(b)}
+    raise ValueError(f"{text.strip()!r} is not a toy caption (like "
+                     f"{caption('circle', 'red', 'center', 'gray')!r})")
 
 
 def all_captions():
@@ -96,13 +101,14 @@ def draw(seed, i):
         r = int(r * 0.85)  # same area as the circle, roughly
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
     else:
-        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=COLOURS[colour])
+        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))],
+                  fill=COLOURS[colour])
     return img.resize((RES, RES), Image.Resampling.BOX), caption(shape, colour, position, bg)
 
 
 def write_data(folder, n, seed):
-    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written as one folder (files.atomic_write:
-    a temp folder, then renamed)."""
+    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written as one folder
+    (files.atomic_write: a temp folder, then renamed)."""
     folder = Path(folder)
     if (folder / "done.json").exists():
         return
@@ -125,7 +131,8 @@ def load_data(folder, n):
     for i in range(n):
         pix.append(np.asarray(Image.open(Path(folder) / f"{i:05d}.png").convert("RGB")))
         caps.append((Path(folder) / f"{i:05d}.txt").read_text().strip())
-    x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
+    # (N, H, W, 3) -> (N, 3, H, W)
+    x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, caps
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,8 +144,8 @@ TEXT_WIDTHS = (32, 64)  # CLIP-L and bigG stand-ins; context = 32 + 64 = 96, poo
 
 def vocab_and_merges(words=None):
     """CLIP-shaped byte-level BPE: letters, letters + </w>, one merge chain per word (default: every caption
-    word; a word is then one token), then the specials with the largest ids (the SDXL configs' eos_token_id = 2
-    means 'pool at the largest id')."""
+    word; a word is then one token), then the specials with the largest ids (the SDXL configs' eos_token_id =
+    2 means 'pool at the largest id')."""
     letters = ["!"] + list(string.ascii_lowercase)
     vocab = {t: i for i, t in enumerate(letters + [ch + "</w>" for ch in letters])}
     merges = []
@@ -168,7 +175,8 @@ def write_tokenizer(folder, pad_token, vocab_merges=None):
                "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
+        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer",
+         "do_lower_case": True}))
 
 
 def text_encoders(seed):
@@ -181,8 +189,8 @@ def text_encoders(seed):
     w1, w2 = TEXT_WIDTHS
     te = CLIPTextModel(CLIPTextConfig(hidden_size=w1, intermediate_size=4 * w1, projection_dim=w1,
                                       hidden_act="quick_gelu", **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2, projection_dim=w2,
-                                                     hidden_act="gelu", **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2,
+                                                     projection_dim=w2, hidden_act="gelu", **common))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (te, te2):
@@ -225,8 +233,8 @@ class ToyConfig:
     seed: int = 0  # data, initialization and training draws
 
 
-QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32, unet_lr=1e-3,
-                  ema=0.98)
+QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32,
+                  unet_lr=1e-3, ema=0.98)
 
 
 def unet_config(cfg):
@@ -330,13 +338,15 @@ def load_classifier(folder):
     """The classifier toy.py wrote (folder/classifier.safetensors), strictly."""
     path = Path(folder) / "classifier.safetensors"
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (run `python -m tools.toy --out {Path(folder).parent}` first)")
+        raise ValueError(f"{path}: no such file (run `python -m tools.toy --out {Path(folder).parent}` "
+                         "first)")
     clf = Classifier()
     sd = load_file(str(path))
     missing = set(clf.state_dict()) - set(sd)
     unexpected = set(sd) - set(clf.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{path}: not a toy classifier: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(f"{path}: not a toy classifier: missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}")
     clf.load_state_dict(sd, strict=True)
     return clf.eval()
 
@@ -365,7 +375,8 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
     B, warm = cfg.unet_batch, max(1, min(200, cfg.unet_steps // 10))
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="teacher unet", mininterval=5)
     while step < cfg.unet_steps:
-        lr = cfg.unet_lr * (min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
+        lr = cfg.unet_lr * (min(1.0, (step + 1) / warm)
+                            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(lat), (B,), generator=g)
@@ -400,7 +411,8 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
              "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
-             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0,
+             "set_alpha_to_one": False,
              "skip_prk_steps": True, "trained_betas": None}  # SDXL base's scheduler_config.json
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,
@@ -408,7 +420,8 @@ MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version":
                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                "text_encoder": ["transformers", "CLIPTextModel"],
                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "tokenizer": ["transformers", "CLIPTokenizer"],
+               "tokenizer_2": ["transformers", "CLIPTokenizer"],
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
