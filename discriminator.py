@@ -3,7 +3,8 @@
 backbone d = a copy of the pretrained UNet with its up path removed; `UNet.encode` runs it, so no UNet code
 is repeated here, and `lightning_min.unet_model` calls it at paper time t (the UNet gets t - 1). It is trained
 whole (never LoRA'd) and re-initialized from the pretrained UNet at every stage (Sec. 3.6), not every phase:
-train.py carries it from cond to uncond (`unconditional_from`) and from uncond to full. Both forms see the text:
+train.py carries it from cond to uncond (`unconditional_from`) and from uncond to full. Both forms see the
+text:
   conditional   D (x_t, x_{t-ns}) = sigma(head(d(x_{t-ns}, t-ns, c) ++ d(x_t, t, c)))      Eq. (22)
   unconditional D'(x_{t-ns})      = sigma(head(d(x_{t-ns}, t-ns, c)))                      Eq. (23)
 We return logits; the losses (lightning_min.loss_d / loss_g) apply the sigmoid through softplus.

@@ -52,22 +52,28 @@ class RunError(Exception):
 
 
 def atomic_write(path, write):
-    """write(tmp) fills a temp file next to `path`; it is flushed to disk and renamed over `path`, so `path`
-    is always either the old file or the whole new one. A full disk says so and names the file."""
+    """write(tmp) fills a temp file (or folder) next to `path`; it is flushed to disk and renamed over `path`,
+    so `path` is always either the old file or the whole new one. A full disk says so and names the file.
+    A folder's regular files are flushed one by one; write() must clear an old folder at `path` itself
+    (os.replace cannot replace a non-empty one)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
-        finally:
-            os.close(fd)
+        for f in [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else [tmp]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the rename makes it visible
+            finally:
+                os.close(fd)
         if path.suffix in (".pt", ".safetensors"):
             crash_point("checkpoint.tmp" if path.suffix == ".pt" else "export.tmp")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
             (isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 1 << 20)
         if full:

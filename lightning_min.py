@@ -139,17 +139,52 @@ def trailing_timesteps(n):
     return [round(T - k * T / n) for k in range(n)] + [0]
 
 
+def trained_strengths(steps):
+    """The img2img strengths a `steps`-step model was trained for: its training times / T (Sec. 3.7.1:
+    0.25, 0.5, 0.75, 1 for the 1- and 2-step models; k / N on the trailing grid for N steps)."""
+    return sorted(t / T for t in student_timesteps(steps))
+
+
+def timesteps(steps, strength=1.0):
+    """The times a `steps`-step model visits from t_0 = round(strength * T) to 0. On its trailing grid (strength
+    1, or k / N for N steps) they are the rest of that grid; elsewhere (the 1- and 2-step models' other training
+    times, Sec. 3.7.1) each move is one of its steps, t -> t - T/steps clamped at 0 (target_time, Eq. 13-15):
+    a 2-step model at 0.75 visits 750, 250, 0."""
+    t = round(strength * T)
+    if not 1 <= t <= T:
+        raise ValueError(f"lightning_min: strength must be in (0, 1], got {strength}")
+    grid = trailing_timesteps(steps)
+    if t in grid:
+        return grid[grid.index(t):]
+    ts = [t]
+    while ts[-1] > 0:
+        ts.append(int(target_time(torch.tensor(ts[-1]), 1, steps)))
+    return ts
+
+
 @torch.no_grad()
-def sample(model, x, steps, prediction="epsilon", progress=False):
-    """Eq. (5) repeated from t = T to 0 on the trailing grid. x is the initial noise ~N(0, I).
-    diffusers starts from init_noise_sigma * noise and scales it by 1/sqrt(sigma^2 + 1), so the
-    model first sees sqrt(1 - alpha_bar_T) * noise, not the pure noise of Eq. (24); we match it."""
-    ts = trailing_timesteps(steps)
-    x = x.float() * (1 - alpha_bar(torch.tensor([T]))).sqrt().item()
+def sample(model, noise, steps, prediction="epsilon", progress=False, *, x0=None, strength=1.0, callback=None):
+    """Eq. (5) repeated along timesteps(steps, strength) down to t = 0; noise ~ N(0, I). -> x_0, float32
+
+    Text-to-image (x0 None, strength 1): diffusers starts from init_noise_sigma * noise and scales it by
+    1/sqrt(sigma^2 + 1), so the model first sees sqrt(1 - alpha_bar_T) * noise, not the pure noise of
+    Eq. (24); we match it. img2img (SDEdit, x0 a clean latent): the start is Eq. (1), x_t0 = forward(x0,
+    noise, t_0). callback(step), if given, sees every model output before the move, step = dict(i=, n=, t=,
+    t_next=, x=, u=) (k-diffusion's style); raising there stops the loop (sample.py's NaN check)."""
+    ts = timesteps(steps, strength)
+    if x0 is None:
+        if ts[0] != T:
+            raise ValueError(f"lightning_min: strength {strength} < 1 needs x0 (the image to start from)")
+        x = noise.float() * (1 - alpha_bar(torch.tensor([T]))).sqrt().item()
+    else:
+        x = forward(x0, noise, ts[0])
     pairs = list(zip(ts[:-1], ts[1:]))
-    for t, t_next in tqdm(pairs, disable=not progress):
+    for i, (t, t_next) in enumerate(tqdm(pairs, disable=not progress)):
         t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        x = move(x, model(x, t_b).float(), t_b, t_next, prediction)
+        u = model(x, t_b).float()
+        if callback is not None:
+            callback(dict(i=i, n=len(pairs), t=t, t_next=t_next, x=x, u=u))
+        x = move(x, u, t_b, t_next, prediction)
     return x
 
 # -----------------------------------------------------------------------------

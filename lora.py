@@ -1,4 +1,4 @@
-"""LoRA for our SDXL UNet in plain torch: the kohya file format, merging, training layers, saving.
+"""LoRA for our SDXL UNet in plain torch: the kohya file format, merging, training layers.
 
 Sec. 3.6: at each adversarial stage the paper first trains a LoRA, then merges it and trains the whole
 UNet further; its LoRA settings are LCM-LoRA's, rank 64 on every conv and linear weight except the input
@@ -16,10 +16,9 @@ UNet's real module names instead of being parsed. This file speaks the diffusers
 files in either spelling (weights.read_lora) and converts between them.
 
 Read top to bottom: targets and names, the lookup table, checking and merging LoRAs, then the
-training side (hooks on the targets, enable/disable, state dict, save, merge-and-remove).
+training side (hooks on the targets, enable/disable, state dict, the kohya file, merge-and-remove).
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -65,7 +64,8 @@ def lookup_table(unet) -> dict:
 
 def _few(keys, n=5):
     keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)} in all)")
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n
+                                  else f" ({len(keys)} in all)")
 
 
 def _expected_shapes(module, rank):
@@ -87,7 +87,8 @@ def _group(lora_sd, table, modules, source):
         else:
             layers.setdefault(name, {})[suffix] = lora_sd[k]
     if text:
-        raise ValueError(f"{source}: text-encoder LoRA keys are not supported (UNet LoRAs only): {_few(text)}")
+        raise ValueError(f"{source}: text-encoder LoRA keys are not supported (UNet LoRAs only): "
+                         f"{_few(text)}")
     if unknown:
         raise ValueError(f"{source}: unknown LoRA keys, not 'lora_unet_<module>.{{lora_down.weight,"
                          f"lora_up.weight,alpha}}' of a Linear/Conv2d of this UNet: {_few(unknown)}")
@@ -158,7 +159,8 @@ class LoRALayer(nn.Module):
             self.lora_up = nn.Linear(rank, base.out_features, bias=False, **kw)
         else:
             if base.groups != 1 or base.dilation != (1, 1):
-                raise ValueError(f"lora.py: conv with groups={base.groups}, dilation={base.dilation} is unsupported")
+                raise ValueError(f"lora.py: conv with groups={base.groups}, dilation={base.dilation} is "
+                                 "unsupported")
             self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                                        bias=False, **kw)
             self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, **kw)
@@ -187,7 +189,8 @@ def add_lora(unet, rank=64, alpha=8.0) -> nn.ModuleDict:
     so optimizers, DDP, checkpointing and .to() see them; the hooks rerun under activation recompute."""
     unet = _unwrap(unet)
     if hasattr(unet, "lora"):
-        raise ValueError("add_lora: this UNet already has LoRA layers (unet.lora); merge_and_remove_lora first")
+        raise ValueError("add_lora: this UNet already has LoRA layers (unet.lora); merge_and_remove_lora "
+                         "first")
     if rank < 1:
         raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
     lora_dict = nn.ModuleDict()
@@ -220,24 +223,16 @@ def lora_state_dict(unet) -> dict:
     return {k: v.detach() for k, v in _lora_dict(unet).state_dict().items()}
 
 
-def save_lora(unet, path, dtype=torch.float16):
-    """Write the LoRA as a kohya `.safetensors` (diffusers' load_lora_weights and ComfyUI read it).
-    Atomic: a temp file next to `path`, then os.replace, so a crash never leaves half a file."""
-    from safetensors.torch import save_file
+def kohya_file(unet, dtype=torch.float16) -> tuple:
+    """The LoRA as a kohya `.safetensors` holds it: (tensors on the CPU in `dtype`, contiguous; metadata),
+    which diffusers' load_lora_weights and ComfyUI read. Written by the caller
+    (files.save_safetensors(tensors, path, metadata)): a model file does no I/O."""
     lora_dict = _lora_dict(unet)
     sd = {k: v.to("cpu", dtype).contiguous() for k, v in lora_state_dict(unet).items()}
     first = next(iter(lora_dict.values()))  # add_lora gives every layer the same rank and alpha
     meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
             "ss_network_alpha": f"{float(first.alpha):g}"}
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return sd, meta
 
 
 def merge_and_remove_lora(unet) -> None:

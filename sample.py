@@ -3,11 +3,12 @@
     python sample.py "a cat in a spacesuit" --steps 4                      # official 4-step UNet
     python sample.py "a cat in a spacesuit" --steps 1                      # 1-step UNet, x0 prediction
     python sample.py "a cat" --steps 4 --unet base --lora sdxl_lightning_4step_lora.safetensors
-    python sample.py "a cat" --steps 4 --unet base --lora lightning.safetensors:0.8 --lora style.safetensors:0.5
+    python sample.py "a cat" --steps 4 --unet base --lora lightning.safetensors:0.8 \\
+        --lora style.safetensors:0.5
     python sample.py "a cat" --steps 4 --base sdxl_lightning_4step.safetensors --unet base   # all-in-one file
-    python sample.py "a cat" --steps 32 --unet base --guidance 6 --negative "blurry"  # the SDXL base (a teacher)
+    python sample.py "a cat" --steps 32 --unet base --guidance 6 --negative "blurry"  # SDXL base (a teacher)
     python sample.py "a cat, oil painting" --steps 4 --image photo.png --strength 0.5  # img2img (SDEdit)
-    python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png, ...
+    python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png ...
     python sample.py "a cat" --steps 1 --unet runs/2to1/uncond/sdxl_lightning_1step_unet_x0.safetensors
 
 The base (`--base`) gives the text encoders, tokenizers, VAE and UNet architecture; `--unet` the UNet
@@ -21,13 +22,10 @@ model's steps; the 1- and 2-step models were trained at t = 250, 500, 750, 1000 
 model on its N trailing timesteps, so those strengths are the valid ones (--force for others).
 """
 import argparse
-import errno
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
+import files
 import lightning_min as lm
 import text as text_mod
 import weights
@@ -66,32 +64,16 @@ def pick_device_dtype(device=None, dtype=None):
     return device, dtype
 
 
-def trained_strengths(steps):
-    """The img2img strengths a `steps`-step model was trained for: its training times / T (Sec. 3.7.1:
-    0.25, 0.5, 0.75, 1 for the 1- and 2-step models; k / N on the trailing grid for N steps)."""
-    return sorted(t / lm.T for t in lm.student_timesteps(steps))
-
-
-def timesteps(steps, strength=1.0):
-    """The times a `steps`-step model visits, from round(strength * T) to 0: each move is one of its own
-    steps, t -> t - T/steps on its trailing grid, clamped at 0 (lm.target_time, as it was trained, Eq. 13-15).
-    strength 1 gives the trailing timesteps [1000, ..., 0]; a 2-step model at 0.75 visits 750, 250, 0."""
-    t = round(strength * lm.T)
-    if not 1 <= t <= lm.T:
-        raise ValueError(f"--strength must be in (0, 1], got {strength}")
-    ts = [t]
-    while ts[-1] > 0:
-        ts.append(int(lm.target_time(torch.tensor(ts[-1]), 1, steps)))
-    return ts
-
-
 def check_strength(steps, strength, force=False):
     """Refuse an img2img strength off the model's training times, listing the valid ones."""
-    valid = trained_strengths(steps)
+    valid = lm.trained_strengths(steps)
     if round(strength * lm.T) not in [round(s * lm.T) for s in valid] and not force:
-        raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; valid: "
-                         f"{', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
-    timesteps(steps, strength)  # range check
+        raise ValueError(f"--strength {strength:g} is not a time the {steps}-step model was trained at; "
+                         f"valid: {', '.join(f'{s:.3g}' for s in valid)} (--force to use it anyway)")
+    try:
+        lm.timesteps(steps, strength)  # the range check, lightning_min's rule
+    except ValueError as e:
+        raise ValueError(f"--strength: {e}") from None
 
 
 def load_image(path, width=None, height=None, resize="stretch"):
@@ -111,7 +93,8 @@ def load_image(path, width=None, height=None, resize="stretch"):
         w = width if width / height > im.width / im.height else im.width * height // im.height
         h = height if width / height <= im.width / im.height else im.height * width // im.width
         canvas = Image.new("RGB", (width, height))
-        canvas.paste(im.resize((w, h), resample=Image.LANCZOS), box=(width // 2 - w // 2, height // 2 - h // 2))
+        canvas.paste(im.resize((w, h), resample=Image.LANCZOS),
+                     box=(width // 2 - w // 2, height // 2 - h // 2))
         im = canvas
     else:
         im = im.resize((width, height), resample=Image.LANCZOS)
@@ -143,30 +126,26 @@ def encode_image(vae, image, gens, batch, dtype):
     vae_dtype = next(vae.parameters()).dtype
     # diffusers casts the image to the run's dtype first, then upcasts for the VAE
     mean, logvar = vae.encode(image.to(dtype).to(next(vae.parameters()).device, vae_dtype))  # (1, 4, h, w)
-    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)  # (B or 1, ...)
+    # (B or 1, ...)
+    draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)
     z = (mean + (0.5 * logvar).exp() * draw.to(mean.device)).to(dtype) * vae.config.scaling_factor
     _check_finite(z, "the VAE encoder")
     return z.expand(batch, *z.shape[1:])
 
 
-def denoise(model, x, ts, prediction="epsilon", progress=False):
-    """Eq. (5) along ts (t_0 > ... > 0) from x at time t_0: x_{t'} = move(x_t, model(x_t, t), t, t'). A model
-    output with NaN or Inf stops it (naming the step) instead of giving a black image."""
-    pairs = list(zip(ts[:-1], ts[1:]))
-    for k, (t, t_next) in enumerate(tqdm(pairs, disable=not progress)):
-        t_b = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        u = model(x, t_b).float()
-        _check_finite(u, f"the UNet at t={t} (step {k + 1} of {len(pairs)})")
-        x = lm.move(x, u, t_b, t_next, prediction)
-    return x
+def _check_step(step):
+    """lm.sample's callback: a UNet output with NaN or Inf stops sampling, naming the step, instead of giving
+    a black image."""
+    _check_finite(step["u"], f"the UNet at t={step['t']} (step {step['i'] + 1} of {step['n']})")
 
 
 def _diagnose(unet, guidance, error):
     """Say what made the NaN: broken weights (named), the guidance scale, or arithmetic (fp16 overflow)."""
     bad = [n for n, p in unet.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        return NonFiniteError(f"{error}: the UNet weights hold NaN/Inf in {len(bad)} tensors ({', '.join(bad[:3])}"
-                              f"{', ...' if len(bad) > 3 else ''}): the --unet file or a --lora is broken")
+        return NonFiniteError(f"{error}: the UNet weights hold NaN/Inf in {len(bad)} tensors "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the --unet file or "
+                              "a --lora is broken")
     if guidance > 1:
         return NonFiniteError(f"{error} with --guidance {guidance:g}: lower the guidance scale")
     return NonFiniteError(f"{error} from finite weights: try --dtype float32 or bfloat16 (float16 overflow?)")
@@ -182,11 +161,12 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     image, as diffusers' list of generators: image i is the same whatever the batch around it).
     negative: a negative prompt encoded as CFG's unconditional input (diffusers' negative_prompt); needs
     guidance > 1. image: (1, 3, H, W) in [-1, 1] for img2img (SDEdit): its latent, noised to
-    round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (`timesteps`).
+    round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (lm.timesteps).
     names: what warnings call each prompt (e.g. the file it will be written to)."""
     f = vae.config.downscale
     if width % f or height % f:
-        raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got {width}x{height}")
+        raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got "
+                         f"{width}x{height}")
     if negative is not None and not guidance > 1:
         raise ValueError("a negative prompt needs guidance > 1 (without CFG it does nothing)")
     device = next(unet.parameters()).device
@@ -202,16 +182,15 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     gens = gens[0] if isinstance(seed, int) else gens
     shape = (len(prompts), unet.config.in_channels, height // f, width // f)
-    ts = timesteps(steps, strength if image is not None else 1.0)
-    if image is None:  # diffusers' first UNet input is sqrt(1 - alpha_bar(T)) * noise, not Eq. (24)'s noise
-        x = _randn(shape, gens, dtype).float() * (1 - lm.alpha_bar(torch.tensor(lm.T))).sqrt()
-    else:
+    z0 = None
+    if image is not None:
         if tuple(image.shape[-2:]) != (height, width):
             raise ValueError(f"the image is {image.shape[-1]}x{image.shape[-2]}, not {width}x{height}")
         z0 = encode_image(vae, image, gens, len(prompts), dtype).to(device)  # first draw of each generator
-        x = lm.forward(z0, _randn(shape, gens, dtype).to(device), ts[0])  # Eq. (1), the second draw
+    noise = _randn(shape, gens, dtype).to(device)  # img2img: the second draw
     try:
-        latents = denoise(lm.unet_model(unet, cond, guidance, uncond), x.to(device), ts, prediction, progress)
+        latents = lm.sample(lm.unet_model(unet, cond, guidance, uncond), noise, steps, prediction, progress,
+                            x0=z0, strength=strength if image is not None else 1.0, callback=_check_step)
     except NonFiniteError as e:
         raise _diagnose(unet, guidance, e) from None
     if not decode:
@@ -282,25 +261,15 @@ MANIFEST = "prompts.jsonl"
 
 
 def check_out(out):
-    """Refuse an output path that would fail after the images are made: an unknown extension, a folder,
-    a parent that is a file, a folder we cannot write in (tried with a real file, so root and read-only
-    mounts are judged right)."""
+    """Refuse an output path that would fail after the images are made: a folder, an unknown extension, then
+    files.check_writable_folder on its folder (a parent that is a file, a folder we cannot write in)."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name like {out / 'image.png'}")
     if out.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use {', '.join(IMAGE_EXTENSIONS)}")
-    folder = out.absolute().parent
-    while not folder.exists():  # created at save time
-        folder = folder.parent
-    if not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sample_probe")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror})") from None
+        raise ValueError(f"--out {out}: unknown image extension {out.suffix!r}; use "
+                         f"{', '.join(IMAGE_EXTENSIONS)}")
+    files.check_writable_folder(out.parent)  # created at save time
 
 
 def output_paths(out, n, indexed):
@@ -309,31 +278,19 @@ def output_paths(out, n, indexed):
     return [out.with_name(f"{out.stem}_{i:05d}{out.suffix}") for i in range(n)] if indexed else [out]
 
 
-def atomic_write(path, write):
-    """write(tmp) to a temp file next to `path`, then rename: a crash or a full disk never leaves a partial
-    or 0-byte file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise OSError(f"cannot write {path}{full}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_image(img, path):
-    atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
+    """One image, written atomically (files.atomic_write), its folder made first; the format from the
+    extension."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
 
 
 def read_prompts(path):
     """One prompt per line of a UTF-8 file, blank lines skipped. -> [(line number, prompt)]"""
     try:
         lines = Path(path).read_bytes().decode("utf-8").splitlines()
+    except FileNotFoundError:
+        raise ValueError(f"--prompts {path}: cannot read it: no such file") from None
     except OSError as e:
         raise ValueError(f"--prompts {path}: cannot read it ({e.strerror})") from None
     except UnicodeDecodeError as e:
@@ -349,36 +306,25 @@ def read_prompts(path):
 # The command line
 
 
-def parse_lora(spec):
-    """FILE[:SCALE] -> (FILE, SCALE); a colon not followed by a number belongs to the path (C:\\...)."""
-    path, _, scale = spec.rpartition(":")
-    try:
-        value = float(scale) if path else None
-    except ValueError:
-        value = None
-    if value is None:
-        return spec, 1.0
-    if not math.isfinite(value):
-        raise ValueError(f"--lora {spec}: the scale must be a finite number")
-    return path, value
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
     p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; writes "
-                        f"OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per image)")
+                   help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; "
+                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per "
+                        "image)")
     p.add_argument("--negative", default=None, metavar="TEXT",
-                   help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's all-zero "
-                        "input (diffusers' negative_prompt); needs --guidance > 1")
+                   help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's "
+                        "all-zero input (diffusers' negative_prompt); needs --guidance > 1")
     p.add_argument("--steps", type=int, default=4,
-                   help="the model's steps (official Lightning UNets: 1, 2, 4, 8); with --image, the steps left "
-                        "after the time --strength selects are run")
+                   help="the model's steps (official Lightning UNets: 1, 2, 4, 8); with --image, the steps "
+                        "left after the time --strength selects are run")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of image 0's noise (CPU generator, as diffusers); image i uses seed + i, in 0..2**64-1")
+                   help="seed of image 0's noise (CPU generator, as diffusers); image i uses seed + i, in "
+                        "0..2**64-1")
     p.add_argument("--num", type=int, default=1,
-                   help="images per prompt; more than one writes OUT_00000.png, ... and the manifest, as --prompts")
+                   help="images per prompt; more than one writes OUT_00000.png, ... and the manifest, as "
+                        "--prompts")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images generated together (memory vs speed); the images do not depend on it")
     p.add_argument("--width", type=int, default=None,
@@ -386,31 +332,32 @@ def build_parser():
     p.add_argument("--height", type=int, default=None,
                    help="image height in pixels, a multiple of 8; default 1024, or the --image's own height")
     p.add_argument("--out", default="out.png",
-                   help=f"output image (.png, .jpg, .webp), written atomically; several images: OUT_00000.png, ... "
-                        f"with {MANIFEST} next to them")
+                   help="output image (.png, .jpg, .webp), written atomically; several images: "
+                        f"OUT_00000.png, ... with {MANIFEST} next to them")
     p.add_argument("--base", default=weights.SDXL_BASE,
                    help="SDXL base for text encoders, tokenizers, VAE and UNet config: a hub id, a diffusers "
                         "folder, or a single-file .safetensors checkpoint")
     p.add_argument("--unet", default=None,
-                   help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a UNet "
-                        ".safetensors file (diffusers or original layout); or 'base' for the base's own UNet")
+                   help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a "
+                        "UNet .safetensors file (diffusers or original layout); or 'base' for the base's own "
+                        "UNet")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a kohya-format LoRA .safetensors fused into the UNet at SCALE (default 1); repeat to "
-                        "stack, fused in order (official names like sdxl_lightning_4step_lora.safetensors come "
-                        "from the hub)")
+                   help="a kohya-format LoRA .safetensors fused into the UNet at SCALE (default 1); repeat "
+                        "to stack, fused in order (official names like sdxl_lightning_4step_lora.safetensors "
+                        "come from the hub)")
     p.add_argument("--prediction", choices=lm.PREDICTIONS, default=None,
-                   help="what the UNet predicts; default 'sample' (x0) for the official 1-step UNet and for files "
-                        "named *_x0* or with a config.json saying prediction_type 'sample' next to them, "
-                        "else 'epsilon'")
+                   help="what the UNet predicts; default 'sample' (x0) for the official 1-step UNet and for "
+                        "files named *_x0* or with a config.json saying prediction_type 'sample' next to "
+                        "them, else 'epsilon'")
     p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is off "
-                        "(Lightning: off)")
+                   help="classifier-free guidance scale against an all-zero uncond (or --negative); <= 1 is "
+                        "off (Lightning: off)")
     p.add_argument("--image", default=None, metavar="FILE",
-                   help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time --strength "
-                        "selects")
+                   help="img2img (SDEdit): start from this image, VAE-encoded and noised to the time "
+                        "--strength selects")
     p.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much to change, 1 = all (t = strength * 1000); must be a time the model "
-                        "was trained at: 0.25/0.5/0.75/1 for 1 and 2 steps, k/N for N steps")
+                   help="with --image: how much to change, 1 = all (t = strength * 1000); must be a time the "
+                        "model was trained at: 0.25/0.5/0.75/1 for 1 and 2 steps, k/N for N steps")
     p.add_argument("--force", action="store_true", help="accept a --strength the model was not trained at")
     p.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
                    help="how --image is fit to --width x --height: 'stretch' (diffusers' default) or 'crop' "
@@ -419,7 +366,8 @@ def build_parser():
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (slow first call, faster steps; same images to float tolerance)")
+                   help="torch.compile the UNet (slow first call, faster steps; same images to float "
+                        "tolerance)")
     return p
 
 
@@ -434,13 +382,15 @@ def check_args(args):
     for name in ("width", "height"):
         v = getattr(args, name)
         if v is not None and (v <= 0 or v % 8):
-            raise ValueError(f"--width/--height must be positive multiples of 8, got {args.width}x{args.height}")
+            raise ValueError("--width/--height must be positive multiples of 8, got "
+                             f"{args.width}x{args.height}")
     if args.num < 1 or args.batch_size < 1:
         raise ValueError("--num and --batch-size must be at least 1")
     if not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     if args.negative is not None and not args.guidance > 1:
-        raise ValueError("--negative needs --guidance > 1 (without classifier-free guidance it would do nothing)")
+        raise ValueError("--negative needs --guidance > 1 (without classifier-free guidance it would do "
+                         "nothing)")
     if args.unet is None:
         weights.lightning_unet_file(args.steps)  # refuse an unsupported step count before loading anything
     else:
@@ -450,17 +400,19 @@ def check_args(args):
     if args.image is not None:
         if args.strength is None:
             raise ValueError(f"--image needs --strength; the {args.steps}-step model was trained for "
-                             f"{', '.join(f'{s:.3g}' for s in trained_strengths(args.steps))}")
+                             f"{', '.join(f'{s:.3g}' for s in lm.trained_strengths(args.steps))}")
         check_strength(args.steps, args.strength, args.force)
     lines = read_prompts(args.prompts) if args.prompts else [(None, args.prompt)]
     n = len(lines) * args.num
     if args.seed < 0 or args.seed + n - 1 >= 2**64:
         raise ValueError(f"--seed must be in 0..2**64-1 for all {n} images (seed + index), got {args.seed}")
     check_out(args.out)
-    if args.prompts and (Path(args.out).absolute().parent / MANIFEST).resolve() == Path(args.prompts).resolve():
-        raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change --out")
+    manifest = (Path(args.out).absolute().parent / MANIFEST).resolve()
+    if args.prompts and manifest == Path(args.prompts).resolve():
+        raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change "
+                         "--out")
     for spec in args.lora:
-        path = parse_lora(spec)[0]
+        path = weights.parse_lora_spec(spec)[0]
         if not Path(path).is_file() and path not in weights.LIGHTNING_LORAS.values():
             raise ValueError(f"--lora {path}: no such file (official names, fetched from the hub: "
                              f"{', '.join(weights.LIGHTNING_LORAS.values())})")
@@ -488,7 +440,8 @@ def run(args):
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         t0 = time.time()
-        text, unet, vae = load(args.base, args.unet, [parse_lora(s) for s in args.lora], args.steps, device, dtype)
+        text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora],
+                               args.steps, device, dtype)
         if args.compile:
             unet.compile()
         t1 = time.time()
@@ -496,23 +449,25 @@ def run(args):
         paths = output_paths(args.out, len(jobs), indexed)
         manifest = []
         for b in range(0, len(jobs), args.batch_size):
-            batch, files = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
+            batch, outs = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
             images = generate(text, unet, vae, [p for p, _, _ in batch], args.steps, [s for _, s, _ in batch],
                               *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
                               negative=args.negative, image=image, strength=args.strength or 1.0,
-                              names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, files)])
-            for img, (prompt, seed, _), path in zip(to_pil(images), batch, files):
+                              names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, outs)])
+            for img, (prompt, seed, _), path in zip(to_pil(images), batch, outs):
                 save_image(img, path)
                 manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
             if indexed:  # rewritten after each batch: it always lists exactly the images on disk
                 text_out = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
-                atomic_write(paths[0].parent / MANIFEST, lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
+                files.atomic_write(paths[0].parent / MANIFEST,
+                                   lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.time()
-    except (weights.CheckpointError, ValueError, OSError) as e:
+    except (weights.CheckpointError, files.RunError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
-    shown = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
+    shown = ", ".join(map(str, paths)) if len(paths) <= 3 else \
+        f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
     print(f"saved {shown} ({args.steps} steps, {prediction}, {size[0]}x{size[1]}, {device} "
           f"{str(dtype).removeprefix('torch.')}): load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s")
 

@@ -20,7 +20,8 @@ import torch
 
 
 def time_ids(height, width, crop_top=0, crop_left=0, orig_height=None, orig_width=None):
-    """SDXL's six size/crop conditions, (6,) float32: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+    """SDXL's six size/crop conditions, (6,) float32: (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w).
 
     At sampling time the image is neither cropped nor resized, so the original size defaults to the target.
     """
@@ -37,7 +38,8 @@ def time_ids(height, width, crop_top=0, crop_left=0, orig_height=None, orig_widt
 
 
 class TextEncoders(torch.nn.Module):
-    """SDXL's two tokenizers and two CLIP text encoders; frozen, as in the paper (only the UNet is distilled)."""
+    """SDXL's two tokenizers and two CLIP text encoders; frozen, as in the paper (only the UNet is
+    distilled)."""
 
     def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2):
         super().__init__()
@@ -46,11 +48,12 @@ class TextEncoders(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
         n, n_2 = tokenizer.model_max_length, tokenizer_2.model_max_length
         if n != n_2:
-            raise ValueError(f"text.py: the two tokenizers pad to different lengths ({n} and {n_2}); SDXL uses 77")
+            raise ValueError(f"text.py: the two tokenizers pad to different lengths ({n} and {n_2}); SDXL "
+                             "uses 77")
         for tok, enc in ((tokenizer, text_encoder), (tokenizer_2, text_encoder_2)):
             if tok.model_max_length > enc.config.max_position_embeddings:
-                raise ValueError(f"text.py: tokenizer model_max_length {tok.model_max_length} exceeds the text "
-                                 f"encoder's {enc.config.max_position_embeddings} positions")
+                raise ValueError(f"text.py: tokenizer model_max_length {tok.model_max_length} exceeds the "
+                                 f"text encoder's {enc.config.max_position_embeddings} positions")
 
     @property
     def device(self):
@@ -76,16 +79,17 @@ class TextEncoders(torch.nn.Module):
     def _tokenize(tokenizer, prompts):
         """Pad with the tokenizer's own pad token (EOS for CLIP-L, "!" for bigG) and truncate to 77."""
         n = tokenizer.model_max_length
-        ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True,
+                        return_tensors="pt").input_ids
         full = tokenizer(prompts, truncation=False, verbose=False).input_ids  # counted, warned below
         # BOS + (n - 2) tokens + EOS survive; what fell between them is lost
         return ids, [max(len(f) - n, 0) for f in full]  # (B, n), tokens dropped per prompt
 
     @torch.no_grad()
     def encode(self, prompts, names=None):
-        """prompts (list of B str) -> context (B, 77, 2048), pooled (B, 1280) in the encoders' device and dtype.
-        A prompt longer than 77 tokens is cut, with a warning that counts the lost tokens (not their text,
-        which floods a log); `names` (B str) says which prompt it is, default "prompt i"."""
+        """prompts (list of B str) -> context (B, 77, 2048), pooled (B, 1280) in the encoders' device and
+        dtype. A prompt longer than 77 tokens is cut, with a warning that counts the lost tokens (not their
+        text, which floods a log); `names` (B str) says which prompt it is, default "prompt i"."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids, dropped = self._tokenize(self.tokenizer, prompts)
         ids_2, dropped_2 = self._tokenize(self.tokenizer_2, prompts)

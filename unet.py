@@ -42,7 +42,8 @@ class UNetConfig:
         """Read a diffusers `unet/config.json`; refuse what is not an SDXL-architecture UNet."""
         if cfg.get("addition_embed_type") != "text_time":
             raise ValueError(f"{source}: not an SDXL-architecture UNet (addition_embed_type="
-                             f"{cfg.get('addition_embed_type')!r}, SDXL has 'text_time'; SD1.x/2.x is unsupported)")
+                             f"{cfg.get('addition_embed_type')!r}, SDXL has 'text_time'; SD1.x/2.x is "
+                             "unsupported)")
         if not cfg.get("use_linear_projection", False):
             raise ValueError(f"{source}: use_linear_projection=False is not SDXL's architecture")
         n = len(cfg["block_out_channels"])
@@ -67,7 +68,8 @@ class UNetConfig:
         return {"_class_name": "UNet2DConditionModel", "sample_size": 128,
                 "in_channels": self.in_channels, "out_channels": self.out_channels,
                 "down_block_types": down, "up_block_types": up, "mid_block_type": "UNetMidBlock2DCrossAttn",
-                "block_out_channels": list(self.block_out_channels), "layers_per_block": self.layers_per_block,
+                "block_out_channels": list(self.block_out_channels),
+                "layers_per_block": self.layers_per_block,
                 "transformer_layers_per_block": [max(d, 1) for d in self.transformer_depth],
                 "attention_head_dim": list(self.num_heads), "cross_attention_dim": self.cross_attention_dim,
                 "use_linear_projection": True, "addition_embed_type": "text_time",
@@ -152,7 +154,8 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])  # net.1: dropout
+        # net.1: dropout
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
 
     def forward(self, x):
         for m in self.net:
@@ -183,7 +186,8 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim) for _ in range(depth)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, context_dim)
+                                                 for _ in range(depth)])
         self.proj_out = nn.Linear(dim, dim)
 
     def forward(self, x, context):
@@ -226,7 +230,8 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(cin if i == 0 else cout, cout, temb, g, eps)
                                       for i in range(cfg.layers_per_block)])
         if depth:
-            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g)
+            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth,
+                                                                cfg.cross_attention_dim, g)
                                              for _ in range(cfg.layers_per_block)])
         if add_downsample:
             self.downsamplers = nn.ModuleList([Downsample2D(cout)])
@@ -239,10 +244,12 @@ class UpBlock(nn.Module):
         depth, heads = cfg.transformer_depth[level], cfg.num_heads[level]
         g, eps, temb, n = cfg.norm_num_groups, cfg.norm_eps, cfg.time_embed_dim, cfg.layers_per_block + 1
         # resnet i sees the previous output concatenated with a popped skip (the last skip is narrower)
-        self.resnets = nn.ModuleList([ResnetBlock2D((cprev if i == 0 else cout) + (cin if i == n - 1 else cout),
+        self.resnets = nn.ModuleList([ResnetBlock2D((cprev if i == 0 else cout)
+                                                    + (cin if i == n - 1 else cout),
                                                     cout, temb, g, eps) for i in range(n)])
         if depth:
-            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth, cfg.cross_attention_dim, g)
+            self.attentions = nn.ModuleList([Transformer2DModel(cout, heads, depth,
+                                                                cfg.cross_attention_dim, g)
                                              for _ in range(n)])
         if add_upsample:
             self.upsamplers = nn.ModuleList([Upsample2D(cout)])
@@ -272,7 +279,8 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
-        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1) for i in range(L)])
+        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1)
+                                          for i in range(L)])
         self.mid_block = MidBlock(ch[-1], cfg)
         self.up_blocks = nn.ModuleList([UpBlock(ch[max(L - 2 - i, 0)], ch[L - 1 - i], ch[min(L - i, L - 1)],
                                                 cfg, L - 1 - i, i < L - 1) for i in range(L)])
@@ -295,7 +303,8 @@ class UNet(nn.Module):
         return emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(dtype))
 
     def encode(self, x, t, context, pooled, time_ids):
-        """conv_in .. mid_block. Returns (h, emb, skips); the discriminator backbone uses h (B, C, H/4, W/4)."""
+        """conv_in .. mid_block. Returns (h, emb, skips); the discriminator backbone uses h (B, C, H/4,
+        W/4)."""
         emb = self.embed(t, pooled, time_ids, x.dtype)
         h = self.conv_in(x)
         skips = [h]                                            # push: conv_in output

@@ -1,8 +1,8 @@
 """The SDXL VAE (AutoencoderKL) in plain torch.
 
 Module names equal diffusers' `AutoencoderKL` checkpoint keys (the original single-file layout,
-`first_stage_model.*`, is renamed in convert.py). Latents are `mean * scaling_factor` (0.13025 for SDXL). The SDXL VAE
-overflows in fp16 (diffusers' `force_upcast`): decode in float32 or bfloat16.
+`first_stage_model.*`, is renamed in convert.py). Latents are `mean * scaling_factor` (0.13025 for SDXL). The
+SDXL VAE overflows in fp16 (diffusers' `force_upcast`): decode in float32 or bfloat16.
 """
 from dataclasses import dataclass
 
@@ -28,19 +28,24 @@ class VAEConfig:
     @classmethod
     def from_diffusers(cls, cfg: dict, source="config.json"):
         if cfg.get("latent_channels", 4) != 4 or cfg.get("latents_mean") is not None:
-            raise ValueError(f"{source}: not an SDXL-architecture VAE (latent_channels={cfg.get('latent_channels')})")
+            raise ValueError(f"{source}: not an SDXL-architecture VAE "
+                             f"(latent_channels={cfg.get('latent_channels')})")
         return cls(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                   latent_channels=cfg.get("latent_channels", 4), block_out_channels=tuple(cfg["block_out_channels"]),
-                   layers_per_block=cfg.get("layers_per_block", 2), norm_num_groups=cfg.get("norm_num_groups", 32),
+                   latent_channels=cfg.get("latent_channels", 4),
+                   block_out_channels=tuple(cfg["block_out_channels"]),
+                   layers_per_block=cfg.get("layers_per_block", 2),
+                   norm_num_groups=cfg.get("norm_num_groups", 32),
                    scaling_factor=cfg.get("scaling_factor", 0.13025))
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
-        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels, "out_channels": self.out_channels,
+        return {"_class_name": "AutoencoderKL", "in_channels": self.in_channels,
+                "out_channels": self.out_channels,
                 "latent_channels": self.latent_channels, "block_out_channels": list(self.block_out_channels),
                 "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
                 "layers_per_block": self.layers_per_block, "norm_num_groups": self.norm_num_groups,
-                "act_fn": "silu", "scaling_factor": self.scaling_factor, "force_upcast": True, "sample_size": 1024}
+                "act_fn": "silu", "scaling_factor": self.scaling_factor, "force_upcast": True,
+                "sample_size": 1024}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,7 +139,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, down=i < n - 1)
+        self.down_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block,
+                                                g, down=i < n - 1)
                                           for i in range(n)])
         self.mid_block = MidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
@@ -153,7 +159,8 @@ class Decoder(nn.Module):
         ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, up=i < n - 1)
+        self.up_blocks = nn.ModuleList([Level(ch[max(i - 1, 0)], ch[i],
+                                              cfg.layers_per_block + 1, g, up=i < n - 1)
                                         for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
@@ -190,8 +197,9 @@ class VAE(nn.Module):
         for x in pixels.split(slice_size):
             mean, logvar = self.encode(x)
             if sample:
+                device = generator.device if generator else None
                 mean = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator,
-                                                                  device=generator.device if generator else None).to(mean)
+                                                                  device=device).to(mean)
             out.append(mean * self.config.scaling_factor)
         return torch.cat(out)
 

@@ -24,6 +24,7 @@ Read top to bottom: finding files, the layouts (UNet, VAE, text encoders, LoRA n
 file), strict loading, then each part: UNet, VAE, text encoders, LoRA files. tools/convert.py is the command.
 """
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -106,7 +107,8 @@ def fetch_folder(source: str, patterns: list) -> Path:
 def read_safetensors(path, device="cpu") -> dict:
     path = Path(path)
     if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
-        raise CheckpointError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to .safetensors")
+        raise CheckpointError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to "
+                              ".safetensors")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -168,7 +170,8 @@ def unet_prefix_map(cfg: unet_mod.UNetConfig) -> dict:
             if has_attn:
                 m[f"output_blocks.{k}.1"] = (f"up_blocks.{b}.attentions.{i}", False)
             if i == n and b < L - 1:
-                m[f"output_blocks.{k}.{2 if has_attn else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv", False)
+                m[f"output_blocks.{k}.{2 if has_attn else 1}.conv"] = (f"up_blocks.{b}.upsamplers.0.conv",
+                                                                       False)
             k += 1
     return m
 
@@ -199,7 +202,8 @@ def _to_sgm(cfg: unet_mod.UNetConfig):
 
 
 def unet_name_to_sgm(name: str, cfg: unet_mod.UNetConfig) -> str:
-    """One diffusers name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` -> `input_blocks.4.0.in_layers.2`)."""
+    """One diffusers name -> its SGM spelling (`down_blocks.1.resnets.0.conv1` ->
+    `input_blocks.4.0.in_layers.2`)."""
     return _to_sgm(cfg)(name)
 
 
@@ -208,7 +212,8 @@ def unet_config_from_sgm(sd: dict, source="checkpoint", prefix=SGM_UNET) -> unet
     Head width is taken as 64, as in SDXL; the 6 time ids have 256 sinusoidal channels each."""
     keys = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if "label_emb.0.0.weight" not in keys:
-        raise ValueError(f"{source}: not an SDXL-architecture UNet (no {prefix}label_emb: an SD1.x/2.x checkpoint?)")
+        raise ValueError(f"{source}: not an SDXL-architecture UNet (no {prefix}label_emb: an SD1.x/2.x "
+                         "checkpoint?)")
     blocks, k = [], 1  # per level: [width, resnets, depth]
     while f"input_blocks.{k}.0.op.weight" in keys or f"input_blocks.{k}.0.in_layers.0.weight" in keys:
         if f"input_blocks.{k}.0.op.weight" in keys:
@@ -216,7 +221,8 @@ def unet_config_from_sgm(sd: dict, source="checkpoint", prefix=SGM_UNET) -> unet
         else:
             if not blocks or blocks[-1] is None:
                 blocks.append([0, 0, 0])
-            depth = len({kk.split(".")[4] for kk in keys if kk.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
+            depth = len({kk.split(".")[4] for kk in keys
+                         if kk.startswith(f"input_blocks.{k}.1.transformer_blocks.")})
             blocks[-1] = [keys[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0], blocks[-1][1] + 1, depth]
         k += 1
     levels = [b for b in blocks if b is not None]
@@ -455,7 +461,8 @@ def clip_config_from_shapes(sd: dict, hidden_act: str, head_dim=64):
 def text_from_sgm(sd: dict, head_dim=64) -> tuple:
     """Both encoders of an SGM file (other parts' keys ignored) -> ((CLIP-L canonical tensors, config),
     (bigG canonical tensors, config)). CLIP-L uses OpenAI's quick_gelu, bigG (OpenCLIP) the exact gelu."""
-    clip_l = {k[len(SGM_CLIP_L):]: v for k, v in sd.items() if k.startswith(SGM_CLIP_L) and k not in SGM_UNUSED}
+    clip_l = {k[len(SGM_CLIP_L):]: v for k, v in sd.items() if k.startswith(SGM_CLIP_L)
+              and k not in SGM_UNUSED}
     bigg = {k[len(SGM_BIGG):]: v for k, v in sd.items() if k.startswith(SGM_BIGG) and k not in SGM_UNUSED}
     for name, part, prefix in (("CLIP-L", clip_l, SGM_CLIP_L), ("OpenCLIP bigG", bigg, SGM_BIGG)):
         if not part:
@@ -499,7 +506,8 @@ def kohya_respell(lora_sd: dict, cfg: unet_mod.UNetConfig, to="sgm", source="lor
     """A kohya LoRA state dict in the other spelling, same tensors: to='sgm' (lora_unet_input_blocks_...)
     or to='diffusers' (lora_unet_down_blocks_...). Keys of no Linear/Conv2d of this UNet are refused."""
     with torch.device("meta"):
-        names = [n for n, m in unet_mod.UNet(cfg).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        names = [n for n, m in unet_mod.UNet(cfg).named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     table, to_sgm = kohya_table(names, cfg), _to_sgm(cfg)
     out, unknown = {}, []
     for k, v in lora_sd.items():
@@ -525,8 +533,8 @@ def check_single_file(sd: dict, source="checkpoint"):
     """Refuse keys outside the four parts (the unused tensors real files carry are tolerated by name)."""
     unknown = sorted(k for k in sd if not k.startswith(tuple(SGM_PARTS.values())) and k not in SGM_UNUSED)
     if unknown:
-        raise ValueError(f"{source}: {len(unknown)} keys belong to no SDXL part (UNet {SGM_UNET}*, VAE {SGM_VAE}*, "
-                         f"text {SGM_CLIP_L}*, {SGM_BIGG}*): {', '.join(unknown[:3])}"
+        raise ValueError(f"{source}: {len(unknown)} keys belong to no SDXL part (UNet {SGM_UNET}*, VAE "
+                         f"{SGM_VAE}*, text {SGM_CLIP_L}*, {SGM_BIGG}*): {', '.join(unknown[:3])}"
                          f"{', ...' if len(unknown) > 3 else ''}")
 
 
@@ -571,13 +579,15 @@ def detect_layout(sd: dict, source: str) -> str:
         raise CheckpointError(f"{source}: this is a LoRA file; pass it with --lora")
     if any(k.startswith(("cond_stage_model.", "model.diffusion_model.")) for k in sd) and \
             "model.diffusion_model.label_emb.0.0.weight" not in sd:
-        raise CheckpointError(f"{source}: not an SDXL-architecture checkpoint (no label_emb: an SD1.x/2.x model?)")
+        raise CheckpointError(f"{source}: not an SDXL-architecture checkpoint (no label_emb: an SD1.x/2.x "
+                              "model?)")
     if "model.diffusion_model.input_blocks.0.0.weight" in sd:
         return "sgm"
     if "conv_in.weight" in sd and "add_embedding.linear_1.weight" in sd:
         return "diffusers"
     if "conv_in.weight" in sd:
-        raise CheckpointError(f"{source}: not an SDXL-architecture UNet (no add_embedding: an SD1.x/2.x UNet?)")
+        raise CheckpointError(f"{source}: not an SDXL-architecture UNet (no add_embedding: an SD1.x/2.x "
+                              "UNet?)")
     raise CheckpointError(f"{source}: no UNet found: expected diffusers keys (conv_in.weight, ...) or "
                           f"original-layout keys (model.diffusion_model.*); first keys: {list(sd)[:3]}")
 
@@ -620,7 +630,8 @@ def unet_state_dict(sd: dict, source: str, cfg=None) -> tuple:
     return sd, cfg
 
 
-def load_unet(source: str, cfg=None, device="cpu", dtype=torch.float32, variant=None, sd=None) -> unet_mod.UNet:
+def load_unet(source: str, cfg=None, device="cpu", dtype=torch.float32,
+              variant=None, sd=None) -> unet_mod.UNet:
     """A UNet from a file (either layout; `cfg` from the base for diffusers-layout files) or a base."""
     if is_file(source):
         sd, cfg = unet_state_dict(read_safetensors(source) if sd is None else sd, str(source), cfg)
@@ -684,7 +695,8 @@ def fetch_variant(source, pattern, variant):
 # Text encoders: a diffusers folder or a single file, loaded strictly
 
 def load_tokenizers(folder):
-    """Both tokenizers of a diffusers SDXL folder; a single file carries none, so it borrows the base repo's."""
+    """Both tokenizers of a diffusers SDXL folder; a single file carries none, so it borrows the base
+    repo's."""
     folder = Path(folder)
     for sub in ("tokenizer", "tokenizer_2"):
         if not (folder / sub).is_dir():
@@ -693,7 +705,8 @@ def load_tokenizers(folder):
 
 
 def _from_pretrained(model_cls, path):
-    """transformers' from_pretrained, refusing missing / unexpected / mismatched tensors (it would re-initialize)."""
+    """transformers' from_pretrained, refusing missing / unexpected / mismatched tensors (it would
+    re-initialize)."""
     model, info = model_cls.from_pretrained(path, output_loading_info=True)
     bad = {}
     for kind, keys in info.items():
@@ -741,7 +754,8 @@ def encoders_from_single_file(sd, dtype=torch.float32, device="cpu", head_dim=64
 
 def text_from_single_file(sd, tokenizer, tokenizer_2, dtype=torch.float32, device="cpu", head_dim=64):
     """TextEncoders from an SGM single file; its tokenizers come from elsewhere (the SDXL base repo)."""
-    return text_mod.TextEncoders(tokenizer, tokenizer_2, *encoders_from_single_file(sd, dtype, device, head_dim))
+    return text_mod.TextEncoders(tokenizer, tokenizer_2,
+                                 *encoders_from_single_file(sd, dtype, device, head_dim))
 
 
 def text_from_folder(folder, dtype=torch.float32, device="cpu"):
@@ -754,11 +768,28 @@ def text_from_folder(folder, dtype=torch.float32, device="cpu"):
     tokenizer, tokenizer_2 = load_tokenizers(folder)
     text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder")
     text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
-    return text_mod.TextEncoders(tokenizer, tokenizer_2, text_encoder, text_encoder_2).to(device=device, dtype=dtype)
+    return text_mod.TextEncoders(tokenizer, tokenizer_2,
+                                 text_encoder, text_encoder_2).to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
 # LoRA files
+
+def parse_lora_spec(spec: str) -> tuple:
+    """--lora FILE[:SCALE] -> (FILE, SCALE), SCALE 1.0 when absent. Only a number after the last colon is a
+    scale: a Windows drive letter (C:\\loras\\a.safetensors) or any other non-number belongs to the path. A
+    scale that is not finite (inf, nan) is refused: it would fill the UNet with Inf/NaN."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return spec, 1.0
+    if not math.isfinite(value):
+        raise ValueError(f"--lora {spec}: the scale must be a finite number")
+    return path, value
+
 
 def read_lora(path, cfg=None) -> dict:
     """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU), in the diffusers spelling
@@ -780,12 +811,14 @@ def lora_diffusers_spelling(lora_sd: dict, cfg, source) -> dict:
     """SGM-spelled kohya names -> diffusers-spelled; names this UNet does not have pass unchanged (merge_lora
     names them). One layer in both spellings is refused: it would be fused twice."""
     with torch.device("meta"):
-        names = [n for n, m in unet_mod.UNet(cfg).named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        names = [n for n, m in unet_mod.UNet(cfg).named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     table, out = kohya_table(names, cfg), {}
     for k, v in lora_sd.items():
         name, dot, suffix = k.partition(".")
         new = lora_mod.kohya_name(table[name]) + dot + suffix if name in table else k
         if new in out:
-            raise CheckpointError(f"{source}: {table[name]} appears twice (both the diffusers and the SGM spelling)")
+            raise CheckpointError(f"{source}: {table[name]} appears twice (both the diffusers and the SGM "
+                                  "spelling)")
         out[new] = v
     return out

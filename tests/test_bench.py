@@ -1,5 +1,5 @@
-"""bench.py --what memory: the per-GPU memory table of every training phase at SDXL size, from parameter counts
-built on the meta device (no weights, no GPU, a few seconds)."""
+"""bench.py --what memory: the per-GPU memory table of every training phase at SDXL size, from parameter
+counts built on the meta device (no weights, no GPU, a few seconds)."""
 import json
 
 from tools import bench
@@ -14,10 +14,12 @@ def test_memory_table_from_the_real_sdxl_shapes(tmp_path, capsys):
     # the counts of the released files (DESIGN.md): SDXL UNet, the rank-64 LoRA of 788 layers
     assert c["unet"] == 2_567_463_684 and c["lora"] == 196_751_360 and c["text"] == 817_720_320
     assert c["unet"] > c["disc_cond"] > c["disc_uncond"]
-    # one GPU, `full`: 16 B per trained parameter (student and discriminator), 2 B per frozen one (teacher, text, VAE)
+    # one GPU, `full`: 16 B per trained parameter (student and discriminator), 2 B per frozen one (teacher,
+    # text, VAE)
     want = 16 * (c["unet"] + c["disc_cond"]) + 2 * (c["unet"] + c["text"] + c["vae"])
     assert abs(rows["full"]["1_zero"] * 1e9 - want) < 1
-    for r in rows.values():  # FSDP2 holds less than DDP + ZeRO, and less on more GPUs; ZeRO shrinks with N too
+    # FSDP2 holds less than DDP + ZeRO, and less on more GPUs; ZeRO shrinks with N too
+    for r in rows.values():
         assert r["2_fsdp"] < r["2_zero"] and r["8_fsdp"] < r["8_zero"] and r["8_fsdp"] < r["2_fsdp"]
         assert r["8_zero"] < r["2_zero"]
     # what FSDP2 gathers is small next to the models: the sharded part scales as 1/N

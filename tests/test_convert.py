@@ -17,8 +17,8 @@ import lora
 import unet as unet_mod
 import vae as vae_mod
 import weights
-from tools.tiny import (TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler, make_tiny_base, report,
-                        write_noise_images)
+from tools.tiny import (TINY_UNET, TINY_VAE, diffusers_unet, diffusers_vae, lightning_scheduler,
+                        make_tiny_base, report, write_noise_images)
 
 ROOT = Path(__file__).resolve().parents[1]
 W, H = 48, 32  # a non-square size; the tiny VAE downsamples 2x
@@ -39,7 +39,8 @@ def _random_lora(seed, rank=4):
         w = m.get_submodule(name).weight
         k = lora.kohya_name(name)
         sd[f"{k}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * 0.1
-        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
+        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank,
+                                                *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
         sd[f"{k}.alpha"] = torch.tensor(8.0)
     return sd
 
@@ -61,7 +62,8 @@ def test_unet_sgm_renames_equal_diffusers_converter():
 
 
 def test_full_size_sgm_key_sets():
-    """SDXL's real UNet and VAE (meta device): every key maps to SGM and back, the counts stay those of SDXL."""
+    """SDXL's real UNet and VAE (meta device): every key maps to SGM and back, the counts stay those of
+    SDXL."""
     full_unet, full_vae = unet_mod.UNetConfig(), vae_mod.VAEConfig()
     with torch.device("meta"):
         names, vae_names = unet_mod.UNet(full_unet).state_dict(), vae_mod.VAE(full_vae).state_dict()
@@ -77,22 +79,25 @@ def test_full_size_sgm_key_sets():
     vae_sgm = weights.vae_to_sgm(vae_names, full_vae)
     assert len(vae_sgm) == 248 and weights.vae_config_from_sgm(vae_sgm) == full_vae
     assert vae_sgm["first_stage_model.decoder.mid.attn_1.proj_out.weight"].shape == (512, 512, 1, 1)
-    assert "first_stage_model.decoder.up.3.block.2.conv1.weight" in vae_sgm  # top decoder level, numbered bottom-up
+    # top decoder level, numbered bottom-up
+    assert "first_stage_model.decoder.up.3.block.2.conv1.weight" in vae_sgm
     back = weights.vae_from_sgm(vae_sgm, full_vae)
     assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in vae_names.items()}
 
 
 def test_full_size_single_file_is_recognised_as_sdxl():
     """All of SDXL at full size (meta device) as one single file: diffusers' model-type detection (what it and
-    other tools key on) calls it SDXL base, our key check passes, the text configs come back from the shapes."""
+    other tools key on) calls it SDXL base, our key check passes, the text configs come back from the
+    shapes."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    hub = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+    hub = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0,
+               eos_token_id=2,
                pad_token_id=1)  # stabilityai/stable-diffusion-xl-base-1.0 text_encoder*/config.json
-    cfg_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           hidden_act="quick_gelu", **hub)
-    cfg_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                           projection_dim=1280, hidden_act="gelu", **hub)
+    cfg_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                           num_attention_heads=12, hidden_act="quick_gelu", **hub)
+    cfg_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                           num_attention_heads=20, projection_dim=1280, hidden_act="gelu", **hub)
     with torch.device("meta"):
         unet, vae = unet_mod.UNet(), vae_mod.VAE()
         clip_l, bigg = CLIPTextModel(cfg_l), CLIPTextModelWithProjection(cfg_g)
@@ -105,7 +110,8 @@ def test_full_size_single_file_is_recognised_as_sdxl():
     assert got_l.keys() == weights.canonical_state_dict(clip_l).keys()
     assert got_g.keys() == weights.canonical_state_dict(bigg).keys()
     for got, want in ((config_l, cfg_l), (config_g, cfg_g)):
-        for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
+        for f in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "hidden_act"):
             assert getattr(got, f) == getattr(want, f), f
 
 
@@ -124,11 +130,14 @@ def test_vae_sgm_renames_equal_diffusers_converter():
 
 def test_unknown_keys_refused_tolerated_ones_named():
     sgm = weights.unet_to_sgm(diffusers_unet().state_dict(), TINY_UNET)
-    with pytest.raises(ValueError, match=r"1 unexpected UNet keys \(model.diffusion_model.input_blocks.1.9.x\)"):
-        weights.unet_from_sgm({**sgm, "model.diffusion_model.input_blocks.1.9.x": torch.zeros(1)}, TINY_UNET, "f")
+    with pytest.raises(ValueError,
+                       match=r"1 unexpected UNet keys \(model.diffusion_model.input_blocks.1.9.x\)"):
+        weights.unet_from_sgm({**sgm,
+                               "model.diffusion_model.input_blocks.1.9.x": torch.zeros(1)}, TINY_UNET, "f")
     vae_sgm = weights.vae_to_sgm(diffusers_vae().state_dict(), TINY_VAE)
     with pytest.raises(ValueError, match="first_stage_model.encoder.mid.attn_1.extra"):
-        weights.vae_from_sgm({**vae_sgm, "first_stage_model.encoder.mid.attn_1.extra": torch.zeros(1)}, TINY_VAE)
+        weights.vae_from_sgm({**vae_sgm,
+                              "first_stage_model.encoder.mid.attn_1.extra": torch.zeros(1)}, TINY_VAE)
     weights.check_single_file({**sgm, **vae_sgm, **{k: torch.zeros(1) for k in weights.SGM_UNUSED}})
     with pytest.raises(ValueError, match="f.safetensors: 1 keys belong to no SDXL part.*: model_ema.decay"):
         weights.check_single_file({**sgm, "model_ema.decay": torch.zeros(1)}, "f.safetensors")
@@ -143,11 +152,13 @@ def test_kohya_table_both_spellings():
     assert table["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
         table["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"]
     assert table["lora_unet_output_blocks_8_0_skip_connection"] == "up_blocks.2.resnets.2.conv_shortcut"
-    assert weights.kohya_table(names) == {lora.kohya_name(n): n for n in names}  # no config: diffusers spelling
+    # no config: diffusers spelling
+    assert weights.kohya_table(names) == {lora.kohya_name(n): n for n in names}
 
 
 def test_kohya_respell_both_ways_equals_diffusers_reading():
-    """diffusers' kohya reader (it renames SGM block numbers itself) gives the same peft tensors for both spellings."""
+    """diffusers' kohya reader (it renames SGM block numbers itself) gives the same peft tensors for both
+    spellings."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
     sd = _random_lora(1)
     sgm = weights.kohya_respell(sd, TINY_UNET, to="sgm")
@@ -164,10 +175,19 @@ def test_kohya_respell_both_ways_equals_diffusers_reading():
 
 
 def test_parse_lora_spec():
-    assert convert.parse_lora("a.safetensors") == ("a.safetensors", 1.0)
-    assert convert.parse_lora("dir/a.safetensors:0.7") == ("dir/a.safetensors", 0.7)
-    assert convert.parse_lora("a.safetensors:-1e-1") == ("a.safetensors", -0.1)
-    assert convert.parse_lora(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    """weights.parse_lora_spec, the one FILE[:SCALE] parser of convert.py and sample.py: a drive letter or any
+    other non-number after the colon belongs to the path; a scale that is not finite is refused."""
+    parse = weights.parse_lora_spec
+    assert parse("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse("dir/a.safetensors:0.7") == ("dir/a.safetensors", 0.7)
+    assert parse("a.safetensors:-1e-1") == ("a.safetensors", -0.1)
+    assert parse(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    assert parse(r"C:\loras\a.safetensors:0.5") == (r"C:\loras\a.safetensors", 0.5)
+    assert parse("odd:name.safetensors") == ("odd:name.safetensors", 1.0)
+    for bad in ("inf", "-inf", "nan"):
+        with pytest.raises(ValueError,
+                           match=f"--lora a.safetensors:{bad}: the scale must be a finite number"):
+            parse(f"a.safetensors:{bad}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,7 +244,8 @@ def test_single_file_loads_in_diffusers_and_samples_the_same(base, single):
     sd = load_file(single)
     counts = {part: sum(k.startswith(prefix) for k in sd) for part, prefix in weights.SGM_PARTS.items()}
     n = {part: len(getattr(pipe, part).state_dict()) for part in PARTS}
-    fused = 4 * pipe.text_encoder_2.config.num_hidden_layers  # q, k, v weights and biases -> in_proj weight, bias
+    # q, k, v weights and biases -> in_proj weight, bias
+    fused = 4 * pipe.text_encoder_2.config.num_hidden_layers
     assert counts == {"unet": n["unet"], "vae": n["vae"], "clip_l": n["text_encoder"],
                       "bigg": n["text_encoder_2"] - fused}
     assert sum(counts.values()) == len(sd)
@@ -255,8 +276,9 @@ def test_single_file_to_diffusers_folder_samples_the_same(base, single, tmp_path
 
 
 def test_training_export_with_lora_equals_diffusers_fuse_lora(base, tmp_path):
-    """Our training export (a diffusers-layout UNet file + config.json) + --lora FILE:0.7 with --base: the single
-    file diffusers loads samples as diffusers' load_lora_weights + fuse_lora(lora_scale=0.7) on that UNet."""
+    """Our training export (a diffusers-layout UNet file + config.json) + --lora FILE:0.7 with --base: the
+    single file diffusers loads samples as diffusers' load_lora_weights + fuse_lora(lora_scale=0.7) on that
+    UNet."""
     import copy
 
     from diffusers import StableDiffusionXLPipeline
@@ -280,20 +302,24 @@ def test_training_export_with_lora_equals_diffusers_fuse_lora(base, tmp_path):
     a, b = _image(ours, steps=4), _image(ref, steps=4)
     report("export + LoRA 0.7 single file vs diffusers fuse_lora image", a, b)
     assert_close(a, b, atol=1e-5, rtol=1e-5)
-    w = {k: (ours.unet.state_dict()[k] - ref.unet.state_dict()[k]).abs().max().item() for k in ref.unet.state_dict()}
+    w = {k: (ours.unet.state_dict()[k] - ref.unet.state_dict()[k]).abs().max().item()
+         for k in ref.unet.state_dict()}
     print(f"fused UNet weights vs diffusers: max abs err {max(w.values()):.3e}")
     assert max(w.values()) < 1e-5
     assert (_image(pipe, steps=4) - a).abs().max() > 1e-2  # the student and the LoRA changed the image
-    _same_weights(_diffusers_weights(pipe), _our_weights(out), parts=("vae", "text_encoder", "text_encoder_2"))
+    _same_weights(_diffusers_weights(pipe), _our_weights(out),
+                  parts=("vae", "text_encoder", "text_encoder_2"))
 
 
 def test_stacked_loras_and_fp16(base, single, tmp_path):
     """Two LoRAs (both spellings, two ranks) fused in order at their scales into an all-in-one file, as
-    merge_lora twice (itself equal to diffusers' fuse_lora in test_lora.py); --fp16 stores exactly the cast."""
+    merge_lora twice (itself equal to diffusers' fuse_lora in test_lora.py); --fp16 stores exactly the
+    cast."""
     root, pipe = base
     a_path, b_path = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     save_file(_random_lora(1), a_path)
-    save_file(weights.kohya_respell(_random_lora(2, rank=8), TINY_UNET, to="sgm"), b_path)  # the other spelling
+    # the other spelling
+    save_file(weights.kohya_respell(_random_lora(2, rank=8), TINY_UNET, to="sgm"), b_path)
     out32, out16 = tmp_path / "fp32.safetensors", tmp_path / "fp16.safetensors"
     spec = ["--lora", f"{a_path}:0.5", "--lora", str(b_path)]
     convert.main([str(single), str(out32), "--to", "single-file", *spec])
@@ -322,7 +348,8 @@ def _assert_refused(argv, match, out):
     assert not [p for p in out.parent.iterdir() if ".tmp" in p.name]  # no temp file left
 
 
-@pytest.mark.parametrize("case", ["missing_in", "suffix", "exists", "lora_missing", "lora_misshaped", "lora_as_in",
+@pytest.mark.parametrize("case",
+                         ["missing_in", "suffix", "exists", "lora_missing", "lora_misshaped", "lora_as_in",
                                   "unknown_key", "base_with_whole", "no_out_dir"])
 def test_bad_input_is_one_clear_line(base, single, tmp_path, case):
     root, pipe = base
@@ -353,7 +380,8 @@ def test_bad_input_is_one_clear_line(base, single, tmp_path, case):
         save_file(_random_lora(1), tmp_path / "l.safetensors")
         argv[0] = str(tmp_path / "l.safetensors")
     if case == "unknown_key":
-        save_file({**load_file(single), "model_ema.num_updates": torch.zeros(1)}, tmp_path / "odd.safetensors")
+        save_file({**load_file(single), "model_ema.num_updates": torch.zeros(1)},
+                  tmp_path / "odd.safetensors")
         argv[0] = str(tmp_path / "odd.safetensors")
     if case == "base_with_whole":
         argv += ["--base", str(root)]
@@ -377,7 +405,7 @@ def test_failed_write_leaves_nothing(base, single, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(convert, "write_single_file", half_then_fail)
     out = tmp_path / "o.safetensors"
-    _assert_refused([str(single), str(out), "--to", "single-file"], f"writing {out}: [Errno 28] No space left", out)
+    _assert_refused([str(single), str(out), "--to", "single-file"], f"{out}: the disk is full", out)
 
 
 def test_command_line_help_and_exit_code(single, tmp_path):
@@ -395,8 +423,9 @@ def test_command_line_help_and_exit_code(single, tmp_path):
 
 
 def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
-    """The README's "Make your own SDXL fine-tune Lightning", as users run it, on tiny models: a fine-tune as one
-    file, + the 8-step LoRA as the teacher, train.py 8to4 (every phase, one step each), convert.py to one file."""
+    """The README's "Make your own SDXL fine-tune Lightning", as users run it, on tiny models: a fine-tune as
+    one file, + the 8-step LoRA as the teacher, train.py 8to4 (every phase, one step each), convert.py to one
+    file."""
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
@@ -424,8 +453,10 @@ def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
     assert all(torch.equal(ours.unet.state_dict()[k], v.half()) for k, v in trained.items())
     _same_weights({p: {k: v.half() for k, v in sd.items()} for p, sd in _diffusers_weights(pipe).items()},
                   _diffusers_weights(ours), parts=("vae", "text_encoder", "text_encoder_2"))
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "a red car", "--steps", "4", "--base", str(final),
-                        "--unet", "base", "--width", str(W), "--height", str(H), "--out", str(tmp_path / "car.png")],
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "a red car", "--steps", "4", "--base",
+                        str(final),
+                        "--unet", "base", "--width", str(W), "--height", str(H), "--out",
+                        str(tmp_path / "car.png")],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(tmp_path / "car.png").size == (W, H)

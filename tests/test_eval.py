@@ -1,5 +1,5 @@
-"""eval.py's pieces offline: the Frechet distance against scipy's sqrtm formula, the FID-Whole / FID-Patch image
-rules against independent code, CLIP score on a tiny random CLIP model against a direct computation, the
+"""eval.py's pieces offline: the Frechet distance against scipy's sqrtm formula, the FID-Whole / FID-Patch
+image rules against independent code, CLIP score on a tiny random CLIP model against a direct computation, the
 real-SDXL command end to end on a tiny base, and bad input."""
 import json
 
@@ -47,16 +47,20 @@ def test_fid_whole_resize_matches_torch_antialiased_bicubic():
     rng = np.random.default_rng(0)
     arr = (rng.random((96, 128, 3)) * 40 + np.linspace(0, 200, 128)[None, :, None]).astype(np.uint8)
     ours = eval_mod.resize_whole(Image.fromarray(arr), 299)  # upscale
-    ref = torch.nn.functional.interpolate(torch.from_numpy(arr).permute(2, 0, 1)[None].double(), size=(299, 299),
-                                          mode="bicubic", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = torch.nn.functional.interpolate(torch.from_numpy(arr).permute(2, 0, 1)[None].double(),
+                                          size=(299, 299),
+                                          mode="bicubic", antialias=True,
+                                          align_corners=False)[0].permute(1, 2, 0).numpy()
     d = np.abs(ours - ref.clip(0, 255))[4:-4, 4:-4]
     print(f"resize up: max abs err {d.max():.3f}, mean {d.mean():.4f} (0..255)")
     assert ours.shape == (299, 299, 3) and ours.dtype == np.float32
     assert d.max() < 1.0
     big = np.kron(arr, np.ones((8, 8, 1), dtype=np.uint8))  # 768x1024 -> 299: a downscale with antialiasing
     ours = eval_mod.resize_whole(Image.fromarray(big), 299)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(big).permute(2, 0, 1)[None].double(), size=(299, 299),
-                                          mode="bicubic", antialias=True, align_corners=False)[0].permute(1, 2, 0).numpy()
+    ref = torch.nn.functional.interpolate(torch.from_numpy(big).permute(2, 0, 1)[None].double(),
+                                          size=(299, 299),
+                                          mode="bicubic", antialias=True,
+                                          align_corners=False)[0].permute(1, 2, 0).numpy()
     d = np.abs(ours - ref.clip(0, 255))[4:-4, 4:-4]
     print(f"resize down: max abs err {d.max():.3f}, mean {d.mean():.4f}")
     assert d.max() < 1.0
@@ -80,15 +84,18 @@ def tiny_clip(folder):
     from tools import toy_world as toy
     toy.write_tokenizer(folder, pad_token="<|endoftext|>")
     vocab = len(toy.vocab_and_merges()[0])
-    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2,
                                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=0,
                                       eos_token_id=2, pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2,
                                         image_size=32, patch_size=8), projection_dim=16)
     torch.manual_seed(0)
     model = CLIPModel(cfg).eval()
     model.save_pretrained(folder)
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}),
                          tokenizer=CLIPTokenizer.from_pretrained(folder))
     proc.save_pretrained(folder)
     return model
@@ -96,18 +103,21 @@ def tiny_clip(folder):
 
 def test_clip_score_equals_direct_computation(tmp_path):
     """Our CLIP score = 100 max(cos, 0) of the towers' embeddings, preprocessing written out here by hand
-    (bicubic shortest side -> 32 with the long side floored, centre crop, CLIP mean/std), text padded to 77."""
+    (bicubic shortest side -> 32 with the long side floored, centre crop, CLIP mean/std), text padded to
+    77."""
     model = tiny_clip(tmp_path / "clip")
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(3)]
-    prompts = ["a red circle at the center on a gray background", "a blue square at the top left on a black background",
+    prompts = ["a red circle at the center on a gray background",
+               "a blue square at the top left on a black background",
                "a yellow triangle at the bottom right on a white background"]
     scorer = eval_mod.ClipScore(str(tmp_path / "clip"))
     ours_cos, ours = scorer.cosine(images, prompts), scorer(images, prompts)
     mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
     px = []
     for im in images:
-        r = im.resize((int(64 * 32 / 48), 32), Image.Resampling.BICUBIC)  # shortest side (height 48) -> 32, floor
+        # shortest side (height 48) -> 32, floor
+        r = im.resize((int(64 * 32 / 48), 32), Image.Resampling.BICUBIC)
         left = (r.size[0] - 32) // 2
         a = np.asarray(r.crop((left, 0, left + 32, 32)), dtype=np.float64) / 255
         px.append(((a - mean) / std).transpose(2, 0, 1))
@@ -115,8 +125,10 @@ def test_clip_score_equals_direct_computation(tmp_path):
     tok = CLIPTokenizer.from_pretrained(tmp_path / "clip")
     ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
-        img = eval_mod._tensor(model.get_image_features(pixel_values=torch.tensor(np.stack(px), dtype=torch.float32)))
-        txt = eval_mod._tensor(model.get_text_features(input_ids=ids.input_ids, attention_mask=ids.attention_mask))
+        img = eval_mod._tensor(model.get_image_features(pixel_values=torch.tensor(np.stack(px),
+                                                                                  dtype=torch.float32)))
+        txt = eval_mod._tensor(model.get_text_features(input_ids=ids.input_ids,
+                                                       attention_mask=ids.attention_mask))
     cos = (img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))).sum(-1).numpy()
     print(f"cosine ours {ours_cos} direct {cos}, max abs err {np.abs(ours_cos - cos).max():.3e}")
     assert np.abs(cos).min() > 1e-3  # a test of something: non-trivial similarities
@@ -153,11 +165,13 @@ def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     (tmp_path / "prompts.txt").write_text("a photo of a cat\na dog in the snow\na red car\na cat\n")
     args = ["--prompts", tmp_path / "prompts.txt", "--ref-images", ref, "--out", tmp_path / "out", "--base",
             tmp_path / "base", "--fid-model", tmp_path / "inception.pt", "--clip-model", tmp_path / "clip",
-            "--width", 64, "--height", 64, "--batch", 2, "--row", "base2:base:2", "--row", "base1cfg:base:1:3"]
+            "--width", 64, "--height", 64, "--batch", 2, "--row", "base2:base:2", "--row",
+            "base1cfg:base:1:3"]
     results = eval_mod.main([str(a) for a in args])
     assert [r["row"] for r in results] == ["base2", "base1cfg"]
     for r in results:
-        assert r["images"] == 4 and r["fid_whole"] > 0 and r["fid_patch"] is None and 0 <= r["clip_score"] <= 100
+        assert r["images"] == 4 and r["fid_whole"] > 0 and r["fid_patch"] is None
+        assert 0 <= r["clip_score"] <= 100
     assert len(list((tmp_path / "out" / "base2").glob("*.png"))) == 4
     table = json.loads((tmp_path / "out" / "results.json").read_text())
     assert table["rows"][0]["fid_whole"] == results[0]["fid_whole"]
@@ -176,7 +190,8 @@ def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     (["--row", "a:base:4", "--prompts", "missing.txt"], "no such file"),
     (["--row", "a:base:4"], "--prompts is required"),
     (["--row", "a:base:4", "--prompts", "PROMPTS", "--fid-model", "x.pt"], "needs --ref-images"),
-    (["--row", "a:base:4", "--prompts", "PROMPTS", "--ref-images", "REF", "--fid-model", "nope.pt"], "no such file"),
+    (["--row", "a:base:4", "--prompts", "PROMPTS", "--ref-images", "REF",
+      "--fid-model", "nope.pt"], "no such file"),
     (["--row", "a:base:4", "--prompts", "EMPTY"], "no prompts"),
     (["--row", "a:base:4", "--toy", "missing_toy"], "no toy base"),
     (["--row", "a:base:4", "--batch", "0"], "at least 1"),

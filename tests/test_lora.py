@@ -11,6 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import files
 import lora
 import weights
 import unet as unet_mod
@@ -93,14 +94,16 @@ def test_merge_equals_diffusers(spelling, scale):
     base = {k: v.clone() for k, v in m.state_dict().items()}
     sd = _random_lora(m, spelling=spelling)
     if spelling == "sgm":  # really the other spelling, resnet inner names included
-        assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")) for k in sd)
+        assert not any(k.startswith(("lora_unet_down_blocks", "lora_unet_mid_block",
+                                     "lora_unet_up_blocks")) for k in sd)
         assert any("_in_layers_2." in k for k in sd) and any("_skip_connection." in k for k in sd)
     n = lora.merge_lora(m, weights.lora_diffusers_spelling(sd, m.config, "lora"), scale=scale)
     assert n == len(lora.lora_targets(m)) == len(sd) // 3
     ours = m.state_dict()
     moved = max((ours[k] - base[k]).abs().max().item() for k in base)
     assert moved > 1e-2  # the merge did something a no-op would not pass
-    _compare_weights(f"merge ({spelling}, scale {scale}) vs diffusers fuse_lora", ours, _diffusers_fused(sd, scale))
+    _compare_weights(f"merge ({spelling}, scale {scale}) vs diffusers fuse_lora", ours,
+                     _diffusers_fused(sd, scale))
 
 
 def test_missing_alpha_means_scale_one():
@@ -129,7 +132,8 @@ def test_full_sdxl_lora_layout():
     assert len(sd) == 3 * 788 and all(k.endswith(lora.SUFFIXES) for k in sd)
     assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (64, 320, 3, 3)
     assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (320, 64, 1, 1)
-    assert sd["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"].shape == (64, 2048)
+    k = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"
+    assert sd[k].shape == (64, 2048)
     # every Linear/Conv2d (794 with conv_in/out and the embeddings) has both spellings, no collisions
     table = weights.kohya_table([n for n, _ in lora._base_modules(m)], m.config)
     assert len(table) == 2 * 794
@@ -237,11 +241,15 @@ def test_ddp_syncs_lora_params(tmp_path):
 # Saving
 
 def test_save_lora_read_by_diffusers_and_round_trip(tmp_path):
+    """lora.kohya_file's tensors and metadata, written with files.save_safetensors (as train.py does)."""
     m = _ours()
     lora.add_lora(m, RANK, ALPHA)
     _randomize_lora(m)
     path = tmp_path / "out" / "lightning_lora.safetensors"
-    lora.save_lora(m, path)  # fp16, as released
+    path.parent.mkdir()
+    tensors, metadata = lora.kohya_file(m)  # fp16, as released
+    assert metadata["ss_network_dim"] == str(RANK) and float(metadata["ss_network_alpha"]) == ALPHA
+    files.save_safetensors(tensors, path, metadata)
     assert os.listdir(path.parent) == [path.name]  # no temp file left behind
     raw = load_file(path)
     assert len(raw) == 3 * len(lora.lora_targets(m)) and all(v.dtype == torch.float16 for v in raw.values())
@@ -252,13 +260,14 @@ def test_save_lora_read_by_diffusers_and_round_trip(tmp_path):
     _compare_weights("saved fp16 LoRA: our merge vs diffusers", fused.state_dict(), _diffusers_fused(path))
 
     path32 = tmp_path / "lora32.safetensors"
-    lora.save_lora(m, path32, dtype=torch.float32)
+    tensors32, metadata32 = lora.kohya_file(m, dtype=torch.float32)
+    files.save_safetensors(tensors32, path32, metadata32)
     round_trip = _ours()
     lora.merge_lora(round_trip, weights.read_lora(path32))
     merged = copy.deepcopy(m)
     lora.merge_and_remove_lora(merged)
-    _compare_weights("save -> read -> merge vs merge_and_remove_lora", round_trip.state_dict(), merged.state_dict(),
-                     atol=0)
+    _compare_weights("save -> read -> merge vs merge_and_remove_lora", round_trip.state_dict(),
+                     merged.state_dict(), atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,12 +288,14 @@ def test_bad_lora_files(tmp_path):
     good = _random_lora(_ours())
     _merge_fails({**good, "lora_unet_down_blocks_1_resnets_0_conv9.lora_down.weight": torch.zeros(4, 64)},
                  "unknown LoRA keys.*lora_unet_down_blocks_1_resnets_0_conv9.*1 in all")
-    _merge_fails({**good, "lora_unet_up_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1)}, "unknown LoRA keys")
+    _merge_fails({**good, "lora_unet_up_blocks_0_resnets_0_conv1.dora_scale": torch.zeros(1)},
+                 "unknown LoRA keys")
     _merge_fails({**good, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32),
                   "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)},
                  "text-encoder LoRA keys.*lora_te1_text_model_encoder_layers_0_mlp_fc1")
     k = "lora_unet_up_blocks_1_resnets_1_conv2.lora_up.weight"
-    _merge_fails({**good, k: torch.zeros(63, RANK, 1, 1)}, "do not fit this UNet.*up_blocks_1_resnets_1_conv2")
+    _merge_fails({**good, k: torch.zeros(63, RANK, 1, 1)},
+                 "do not fit this UNet.*up_blocks_1_resnets_1_conv2")
     _merge_fails({k_: v for k_, v in good.items() if k_ != k}, "without both lora_down and lora_up")
     _merge_fails({}, "no LoRA layers")
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import data
+import files
 from tools import prepare
 import weights
 from tools.tiny import make_tiny_base
@@ -29,8 +30,8 @@ def write_data(folder):
     one whose caption is Latin-1 (not UTF-8). Captions in the tiny tokenizer's words."""
     folder.mkdir()
     rng = np.random.default_rng(0)
-    words = ["a photo of the red cat", "the dog in the snow", "a red car", "photo of a dog", "the cat in the car",
-             "snow"]
+    words = ["a photo of the red cat", "the dog in the snow", "a red car", "photo of a dog",
+             "the cat in the car", "snow"]
     for i, (w, h) in enumerate([(32, 32), (48, 40), (40, 56), (56, 32), (36, 44), (50, 50)]):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(words[i])
@@ -96,8 +97,8 @@ def test_cached_sample_equals_encoded_image(env):
         assert torch.equal(c.time_ids, s.time_ids)
         with torch.no_grad():
             mean, logvar = vae.encode(s.pixels[None])
-            ref = {"latent": vae.encode_latents(s.pixels[None])[0], "latent_std": (0.5 * logvar).exp()[0] * 0.13025,
-                   "context": None, "pooled": None}
+            ref = {"latent": vae.encode_latents(s.pixels[None])[0],
+                   "latent_std": (0.5 * logvar).exp()[0] * 0.13025, "context": None, "pooled": None}
             ref["context"], ref["pooled"] = (t[0] for t in text.encode([s.caption]))
         assert torch.equal(ref["latent"], mean[0] * vae.config.scaling_factor)
         for k, r in ref.items():
@@ -110,7 +111,8 @@ def test_cached_sample_equals_encoded_image(env):
             errs[k] = max(errs.get(k, 0.0), d.max().item())
             exact += (got == r.half().float()).sum().item()
             total += r.numel()
-    print(f"cache vs encoding the image, max abs err: {errs}; {exact / total:.4%} of values equal fp16(reference)")
+    print(f"cache vs encoding the image, max abs err: {errs}; {exact / total:.4%} of values equal "
+          "fp16(reference)")
     assert exact / total > 0.99
     # the counts: what prepare.py dropped at load is what the image reader finds
     for i in range(len(images)):
@@ -131,7 +133,8 @@ def test_two_ranks_equal_one_rank(env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(29600 + os.getpid() % 1000), "-m", "tools.prepare", *args(env, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads
+                       env={**os.environ,
+                            "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert len(shard_files(out)) == 3  # 9 indices, 3 per shard: rank 0 wrote 0 and 2, rank 1 wrote 1
     assert_same_cache(env["cache"], out)
@@ -156,7 +159,8 @@ def test_interrupted_prepare_resumes(env, tmp_path, monkeypatch, capsys):
         prepare.main(args(env, out))
     monkeypatch.setattr(data.ImageCaptionData, "read", real_read)
     assert shard_files(out) == ["shard_000000.safetensors"] and not (out / data.CACHE_INDEX).exists()
-    (out / "shard_000001.safetensors.tmp").write_bytes(b"half a shard")  # as a kill inside save_file leaves it
+    # as a kill inside save_file leaves it
+    (out / "shard_000001.safetensors.tmp").write_bytes(b"half a shard")
     first = (out / "shard_000000.safetensors").stat()
     capsys.readouterr()
     prepare.main(args(env, out))
@@ -204,7 +208,8 @@ def test_corrupt_or_foreign_cache_refused(env, tmp_path, capsys):
     (c / data.CACHE_INDEX).write_text(json.dumps({**idx, "version": data.CACHE_VERSION + 1}))
     _refused(c, "cache format version 2, this code reads 1")
     _refused(good, "made at resolution 32, not 64", resolution=64)
-    _refused(good, "encoded with the VAE and text encoders of", base="stabilityai/stable-diffusion-xl-base-1.0")
+    _refused(good, "encoded with the VAE and text encoders of",
+             base="stabilityai/stable-diffusion-xl-base-1.0")
     # a shard of another cache: same data and base, stored in bf16
     other = tmp_path / "bf16"
     prepare.main(args(env, other, "--dtype", "bf16"))
@@ -246,9 +251,10 @@ def test_prepare_bad_arguments_write_nothing(env, tmp_path):
                          (["--batch-size", "0"], "--batch-size must be >= 1")]:
         with pytest.raises(SystemExit, match=match):
             prepare.main(args(env, tmp_path / "out", *extra))
-    with pytest.raises(SystemExit, match="exists and is not a folder"):
+    with pytest.raises(SystemExit, match="is a file, not a folder"):  # files.check_writable_folder
         prepare.main(args(env, f))
-    with pytest.raises(SystemExit, match="--resolution 37: must be a multiple of the VAE's downscale factor 2"):
+    with pytest.raises(SystemExit,
+                       match="--resolution 37: must be a multiple of the VAE's downscale factor 2"):
         prepare.main(args(env, tmp_path / "out", "--resolution", "37"))
     cmd = args(env, tmp_path / "out")
     cmd[cmd.index("--data") + 1] = str(env["cache"])
@@ -262,7 +268,7 @@ def test_disk_full_names_the_shard_and_leaves_no_temp_file(env, tmp_path, monkey
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prepare, "save_file", full)
-    with pytest.raises(SystemExit, match=r"shard_000000.safetensors: could not write the shard \(the disk is full\)"):
+    monkeypatch.setattr(files, "save_file", full)  # what files.save_safetensors writes with
+    with pytest.raises(SystemExit, match=r"shard_000000.safetensors: the disk is full"):
         prepare.main(args(env, tmp_path / "out"))
     assert not list((tmp_path / "out").iterdir())

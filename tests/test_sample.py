@@ -32,12 +32,13 @@ def base(tmp_path_factory):
     pipe = make_tiny_base(root)
     # a distilled UNet stand-in: other random weights, saved as the official files are (fp16, diffusers keys)
     student = diffusers_unet(seed=7)
-    save_file({k: v.half().contiguous() for k, v in student.state_dict().items()}, root / "student_unet.safetensors")
+    save_file({k: v.half().contiguous() for k, v in student.state_dict().items()},
+              root / "student_unet.safetensors")
     return root, pipe
 
 
-def reference(pipe, root, steps, prediction="epsilon", guidance=0.0, seed=0, unet_file="student_unet.safetensors",
-              prompt="a cat in a spacesuit", output_type="pt", num=1):
+def reference(pipe, root, steps, prediction="epsilon", guidance=0.0, seed=0,
+              unet_file="student_unet.safetensors", prompt="a cat in a spacesuit", output_type="pt", num=1):
     """The SDXL-Lightning model card's recipe, run by diffusers on the tiny weights."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
@@ -48,14 +49,16 @@ def reference(pipe, root, steps, prediction="epsilon", guidance=0.0, seed=0, une
         ref.unet = u
     ref.scheduler = lightning_scheduler(pipe, prediction)
     ref.set_progress_bar_config(disable=True)
-    return ref(prompt, num_inference_steps=steps, guidance_scale=guidance, width=W, height=H, num_images_per_prompt=num,
+    return ref(prompt, num_inference_steps=steps, guidance_scale=guidance, width=W, height=H,
+               num_images_per_prompt=num,
                generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type).images
 
 
 @pytest.mark.parametrize("steps,prediction", [(1, "sample"), (2, "epsilon"), (4, "epsilon"), (8, "epsilon")])
 def test_sampler_equals_diffusers_pipeline(base, steps, prediction):
     root, pipe = base
-    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, steps, torch.device("cpu"), torch.float32)
+    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, steps,
+                                  torch.device("cpu"), torch.float32)
     ours = sample.generate(text, unet, vae, ["a cat in a spacesuit"], steps, 0, W, H, prediction)
     theirs = reference(pipe, root, steps, prediction)
     ours = (ours / 2 + 0.5).clamp(0, 1)
@@ -70,7 +73,8 @@ def test_sampler_equals_diffusers_pipeline(base, steps, prediction):
 def test_cfg_and_batch_equal_diffusers(base):
     root, pipe = base
     text, unet, vae = sample.load(str(root), "base", None, 4, torch.device("cpu"), torch.float32)
-    ours = (sample.generate(text, unet, vae, ["a dog"] * 2, 4, 3, W, H, "epsilon", guidance=6.0) / 2 + 0.5).clamp(0, 1)
+    ours = (sample.generate(text, unet, vae, ["a dog"] * 2, 4, 3, W, H,
+                            "epsilon", guidance=6.0) / 2 + 0.5).clamp(0, 1)
     theirs = reference(pipe, root, 4, guidance=6.0, seed=3, unet_file=None, prompt="a dog", num=2)
     report("cfg 6, batch 2", ours, theirs)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
@@ -92,9 +96,10 @@ def test_default_hub_path_offline_equals_pipeline_png(base, tmp_path):
     cache = tmp_path / "hub"
     fill_hub_cache(cache, weights.SDXL_BASE, {str(p.relative_to(root)): p for p in root.rglob("*")
                                                if p.is_file() and p.parent != root})
-    fill_hub_cache(cache, weights.LIGHTNING_REPO, {"sdxl_lightning_4step_unet.safetensors": root / "student_unet.safetensors"})
-    r = _cli("a cat in a spacesuit", "--steps", "4", "--width", str(W), "--height", str(H), "--out", str(tmp_path / "cat.png"),
-             env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    fill_hub_cache(cache, weights.LIGHTNING_REPO,
+                   {"sdxl_lightning_4step_unet.safetensors": root / "student_unet.safetensors"})
+    r = _cli("a cat in a spacesuit", "--steps", "4", "--width", str(W), "--height", str(H), "--out",
+             str(tmp_path / "cat.png"), env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "saved" in r.stdout
     ref = reference(pipe, root, 4, output_type="pil")[0]
@@ -120,10 +125,12 @@ def test_single_file_base_equals_diffusers_folder(base, tmp_path):
     path = tmp_path / "all_in_one.safetensors"
     _single_file(root, pipe, path)
     cache = tmp_path / "hub"  # tokenizers of a single file come from the SDXL base repo
-    fill_hub_cache(cache, weights.SDXL_BASE, {str(p.relative_to(root)): p for p in root.rglob("*") if "tokenizer" in str(p) and p.is_file()})
+    fill_hub_cache(cache, weights.SDXL_BASE,
+                   {str(p.relative_to(root)): p for p in root.rglob("*")
+                    if "tokenizer" in str(p) and p.is_file()})
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    r = _cli("a cat", "--steps", "2", "--base", str(path), "--unet", "base", "--width", str(W), "--height", str(H),
-             "--out", str(tmp_path / "single.png"), env=env)
+    r = _cli("a cat", "--steps", "2", "--base", str(path), "--unet", "base", "--width", str(W), "--height",
+             str(H), "--out", str(tmp_path / "single.png"), env=env)
     assert r.returncode == 0, r.stderr
     ref = reference(pipe, root, 2, unet_file=None, prompt="a cat", output_type="pil")[0]
     ref.save(tmp_path / "ref.png")
@@ -132,7 +139,9 @@ def test_single_file_base_equals_diffusers_folder(base, tmp_path):
     assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99
 
 
-@pytest.mark.parametrize("case", ["steps", "size", "missing_base", "missing_unet", "missing_keys", "misshaped", "sd15",
+@pytest.mark.parametrize("case",
+                         ["steps", "size", "missing_base", "missing_unet", "missing_keys", "misshaped",
+                          "sd15",
                                   "pickle", "lora_as_unet"])
 def test_bad_input_is_one_clear_line(base, tmp_path, case):
     root, pipe = base
@@ -150,11 +159,14 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
     unet_arg = {"missing_unet": str(tmp_path / "nope.safetensors"), "pickle": str(tmp_path / "u.ckpt")}.get(
         case, str(tmp_path / "u.safetensors"))
     args = {"steps": ["--steps", "3"], "size": ["--width", "50", "--unet", "base"],
-            "missing_base": ["--base", str(tmp_path / "nowhere")], "pickle": ["--unet", unet_arg]}.get(case, ["--unet", unet_arg])
+            "missing_base": ["--base", str(tmp_path / "nowhere")], "pickle": ["--unet", unet_arg]}.get(
+        case, ["--unet", unet_arg])
     r = _cli("a cat", *common, *args, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
     expect = {"steps": "supported: 1, 2, 4, 8", "size": "multiples of 8", "missing_base": "nowhere",
-              "missing_unet": "nope.safetensors: no such file", "missing_keys": "2 missing keys (conv_out.weight",
-              "misshaped": "conv_in.weight (file (64, 4, 1, 1), model (64, 4, 3, 3))", "sd15": "not an SDXL-architecture",
+              "missing_unet": "nope.safetensors: no such file",
+              "missing_keys": "2 missing keys (conv_out.weight",
+              "misshaped": "conv_in.weight (file (64, 4, 1, 1), model (64, 4, 3, 3))",
+              "sd15": "not an SDXL-architecture",
               "pickle": "pickled checkpoints are not loaded", "lora_as_unet": "LoRA file"}[case]
     print(case, "->", r.stderr.strip())
     assert r.returncode != 0
@@ -164,7 +176,8 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
 
 
 def test_lora_on_base_equals_diffusers_fuse_lora(base, tmp_path):
-    """`--unet base --lora FILE` (the README's LoRA recipe) gives diffusers' load_lora_weights + fuse_lora image."""
+    """`--unet base --lora FILE` (the README's LoRA recipe) gives diffusers' load_lora_weights + fuse_lora
+    image."""
     import lora as lora_mod
     root, pipe = base
     g = torch.Generator().manual_seed(3)
@@ -174,16 +187,18 @@ def test_lora_on_base_equals_diffusers_fuse_lora(base, tmp_path):
         w = u.get_submodule(name).weight
         k = lora_mod.kohya_name(name)
         sd[f"{k}.lora_down.weight"] = torch.randn(4, *w.shape[1:], generator=g) * 0.1
-        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
+        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 4,
+                                                *([1, 1] if w.ndim == 4 else []), generator=g) * 0.1
         sd[f"{k}.alpha"] = torch.tensor(8.0)
     path = tmp_path / "my_lora.safetensors"
     save_file(sd, path)
-    r = _cli("a cat", "--steps", "4", "--base", str(root), "--unet", "base", "--lora", str(path), "--width", str(W),
-             "--height", str(H), "--out", str(tmp_path / "lora.png"))
+    r = _cli("a cat", "--steps", "4", "--base", str(root), "--unet", "base", "--lora", str(path), "--width",
+             str(W), "--height", str(H), "--out", str(tmp_path / "lora.png"))
     assert r.returncode == 0, r.stderr
     from diffusers import StableDiffusionXLPipeline
     import copy
-    ref = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})  # keep the fixture's clean
+    # keep the fixture's clean
+    ref = StableDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
     ref.scheduler = lightning_scheduler(pipe)
     ref.load_lora_weights(str(path))
     ref.fuse_lora()
@@ -237,24 +252,26 @@ def _img2img_pipe(pipe, root, prediction, unet_file="student_unet.safetensors"):
 
 
 def test_timesteps_trailing_and_diffusers_img2img_selection():
-    """Strength 1 is the trailing grid; img2img starts where diffusers' get_timesteps does whenever the strength
-    is k/N on the N-step grid; the 1- and 2-step models' other training times (Sec. 3.7.1) are where it differs."""
+    """Strength 1 is the trailing grid; img2img starts where diffusers' get_timesteps does whenever the
+    strength is k/N on the N-step grid; the 1- and 2-step models' other training times (Sec. 3.7.1) are where
+    it differs."""
     from types import SimpleNamespace
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
     for n in range(1, 11):
-        assert sample.timesteps(n) == lm.trailing_timesteps(n)
+        assert lm.timesteps(n) == lm.trailing_timesteps(n)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="trailing")
 
     def diffusers_ts(n, strength):
         sched.set_timesteps(n)
-        ts, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched), n, strength, "cpu")
+        ts, _ = StableDiffusionXLImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=sched),
+                                                               n, strength, "cpu")
         return [int(t) + 1 for t in ts] + [0]  # UNet index -> paper time
 
     differ = []
     for n in (1, 2, 4, 8):
-        for s in sample.trained_strengths(n):
-            ours = sample.timesteps(n, s)
+        for s in lm.trained_strengths(n):
+            ours = lm.timesteps(n, s)
             try:
                 same = diffusers_ts(n, s) == ours
             except Exception:
@@ -267,9 +284,10 @@ def test_timesteps_trailing_and_diffusers_img2img_selection():
     # the 1- and 2-step models' extra training times; every other (N, k/N) agrees with diffusers
     assert [(n, s) for n, s, _ in differ] == [(1, 0.25), (1, 0.5), (1, 0.75), (2, 0.25), (2, 0.75)]
     assert dict(((n, s), ts) for n, s, ts in differ) == {
-        (1, 0.25): [250, 0], (1, 0.5): [500, 0], (1, 0.75): [750, 0], (2, 0.25): [250, 0], (2, 0.75): [750, 250, 0]}
+        (1, 0.25): [250, 0], (1, 0.5): [500, 0], (1, 0.75): [750, 0], (2, 0.25): [250, 0],
+        (2, 0.75): [750, 250, 0]}
     # the 1-step model at 0.25 / 0.5 is diffusers' 4- / 2-step grid cut to one step
-    assert diffusers_ts(4, 0.25) == sample.timesteps(1, 0.25) and diffusers_ts(2, 0.5) == sample.timesteps(1, 0.5)
+    assert diffusers_ts(4, 0.25) == lm.timesteps(1, 0.25) and diffusers_ts(2, 0.5) == lm.timesteps(1, 0.5)
 
 
 def test_load_image_equals_diffusers_image_processor(tmp_path):
@@ -291,30 +309,33 @@ def test_load_image_equals_diffusers_image_processor(tmp_path):
                          [(4, 0.5, "epsilon", 4), (2, 0.5, "epsilon", 2), (8, 0.375, "epsilon", 8),
                           (1, 1.0, "sample", 1), (1, 0.5, "sample", 2)])
 def test_img2img_equals_diffusers(base, tmp_path, steps, strength, prediction, diffusers_steps):
-    """SDXL img2img with the Lightning scheduler where diffusers' strength picks our times (for the 1-step model
-    at 0.5 that takes num_inference_steps=2: its grid [999, 499] cut at 0.5 is our [500, 0])."""
+    """SDXL img2img with the Lightning scheduler where diffusers' strength picks our times (for the 1-step
+    model at 0.5 that takes num_inference_steps=2: its grid [999, 499] cut at 0.5 is our [500, 0])."""
     root, pipe = base
     text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, steps,
                                   torch.device("cpu"), torch.float32)
     path = _photo(tmp_path / "in.png")
     image, _ = sample.load_image(path, W, H)
-    ours = sample.generate(text, unet, vae, ["a red car"], steps, 5, W, H, prediction, image=image, strength=strength)
+    ours = sample.generate(text, unet, vae, ["a red car"], steps, 5, W, H, prediction, image=image,
+                           strength=strength)
     ref = _img2img_pipe(pipe, root, prediction)
     resized = ref.image_processor.resize(Image.open(path), H, W)  # what --width/--height do to the input
-    theirs = ref("a red car", image=resized, strength=strength, num_inference_steps=diffusers_steps, guidance_scale=0,
-                 generator=torch.Generator("cpu").manual_seed(5), output_type="pt").images
+    theirs = ref("a red car", image=resized, strength=strength, num_inference_steps=diffusers_steps,
+                 guidance_scale=0, generator=torch.Generator("cpu").manual_seed(5), output_type="pt").images
     ours = (ours / 2 + 0.5).clamp(0, 1)
     report(f"img2img {steps} steps strength {strength}", ours, theirs)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    plain = (sample.generate(text, unet, vae, ["a red car"], steps, 5, W, H, prediction) / 2 + 0.5).clamp(0, 1)
+    plain = (sample.generate(text, unet, vae, ["a red car"], steps, 5,
+                             W, H, prediction) / 2 + 0.5).clamp(0, 1)
     if strength < 1:
         assert (plain - ours).abs().max() > 0.05  # the image mattered
 
 
 def _handwritten_img2img(pipe, unet, prompt, image, ts, prediction, seed):
-    """SDEdit by hand on diffusers' own modules: the posterior draw and a fresh noise from one generator, Eq. (1)
-    to ts[0], then Eq. (3)-(5) moves along ts. No scheduler, no code of ours."""
-    emb, _, pooled, _ = pipe.encode_prompt(prompt, device=torch.device("cpu"), do_classifier_free_guidance=False)
+    """SDEdit by hand on diffusers' own modules: the posterior draw and a fresh noise from one generator, Eq.
+    (1) to ts[0], then Eq. (3)-(5) moves along ts. No scheduler, no code of ours."""
+    emb, _, pooled, _ = pipe.encode_prompt(prompt, device=torch.device("cpu"),
+                                           do_classifier_free_guidance=False)
     g = torch.Generator("cpu").manual_seed(seed)
     sf = pipe.vae.config.scaling_factor
     z = pipe.vae.encode(image).latent_dist.sample(g) * sf
@@ -324,7 +345,8 @@ def _handwritten_img2img(pipe, unet, prompt, image, ts, prediction, seed):
     x = (a.sqrt() * z + (1 - a).sqrt() * noise).float()
     ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32)
     for t, t_next in zip(ts[:-1], ts[1:]):
-        u = unet(x, t - 1, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        u = unet(x, t - 1, encoder_hidden_states=emb,
+                 added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
         a, a_next = abar[t], abar[t_next]
         x0 = (x - (1 - a).sqrt() * u) / a.sqrt() if prediction == "epsilon" else u.double()
         eps = u.double() if prediction == "epsilon" else (x - a.sqrt() * x0) / (1 - a).sqrt()
@@ -342,7 +364,7 @@ def test_img2img_where_diffusers_strength_differs(base, tmp_path, steps, predict
                                   torch.device("cpu"), torch.float32)
     path = _photo(tmp_path / "in.png", size=(W, H))
     image, _ = sample.load_image(path)
-    ts = sample.timesteps(steps, 0.75)
+    ts = lm.timesteps(steps, 0.75)
     assert ts == {2: [750, 250, 0], 1: [750, 0]}[steps]
     ours = (sample.generate(text, unet, vae, ["a dog"], steps, 2, W, H, prediction, image=image,
                             strength=0.75) / 2 + 0.5).clamp(0, 1)
@@ -351,36 +373,41 @@ def test_img2img_where_diffusers_strength_differs(base, tmp_path, steps, predict
         hand = _handwritten_img2img(pipe, ref.unet, "a dog", image, ts, prediction, seed=2)
     report(f"img2img {steps} steps strength 0.75 vs hand-written", ours, hand)
     assert_close(ours, hand, atol=1e-4, rtol=1e-4)
-    theirs = ref("a dog", image=Image.open(path), strength=1.0, timesteps=[t - 1 for t in ts[:-1]], guidance_scale=0,
-                 generator=torch.Generator("cpu").manual_seed(2), output_type="pt").images
-    report(f"img2img {steps} steps strength 0.75 vs diffusers timesteps={[t - 1 for t in ts[:-1]]}", ours, theirs)
+    theirs = ref("a dog", image=Image.open(path), strength=1.0, timesteps=[t - 1 for t in ts[:-1]],
+                 guidance_scale=0, generator=torch.Generator("cpu").manual_seed(2), output_type="pt").images
+    report(f"img2img {steps} steps strength 0.75 vs diffusers "
+           f"timesteps={[t - 1 for t in ts[:-1]]}", ours, theirs)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_img2img_cli_and_bad_strengths(base, tmp_path):
     root, pipe = base
     photo = _photo(tmp_path / "in.png")
-    common = ["a red car", "--base", root, "--unet", root / "student_unet.safetensors", "--width", W, "--height", H]
-    _main(*common, "--steps", 4, "--image", photo, "--strength", 0.5, "--seed", 5, "--out", tmp_path / "cli.png")
-    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 4, torch.device("cpu"),
-                                  torch.float32)
-    want = sample.to_pil(sample.generate(text, unet, vae, ["a red car"], 4, [5], W, H, image=sample.load_image(
+    common = ["a red car", "--base", root, "--unet", root / "student_unet.safetensors", "--width",
+              W, "--height", H]
+    _main(*common, "--steps", 4, "--image", photo, "--strength", 0.5, "--seed", 5, "--out",
+          tmp_path / "cli.png")
+    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 4,
+                                  torch.device("cpu"), torch.float32)
+    want = sample.to_pil(sample.generate(text, unet, vae, ["a red car"], 4, [5], W, H,
+                                         image=sample.load_image(
         photo, W, H)[0], strength=0.5))[0]
     assert np.array_equal(_png(tmp_path / "cli.png"), np.asarray(want).astype(np.int16))
     out = tmp_path / "bad.png"
     msg = _main_error(*common, "--steps", 4, "--image", photo, "--strength", 0.6, "--out", out)
     assert "valid: 0.25, 0.5, 0.75, 1" in msg and "--force" in msg
-    assert "valid: 0.25, 0.5, 0.75, 1" in _main_error(*common, "--steps", 2, "--image", photo, "--strength", 0.3,
-                                                      "--out", out)
+    assert "valid: 0.25, 0.5, 0.75, 1" in _main_error(*common, "--steps", 2, "--image", photo, "--strength",
+                                                      0.3, "--out", out)
     assert "valid: 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1" in _main_error(
         *common, "--steps", 8, "--image", photo, "--strength", 0.3, "--out", out)
     assert "needs --strength" in _main_error(*common, "--image", photo, "--out", out)
     assert "need --image" in _main_error(*common, "--strength", 0.5, "--out", out)
     assert "(0, 1]" in _main_error(*common, "--image", photo, "--strength", 1.5, "--force", "--out", out)
-    assert "not a readable image" in _main_error(*common, "--image", root / "model_index.json", "--strength", 0.5,
-                                                 "--out", out)
+    assert "not a readable image" in _main_error(*common, "--image", root / "model_index.json", "--strength",
+                                                 0.5, "--out", out)
     assert not out.exists()
-    _main(*common, "--steps", 4, "--image", photo, "--strength", 0.6, "--force", "--out", out)  # 600, 350, 100, 0
+    # 600, 350, 100, 0
+    _main(*common, "--steps", 4, "--image", photo, "--strength", 0.6, "--force", "--out", out)
     assert Image.open(out).size == (W, H)
 
 
@@ -393,14 +420,16 @@ def _write_lora(path, seed, rank=4, scale=0.1):
         w = u.get_submodule(name).weight
         k = lora_mod.kohya_name(name)
         sd[f"{k}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=g) * scale
-        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank, *([1, 1] if w.ndim == 4 else []), generator=g) * scale
+        sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], rank,
+                                                *([1, 1] if w.ndim == 4 else []), generator=g) * scale
         sd[f"{k}.alpha"] = torch.tensor(8.0)
     save_file(sd, path)
     return sd
 
 
 def test_stacked_loras_equal_diffusers_set_adapters(base, tmp_path):
-    """--lora A:0.7 --lora B:-0.4 equals diffusers' load_lora_weights x2 + set_adapters([0.7, -0.4]) + fuse_lora."""
+    """--lora A:0.7 --lora B:-0.4 equals diffusers' load_lora_weights x2 + set_adapters([0.7, -0.4]) +
+    fuse_lora."""
     import copy
     from diffusers import StableDiffusionXLPipeline
     root, pipe = base
@@ -418,7 +447,8 @@ def test_stacked_loras_equal_diffusers_set_adapters(base, tmp_path):
     ref.unload_lora_weights()  # keeps the fused weights
     theirs_w, ours_w = ref.unet.state_dict(), unet.state_dict()
     d = torch.stack([(ours_w[k].double() - v.double()).abs().max() for k, v in theirs_w.items()])
-    print(f"fused UNet weights vs diffusers: max abs err {d.max():.3e}, mean of per-tensor max {d.mean():.3e}")
+    print(f"fused UNet weights vs diffusers: max abs err {d.max():.3e}, mean of per-tensor max "
+          f"{d.mean():.3e}")
     for k, v in theirs_w.items():
         assert_close(ours_w[k], v, atol=1e-6, rtol=1e-5)
     ours = (sample.generate(text, unet, vae, ["a cat"], 4, 0, W, H) / 2 + 0.5).clamp(0, 1)
@@ -453,7 +483,8 @@ def test_bad_lora_is_one_clear_line(base, tmp_path, case):
         k = sorted(sd)[5]
         sd[k] = sd[k].clone().fill_(float("nan"))
         save_file(sd, path)
-    spec = {"scale_inf": f"{path}:inf", "missing": str(tmp_path / "nope.safetensors")}.get(case, f"{path}:0.5")
+    spec = {"scale_inf": f"{path}:inf",
+            "missing": str(tmp_path / "nope.safetensors")}.get(case, f"{path}:0.5")
     msg = _main_error("a cat", "--base", root, "--unet", "base", "--lora", spec, "--width", W, "--height", H,
                       "--out", tmp_path / "x.png")
     expect = {"rank0": "rank 0", "sd15": "unknown LoRA keys", "nan": "NaN or Inf values in " + sorted(sd)[5],
@@ -472,28 +503,35 @@ def test_prompts_file_batches_manifest_and_regeneration(base, tmp_path):
     root, pipe = base
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red car\n\n   \na dog in the snow\ncafé au lait, ünïcode ✓\r\n", encoding="utf-8")
-    common = ["--base", root, "--unet", root / "student_unet.safetensors", "--width", W, "--height", H, "--steps", 2]
-    _main("--prompts", prompts, *common, "--batch-size", 2, "--seed", 10, "--out", tmp_path / "b2" / "img.png")
-    lines = [json.loads(s) for s in (tmp_path / "b2" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    common = ["--base", root, "--unet", root / "student_unet.safetensors", "--width", W,
+              "--height", H, "--steps", 2]
+    _main("--prompts", prompts, *common, "--batch-size", 2, "--seed", 10, "--out",
+          tmp_path / "b2" / "img.png")
+    lines = [json.loads(s)
+             for s in (tmp_path / "b2" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lines == [{"prompt": "a red car", "seed": 10, "file": "img_00000.png"},
                      {"prompt": "a dog in the snow", "seed": 11, "file": "img_00001.png"},
                      {"prompt": "café au lait, ünïcode ✓", "seed": 12, "file": "img_00002.png"}]
-    assert sorted(p.name for p in (tmp_path / "b2").iterdir()) == ["img_00000.png", "img_00001.png", "img_00002.png",
-                                                                   "prompts.jsonl"]
-    _main("--prompts", prompts, *common, "--batch-size", 1, "--seed", 10, "--out", tmp_path / "b1" / "img.png")
+    assert sorted(p.name for p in (tmp_path / "b2").iterdir()) == ["img_00000.png", "img_00001.png",
+                                                                   "img_00002.png", "prompts.jsonl"]
+    _main("--prompts", prompts, *common, "--batch-size", 1, "--seed", 10, "--out",
+          tmp_path / "b1" / "img.png")
     _main(lines[1]["prompt"], *common, "--seed", lines[1]["seed"], "--out", tmp_path / "alone.png")
     ref = StableDiffusionXLPipeline_from(pipe, root)
     theirs = ref([m["prompt"] for m in lines], num_inference_steps=2, guidance_scale=0, width=W, height=H,
-                 generator=[torch.Generator("cpu").manual_seed(m["seed"]) for m in lines], output_type="pil").images
+                 generator=[torch.Generator("cpu").manual_seed(m["seed"]) for m in lines],
+                 output_type="pil").images
     for m, im in zip(lines, theirs):
         a, b = _png(tmp_path / "b2" / m["file"]), _png(tmp_path / "b1" / m["file"])
         ref_png = np.asarray(im).astype(np.int16)
-        print(f"{m['file']}: batch 2 vs 1 max diff {np.abs(a - b).max()}, vs diffusers {np.abs(a - ref_png).max()}")
+        print(f"{m['file']}: batch 2 vs 1 max diff {np.abs(a - b).max()}, vs diffusers "
+              f"{np.abs(a - ref_png).max()}")
         assert np.abs(a - b).max() <= 1 and np.abs(a - ref_png).max() <= 1
     assert np.abs(_png(tmp_path / "alone.png") - _png(tmp_path / "b2" / "img_00001.png")).max() <= 1
     # --num copies of each prompt continue the index and seeds; a single image keeps its own name
     _main("a cat", *common, "--num", 2, "--seed", 7, "--out", tmp_path / "n" / "cat.png")
-    assert [json.loads(s)["seed"] for s in (tmp_path / "n" / "prompts.jsonl").read_text().splitlines()] == [7, 8]
+    assert [json.loads(s)["seed"]
+            for s in (tmp_path / "n" / "prompts.jsonl").read_text().splitlines()] == [7, 8]
     _main("a cat", *common, "--seed", 8, "--out", tmp_path / "n8.png")
     assert np.abs(_png(tmp_path / "n8.png") - _png(tmp_path / "n" / "cat_00001.png")).max() <= 1
 
@@ -536,8 +574,10 @@ def test_negative_prompt_equals_diffusers(base, tmp_path):
     ours = (sample.generate(text, unet, vae, ["a dog", "a red car"], 4, [3, 4], W, H, "epsilon", guidance=5.0,
                             negative="snow") / 2 + 0.5).clamp(0, 1)
     ref = StableDiffusionXLPipeline_from(pipe, root, unet_file=None)
-    theirs = ref(["a dog", "a red car"], negative_prompt="snow", num_inference_steps=4, guidance_scale=5.0, width=W,
-                 height=H, generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)], output_type="pt").images
+    theirs = ref(["a dog", "a red car"], negative_prompt="snow", num_inference_steps=4, guidance_scale=5.0,
+                 width=W,
+                 height=H, generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)],
+                 output_type="pt").images
     report("negative prompt, cfg 5, 2 prompts", ours, theirs)
     assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     zero = (sample.generate(text, unet, vae, ["a dog", "a red car"], 4, [3, 4], W, H, "epsilon", guidance=5.0)
@@ -548,25 +588,28 @@ def test_negative_prompt_equals_diffusers(base, tmp_path):
     want = np.asarray(sample.to_pil(ours[:1] * 2 - 1)[0]).astype(np.int16)
     assert np.abs(_png(tmp_path / "neg.png") - want).max() <= 1
     for g in ("0", "1"):
-        assert "--negative needs --guidance > 1" in _main_error(*common, "--negative", "snow", "--guidance", g,
-                                                                "--out", tmp_path / "x.png")
+        assert "--negative needs --guidance > 1" in _main_error(*common, "--negative", "snow", "--guidance",
+                                                                g, "--out", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_unet_model_adapter(base):
-    """unet_model(unet, cond, guidance, uncond): CFG in one batched call equals the two calls it stands for."""
+    """unet_model(unet, cond, guidance, uncond): CFG in one batched call equals the two calls it stands
+    for."""
     root, _ = base
     text, unet, _ = sample.load(str(root), "base", None, 4, torch.device("cpu"), torch.float32)
     ctx, pooled = text.encode(["a dog", "a cat"])
     neg_ctx, neg_pooled = text.encode(["snow", "snow"])
     ids = time_ids(H, W).expand(2, 6)
-    x, t = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(0)), torch.tensor([1000, 250])
+    x, t = torch.randn(2, 4, H // 2, W // 2,
+                       generator=torch.Generator().manual_seed(0)), torch.tensor([1000, 250])
     cond = lm.unet_model(unet, (ctx, pooled, ids))(x, t)
     assert_close(cond, unet(x, t - 1, ctx, pooled, ids))
     assert torch.equal(lm.unet_model(unet, (ctx, pooled, ids), guidance=1.0)(x, t), cond)  # <= 1: CFG off
     other_ids = time_ids(2 * H, 2 * W).expand(2, 6)  # the uncond's time ids are not used: cond's are
     for uncond in (None, (neg_ctx, neg_pooled, other_ids), (neg_ctx[:1], neg_pooled[:1], other_ids[:1])):
-        u_ctx, u_pooled = (torch.zeros_like(ctx), torch.zeros_like(pooled)) if uncond is None else (neg_ctx, neg_pooled)
+        u_ctx, u_pooled = (torch.zeros_like(ctx),
+                           torch.zeros_like(pooled)) if uncond is None else (neg_ctx, neg_pooled)
         u = unet(x, t - 1, u_ctx, u_pooled, ids)
         assert_close(lm.unet_model(unet, (ctx, pooled, ids), 4.0, uncond)(x, t), u + 4.0 * (cond - u),
                      atol=5e-5, rtol=1e-5)  # CFG 4 scales batch-size float noise by 4
@@ -575,10 +618,12 @@ def test_unet_model_adapter(base):
 
 
 def _chattr(path, flag):
-    return shutil.which("chattr") and subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+    return shutil.which("chattr") and subprocess.run(["chattr", flag, str(path)],
+                                                     capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("case", ["txt", "folder", "parent_is_file", "read_only", "seed", "seed_neg", "guidance_inf",
+@pytest.mark.parametrize("case",
+                         ["txt", "folder", "parent_is_file", "read_only", "seed", "seed_neg", "guidance_inf",
                                   "guidance_nan", "device", "size"])
 def test_bad_arguments_refused_before_work(base, tmp_path, case):
     root, _ = base
@@ -605,13 +650,14 @@ def test_bad_arguments_refused_before_work(base, tmp_path, case):
             "guidance_inf": ["--guidance", "inf"], "guidance_nan": ["--guidance", "nan"],
             "device": ["--device", "cuda"], "size": ["--width", 12]}.get(case, [])
     try:
-        msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H, "--out", out, *args)
+        msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H,
+                          "--out", out, *args)
     finally:
         if case == "read_only":
             _chattr(ro, "-i") if os.geteuid() == 0 else ro.chmod(0o755)
     expect = {"txt": "unknown image extension '.txt'", "folder": "is a folder",
               "parent_is_file": "is a file, not a folder",
-              "read_only": "cannot write in", "seed": "0..2**64-1", "seed_neg": "0..2**64-1",
+              "read_only": "is not writable", "seed": "0..2**64-1", "seed_neg": "0..2**64-1",
               "guidance_inf": "finite", "guidance_nan": "finite", "device": "no CUDA GPU",
               "size": "multiples of 8"}[case]
     assert expect in msg
@@ -628,7 +674,7 @@ def test_full_disk_leaves_no_partial_png(base, tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", full_disk)
     msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H,
                       "--out", tmp_path / "x.png")
-    assert "x.png (the disk is full)" in msg
+    assert "x.png: the disk is full" in msg
     assert list(tmp_path.iterdir()) == []  # neither the PNG nor its temp file
 
 
@@ -658,13 +704,14 @@ def test_long_prompt_warning_counts_tokens(base, tmp_path, capsys):
     _main(long, "--base", root, "--unet", "base", "--width", W, "--height", H, "--out", tmp_path / "x.png")
     err = capsys.readouterr().err
     print(err)
-    assert f"warning: text.py: the prompt (x.png) is longer than CLIP's 77 tokens; {n_drop} tokens were dropped" in err
+    assert (f"warning: text.py: the prompt (x.png) is longer than CLIP's 77 tokens; {n_drop} tokens were "
+            "dropped") in err
     assert tail not in err and n_drop > 0
 
 
 def test_exported_1step_unet_samples_as_x0(base, tmp_path):
-    """Issue 7.6: our 1-step export (named *_x0 by train.py, or with a config.json saying so) samples as x0 with
-    no flag; --prediction still overrides."""
+    """Issue 7.6: our 1-step export (named *_x0 by train.py, or with a config.json saying so) samples as x0
+    with no flag; --prediction still overrides."""
     import shutil as sh
     root, _ = base
     run = tmp_path / "2to1" / "uncond"
@@ -679,10 +726,12 @@ def test_exported_1step_unet_samples_as_x0(base, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     sh.copy(root / "student_unet.safetensors", other / "student.safetensors")
-    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "prediction_type": "sample"}))
+    (other / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                   "prediction_type": "sample"}))
     assert sample.default_prediction(str(other / "student.safetensors"), str(root), 1) == "sample"
     (other / "config.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
-    assert "v_prediction" in _main_error("a cat", "--base", root, "--unet", other / "student.safetensors", "--steps", 1,
+    assert "v_prediction" in _main_error("a cat", "--base", root, "--unet", other / "student.safetensors",
+                                         "--steps", 1,
                                          "--width", W, "--height", H, "--out", tmp_path / "bad.png")
     common = ["a cat", "--base", root, "--steps", 1, "--width", W, "--height", H]
     _main(*common, "--unet", x0_file, "--out", tmp_path / "auto.png")
@@ -701,29 +750,31 @@ def _inductor_works():
 
 
 def test_compile_matches_eager(base, tmp_path):
-    """--compile (torch.compile of the UNet) gives the eager latents to float tolerance: tiny UNet, one step."""
+    """--compile (torch.compile of the UNet) gives the eager latents to float tolerance: tiny UNet, one
+    step."""
     why = _inductor_works()
     if why:
         pytest.skip(f"torch.compile's inductor toolchain is unusable here ({why})")
     import copy
     root, _ = base
-    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 1, torch.device("cpu"),
-                                  torch.float32)
+    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 1,
+                                  torch.device("cpu"), torch.float32)
     eager = sample.generate(text, unet, vae, ["a cat"], 1, 0, W, H, "sample", decode=False)
     compiled = copy.deepcopy(unet)
     compiled.compile()
     ours = sample.generate(text, compiled, vae, ["a cat"], 1, 0, W, H, "sample", decode=False)
     report("compiled vs eager latents, 1 step", ours, eager)
     assert_close(ours, eager, atol=1e-5, rtol=1e-5)
-    common = ["a cat", "--base", root, "--unet", root / "student_unet.safetensors", "--steps", 1, "--width", W,
-              "--height", H]
+    common = ["a cat", "--base", root, "--unet", root / "student_unet.safetensors", "--steps", 1, "--width",
+              W, "--height", H]
     _main(*common, "--compile", "--out", tmp_path / "compiled.png")  # the flag, as a user runs it
     _main(*common, "--out", tmp_path / "eager.png")
     assert np.abs(_png(tmp_path / "compiled.png") - _png(tmp_path / "eager.png")).max() <= 1
 
 
 def test_help_explains_every_flag():
-    parser_help = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"], capture_output=True, text=True)
+    parser_help = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--help"],
+                                 capture_output=True, text=True)
     assert parser_help.returncode == 0
     for action in sample.build_parser()._actions:
         assert action.help and len(action.help) > 10, action.dest

@@ -1,4 +1,5 @@
-"""text.py against diffusers' StableDiffusionXLPipeline.encode_prompt and its single-file conversion, offline."""
+"""text.py against diffusers' StableDiffusionXLPipeline.encode_prompt and its single-file conversion,
+offline."""
 import re
 import warnings
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import weights
 import text
 from tools.tiny import CONTEXT_DIM, MAX_LENGTH, POOLED_DIM, make_tiny_text_folder
 
-PROMPTS = ["a photo of a cat", "a red car in the snow at night"]  # different lengths: EOS at different positions
+# different lengths: EOS at different positions
+PROMPTS = ["a photo of a cat", "a red car in the snow at night"]
 
 
 def report(name, a, b):
@@ -76,7 +78,8 @@ def test_encode_matches_diffusers(te, pipe):
 
 
 def test_pooled_is_first_eos_token(te, root):
-    """The pooled vector is text_projection(final-normed hidden state at the first EOS), for both pooling rules."""
+    """The pooled vector is text_projection(final-normed hidden state at the first EOS), for both pooling
+    rules."""
     from transformers import CLIPTextModelWithProjection
     ids = te.tokenizer_2(PROMPTS, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
     eos = (ids == te.tokenizer_2.eos_token_id).int().argmax(-1)
@@ -115,11 +118,13 @@ def test_time_ids_match_diffusers():
     linear_1 = SimpleNamespace(in_features=6 * 8 + 48)
     stub = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(addition_time_embed_dim=8),
                                                 add_embedding=SimpleNamespace(linear_1=linear_1)))
-    ref = StableDiffusionXLPipeline._get_add_time_ids(stub, (832, 1216), (0, 0), (832, 1216), torch.float32, 48)
+    ref = StableDiffusionXLPipeline._get_add_time_ids(stub, (832, 1216), (0, 0), (832, 1216),
+                                                      torch.float32, 48)
     got = text.time_ids(832, 1216)
     assert got.shape == (6,) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref[0])
-    ref = StableDiffusionXLPipeline._get_add_time_ids(stub, (1000, 1500), (16, 32), (768, 1344), torch.float32, 48)
+    ref = StableDiffusionXLPipeline._get_add_time_ids(stub, (1000, 1500), (16, 32), (768, 1344),
+                                                      torch.float32, 48)
     torch.testing.assert_close(text.time_ids(768, 1344, 16, 32, orig_height=1000, orig_width=1500), ref[0])
     with pytest.raises(ValueError, match="positive sizes"):
         text.time_ids(0, 1024)
@@ -129,12 +134,14 @@ def test_time_ids_match_diffusers():
 
 
 def test_single_file_matches_diffusers_conversion(te, root, single_file):
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_open_clip_checkpoint,
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
+                                                     convert_open_clip_checkpoint,
                                                      create_diffusers_clip_model_from_ldm)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
     ours = weights.text_from_single_file(single_file, te.tokenizer, te.tokenizer_2)
     for a, b in ((ours.text_encoder, te.text_encoder), (ours.text_encoder_2, te.text_encoder_2)):
-        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "vocab_size",
                       "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps"):
             if isinstance(a, CLIPTextModel) and field == "projection_dim":
                 continue  # CLIPTextModel has no projection
@@ -187,24 +194,28 @@ def test_single_file_errors(te, single_file):
 
 
 def test_full_size_single_file_config(te):
-    """SDXL's real shapes, on the meta device: the configs derived from them equal the hub's config.json values."""
+    """SDXL's real shapes, on the meta device: the configs derived from them equal the hub's config.json
+    values."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     # stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ and text_encoder_2/config.json
-    hub = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
-               pad_token_id=1)
-    want = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                          projection_dim=768, hidden_act="quick_gelu", **hub)
-    want_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                            projection_dim=1280, hidden_act="gelu", **hub)
+    hub = dict(vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0,
+               eos_token_id=2, pad_token_id=1)
+    want = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu", **hub)
+    want_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, projection_dim=1280, hidden_act="gelu", **hub)
     with torch.device("meta"):
-        full = SimpleNamespace(text_encoder=CLIPTextModel(want), text_encoder_2=CLIPTextModelWithProjection(want_2))
+        full = SimpleNamespace(text_encoder=CLIPTextModel(want),
+                               text_encoder_2=CLIPTextModelWithProjection(want_2))
     sd = _to_sgm(full)
     assert sd[weights.SGM_BIGG + "text_projection"].shape == (1280, 1280)
     assert sd[weights.SGM_BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
     got = weights.text_from_single_file(sd, te.tokenizer, te.tokenizer_2, device="meta")
     for a, b in ((got.text_encoder.config, want), (got.text_encoder_2.config, want_2)):
-        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                      "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps", "eos_token_id"):
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "vocab_size",
+                      "max_position_embeddings", "projection_dim", "hidden_act",
+                      "layer_norm_eps", "eos_token_id"):
             assert getattr(a, field) == getattr(b, field), field
     assert sum(p.numel() for p in got.text_encoder.parameters()) == 123_060_480  # CLIP-L
     assert sum(p.numel() for p in got.text_encoder_2.parameters()) == 694_659_840  # bigG with projection

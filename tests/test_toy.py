@@ -1,6 +1,6 @@
 """The toy world end to end: the --quick base (built once per session), diffusers loading it and sampling the
-same images as sample.py, caption-dependent samples, one adversarial stage with train.py that beats the teacher
-at the same step count on the toy Frechet distance, and bad input."""
+same images as sample.py, caption-dependent samples, one adversarial stage with train.py that beats the
+teacher at the same step count on the toy Frechet distance, and bad input."""
 import json
 import os
 import subprocess
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def quick(tmp_path_factory):
     """`python toy.py --out DIR --quick`, once per test session (a few minutes on 2 CPU cores). TOY_QUICK_DIR
     names a folder to build it in and reuse across sessions (a base already there is used as it is)."""
-    out = Path(os.environ["TOY_QUICK_DIR"]) if os.environ.get("TOY_QUICK_DIR") else tmp_path_factory.mktemp("toy") / "toy"
+    keep = os.environ.get("TOY_QUICK_DIR")
+    out = Path(keep) if keep else tmp_path_factory.mktemp("toy") / "toy"
     if not (os.environ.get("TOY_QUICK_DIR") and (out / "base" / "model_index.json").exists()):
         toy.main(["--out", str(out), "--quick", "--seed", "0"])
     return out
@@ -54,7 +55,8 @@ def test_captions_parse_and_tokenize_to_whole_words(tmp_path):
     assert len(caps) == len(set(caps)) == 3 * 5 * 5 * 3
     for c in caps:
         p = toy_world.parse_caption(c)
-        assert toy_world.caption(*(toy_world.ATTRIBUTES[k][p[k]] for k in ("shape", "colour", "position", "background"))) == c
+        assert toy_world.caption(*(toy_world.ATTRIBUTES[k][p[k]]
+                                   for k in ("shape", "colour", "position", "background"))) == c
     from transformers import CLIPTokenizer
     toy_world.write_tokenizer(tmp_path / "tok", pad_token="!")
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
@@ -69,27 +71,32 @@ def test_captions_parse_and_tokenize_to_whole_words(tmp_path):
 
 def test_quick_base_folder_loads_in_diffusers_and_samples_like_sample_py(quick, tmp_path):
     """StableDiffusionXLPipeline.from_pretrained(toy/base) with the trailing Euler scheduler and CFG 6
-    (zero uncond: force_zeros_for_empty_prompt) gives the images of `sample.py --unet base --steps 32 --guidance 6`."""
+    (zero uncond: force_zeros_for_empty_prompt) gives the images of `sample.py --unet base --steps 32
+    --guidance 6`."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     base = quick / "base"
     assert json.loads((base / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
     pipe = StableDiffusionXLPipeline.from_pretrained(base)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
     prompt = "a red circle at the top left on a gray background"
-    ref = pipe([prompt] * 2, num_inference_steps=32, guidance_scale=6.0, height=64, width=64, output_type="pt",
+    ref = pipe([prompt] * 2, num_inference_steps=32, guidance_scale=6.0, height=64, width=64,
+               output_type="pt",
                generator=torch.Generator("cpu").manual_seed(7)).images * 2 - 1  # (2, 3, 64, 64) in [-1, 1]
     text, unet, vae = sample_mod.load(str(base), "base", None, 32, torch.device("cpu"), torch.float32)
-    ours = sample_mod.generate(text, unet, vae, [prompt] * 2, 32, 7, 64, 64, "epsilon", 6.0).clamp(-1, 1)  # as the pipeline's
+    # as the pipeline's
+    ours = sample_mod.generate(text, unet, vae, [prompt] * 2, 32, 7, 64, 64, "epsilon", 6.0).clamp(-1, 1)
     d = (ours - ref).abs()
     print(f"toy base, ours vs diffusers pipeline: max abs err {d.max():.3e}, mean {d.mean():.3e}")
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
     out = tmp_path / "s.png"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), prompt, "--base", str(base), "--unet", "base",
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), prompt, "--base", str(base), "--unet",
+                        "base",
                         "--steps", "32", "--guidance", "6", "--width", "64", "--height", "64", "--seed", "7",
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     png = np.asarray(Image.open(out), dtype=np.int16)
-    ref_png = np.asarray(pipe.image_processor.pt_to_numpy(((ref[:1] + 1) / 2).clamp(0, 1))[0] * 255).round().astype(np.int16)
+    ref_png = np.asarray(pipe.image_processor.pt_to_numpy(((ref[:1] + 1) / 2).clamp(0, 1))[0] * 255)
+    ref_png = ref_png.round().astype(np.int16)
     assert np.abs(png - ref_png).max() <= 1
 
 
@@ -97,8 +104,8 @@ def test_quick_base_samples_depend_on_the_caption(quick, tmp_path):
     """The teacher (32 steps, CFG 6) draws what the caption says often enough: the toy classifier reads the
     position at twice chance (1/5) and the background above chance (1/3; measured 0.56 and 0.47 on 75 images).
     The shape's colour is not asserted: the quick VAE loses it (see the README's toy section)."""
-    results = eval_mod.main(["--toy", str(quick), "--out", str(tmp_path / "e"), "--num", "75", "--batch", "25",
-                             "--row", "teacher32:base:32:6"])
+    results = eval_mod.main(["--toy", str(quick), "--out", str(tmp_path / "e"), "--num", "75", "--batch",
+                             "25", "--row", "teacher32:base:32:6"])
     r = results[0]
     assert r["acc_position"] > 0.4 and r["acc_background"] > 0.4, r
     a = Image.open(tmp_path / "e" / "teacher32" / "00000.png")
@@ -113,17 +120,18 @@ def test_rerun_skips_finished_parts(quick):
 
 
 def test_adversarial_stage_beats_teacher_at_the_same_step_count(quick, tmp_path):
-    """One adversarial phase of train.py (4to2/cond: LoRA, conditional discriminator, Eq. 20-22; the base as its
-    4-step teacher) makes a 2-step student whose samples are closer to the data (toy Frechet distance) than the
-    teacher's own 2-step samples with CFG 6 from the same noise, by a clear margin. What this shows and what it
-    does not: the student samples without CFG, and the teacher's 2-step CFG-6 samples overshoot; the experiment's
-    controls (README) separate that from what the adversarial phases add."""
+    """One adversarial phase of train.py (4to2/cond: LoRA, conditional discriminator, Eq. 20-22; the base as
+    its 4-step teacher) makes a 2-step student whose samples are closer to the data (toy Frechet distance)
+    than the teacher's own 2-step samples with CFG 6 from the same noise, by a clear margin. What this shows
+    and what it does not: the student samples without CFG, and the teacher's 2-step CFG-6 samples overshoot;
+    the experiment's controls (README) separate that from what the adversarial phases add."""
     teacher = quick / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     cmd = toy.train_command(quick, "4to2", "cond", steps=TEST_STEPS, batch=8)
     cmd[cmd.index("--out") + 1] = str(tmp_path / "runs")
     r = subprocess.run(cmd + ["--teacher", str(teacher)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    log = [json.loads(x) for x in (tmp_path / "runs" / "4to2" / "cond" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x)
+           for x in (tmp_path / "runs" / "4to2" / "cond" / "log.jsonl").read_text().splitlines()]
     assert len(log) == TEST_STEPS and all(np.isfinite(x["loss_d"]) and np.isfinite(x["loss_g"]) for x in log)
     student = tmp_path / "runs" / "4to2" / "cond" / "sdxl_lightning_2step_unet.safetensors"
     res = eval_mod.main(["--toy", str(quick), "--out", str(tmp_path / "e"), "--num", "150", "--batch", "25",
@@ -140,8 +148,8 @@ TEST_STEPS = 40
 
 
 def test_experiment_chains_every_run_to_an_earlier_one_and_evaluates_each_ablation(tmp_path):
-    """`toy.py all`: each run's --teacher / --init / --skip-level-teacher is a checkpoint an earlier run writes;
-    every ablation's export becomes its eval row with the prediction it was trained for."""
+    """`toy.py all`: each run's --teacher / --init / --skip-level-teacher is a checkpoint an earlier run
+    writes; every ablation's export becomes its eval row with the prediction it was trained for."""
     out = tmp_path / "toy"
     written = set()
     for folder, stage, phase, steps, extra in toy.full_plan(out, 120):
@@ -158,7 +166,8 @@ def test_experiment_chains_every_run_to_an_earlier_one_and_evaluates_each_ablati
                               ("lightning1-eps", "epsilon", "1"), ("lightning1-no-renoise", "sample", "1")]:
         assert rows[name][-1] == pred and rows[name][-3] == steps, rows[name]
     assert rows["lightning1-eps"][1].endswith("runs-eps/2to1/uncond/sdxl_lightning_1step_unet.safetensors")
-    assert {"teacher32", "lightning4-lora", "lightning4-cond-only", "lightning1", "lightning1-long"} <= set(rows)
+    assert {"teacher32", "lightning4-lora", "lightning4-cond-only", "lightning1",
+            "lightning1-long"} <= set(rows)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -191,7 +200,7 @@ def test_eval_refuses_non_toy_prompts_and_missing_classifier(tmp_path):
     (tmp_path / "t" / "base").mkdir(parents=True)
     (tmp_path / "t" / "base" / "model_index.json").write_text("{}")
     with pytest.raises(SystemExit, match="^error: 'a photo of a cat' is not a toy caption"):
-        eval_mod.main(["--toy", str(tmp_path / "t"), "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "e"),
-                       "--row", "a:base:4"])
+        eval_mod.main(["--toy", str(tmp_path / "t"), "--prompts", str(tmp_path / "p.txt"), "--out",
+                       str(tmp_path / "e"), "--row", "a:base:4"])
     with pytest.raises(SystemExit, match="^error: .*classifier.safetensors: no such file"):
         eval_mod.main(["--toy", str(tmp_path / "t"), "--out", str(tmp_path / "e"), "--row", "a:base:4"])

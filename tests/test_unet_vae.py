@@ -28,10 +28,12 @@ def test_full_size_keys_and_shapes_equal_diffusers(part, n_keys, n_params):
 
 def test_sdxl_base_config_json_reads_as_defaults():
     # The values of stabilityai/stable-diffusion-xl-base-1.0/unet/config.json that matter here.
-    cfg = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+    cfg = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+           "attention_head_dim": [5, 10, 20],
            "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-           "in_channels": 4, "layers_per_block": 2, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+           "in_channels": 4, "layers_per_block": 2, "out_channels": 4,
+           "projection_class_embeddings_input_dim": 2816,
            "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True, "norm_num_groups": 32}
     assert unet_mod.UNetConfig.from_diffusers(cfg) == unet_mod.UNetConfig()
 
@@ -46,7 +48,8 @@ def test_sd15_config_is_refused():
 def _unet_inputs(cfg, B=2, H=16, W=24, seed=1):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, 4, H, W, generator=g), torch.tensor([999, 250]),
-            torch.randn(B, 7, cfg.cross_attention_dim, generator=g), torch.randn(B, cfg.pooled_dim, generator=g),
+            torch.randn(B, 7, cfg.cross_attention_dim, generator=g),
+            torch.randn(B, cfg.pooled_dim, generator=g),
             torch.tensor([[64.0, 96, 0, 0, 64, 96], [80, 80, 8, 4, 64, 96]]))
 
 
@@ -104,8 +107,10 @@ def test_bench_runs_and_compares_the_same_computation(tmp_path):
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--what", "unet", "--runs", "1", "--warmup", "0",
-                        "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "tools.bench", "--config", "tiny", "--what", "unet", "--runs",
+                        "1", "--warmup", "0",
+                        "--json", str(tmp_path / "b.json")], cwd=root, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert res["max_abs_diff"] < 1e-4 and res["ours_ms"] > 0 and res["diffusers_ms"] > 0

@@ -1,10 +1,10 @@
 """Speed and memory: ours against diffusers, same config, weights, dtype and device, in the same run.
 
-    python bench.py --config tiny                              # smoke run, seconds
-    python bench.py --config mid --what unet --runs 5          # CPU: one UNet forward, 64x64 latents
-    python bench.py --config mid --what sample --runs 3        # CPU: text + 4 steps + VAE decode, 512 px
-    python bench.py --config sdxl --what all --json out.json   # GPU: full SDXL, 1024 px, bf16, 4 steps
-    python bench.py --what memory                              # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
+    python -m tools.bench --config tiny                             # smoke run, seconds
+    python -m tools.bench --config mid --what unet --runs 5         # CPU: one UNet forward, 64x64 latents
+    python -m tools.bench --config mid --what sample --runs 3       # CPU: text + 4 steps + VAE decode, 512 px
+    python -m tools.bench --config sdxl --what all --json out.json  # GPU: full SDXL, 1024 px, bf16, 4 steps
+    python -m tools.bench --what memory        # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
 
 What is timed (median of --runs after --warmup, both under torch.no_grad):
 - `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
@@ -66,12 +66,14 @@ import weights
 class BenchConfig:
     unet: unet_mod.UNetConfig                          # UNet architecture (both sides)
     vae: vae_mod.VAEConfig                             # VAE architecture for the sample bench
-    text: str                                          # "full": CLIP-L + bigG sizes; "tiny": tests/tiny_text.py
+    # "full": CLIP-L + bigG sizes; "tiny": tests/tiny_text.py
+    text: str
     latent: int                                        # latent height = width (pixels: latent * VAE factor)
 
 
 CONFIGS = {
-    "tiny": BenchConfig(unet_mod.UNetConfig(block_out_channels=(64, 128), layers_per_block=1, transformer_depth=(0, 2),
+    "tiny": BenchConfig(unet_mod.UNetConfig(block_out_channels=(64, 128), layers_per_block=1,
+                                            transformer_depth=(0, 2),
                                             num_heads=(1, 2), cross_attention_dim=80, pooled_dim=48),
                         vae_mod.VAEConfig(block_out_channels=(32, 64), layers_per_block=1), "tiny", 32),
     "mid": BenchConfig(unet_mod.UNetConfig(transformer_depth=(0, 2, 2)), vae_mod.VAEConfig(), "full", 64),
@@ -182,7 +184,8 @@ def compare(what, ours, theirs, device, runs, warmup):
     a, b = out["ours"].float(), out["diffusers"].float()
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"what": what, "ours_ms": med["ours"], "diffusers_ms": med["diffusers"],
-            "ratio": med["ours"] / med["diffusers"], "ratio_min": min(times["ours"]) / min(times["diffusers"]),
+            "ratio": med["ours"] / med["diffusers"],
+            "ratio_min": min(times["ours"]) / min(times["diffusers"]),
             "ours_peak_mb": peak["ours"], "diffusers_peak_mb": peak["diffusers"],
             "max_abs_diff": (a - b).abs().max().item(), "ours_runs_ms": times["ours"],
             "diffusers_runs_ms": times["diffusers"]}
@@ -223,21 +226,23 @@ def unet_inputs(cfg: BenchConfig, batch, device, dtype):
     px = n * cfg.vae.downscale
     ids = torch.tensor([px, px, 0, 0, px, px], dtype=torch.float32).expand(batch, 6)
     t = torch.full((batch,), 999, dtype=torch.long)
-    return [v.to(device, dtype) if v.is_floating_point() else v.to(device) for v in (x, t, context, pooled, ids)]
+    return [v.to(device, dtype) if v.is_floating_point() else v.to(device)
+            for v in (x, t, context, pooled, ids)]
 
 
 def clip_configs(kind, vocab_size):
-    """CLIP-L (hidden 768, 12 layers, quick_gelu) and OpenCLIP bigG (1280, 32 layers, gelu, projection 1280)."""
+    """CLIP-L (hidden 768, 12 layers, quick_gelu) and OpenCLIP bigG (1280, 32 layers, gelu, projection
+    1280)."""
     from transformers import CLIPTextConfig
     from tools.tiny import text_configs
     if kind == "tiny":
         return text_configs()
-    common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1,
-                  layer_norm_eps=1e-5)
-    return (CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                           hidden_act="quick_gelu", projection_dim=768, **common),
-            CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20, intermediate_size=5120,
-                           hidden_act="gelu", projection_dim=1280, **common))
+    common = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                  pad_token_id=1, layer_norm_eps=1e-5)
+    return (CLIPTextConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                           intermediate_size=3072, hidden_act="quick_gelu", projection_dim=768, **common),
+            CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20,
+                           intermediate_size=5120, hidden_act="gelu", projection_dim=1280, **common))
 
 
 def build_text(cfg: BenchConfig, device, dtype):
@@ -254,8 +259,9 @@ def build_text(cfg: BenchConfig, device, dtype):
         enc, enc_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config_2)
     if config.hidden_size + config_2.hidden_size != cfg.unet.cross_attention_dim or \
             config_2.projection_dim != cfg.unet.pooled_dim:
-        raise ValueError(f"bench.py: text widths {config.hidden_size}+{config_2.hidden_size}/{config_2.projection_dim} "
-                         f"do not fit the UNet ({cfg.unet.cross_attention_dim}/{cfg.unet.pooled_dim})")
+        raise ValueError("bench.py: text widths "
+                         f"{config.hidden_size}+{config_2.hidden_size}/{config_2.projection_dim} do not fit "
+                         f"the UNet ({cfg.unet.cross_attention_dim}/{cfg.unet.pooled_dim})")
     return tok, tok_2, enc.to(dtype).eval(), enc_2.to(dtype).eval()
 
 
@@ -278,7 +284,8 @@ def bench_unet(cfg, args, device, dtype):
     x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
     added = {"text_embeds": pooled, "time_ids": ids}
     return [compare("unet forward", lambda: ours(x, t, context, pooled, ids),
-                    lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added, return_dict=False)[0],
+                    lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                                   return_dict=False)[0],
                     device, args.runs, args.warmup)]
 
 
@@ -286,7 +293,8 @@ def bench_unet(cfg, args, device, dtype):
 def bench_sample(cfg, args, device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     unet, unet_ref = unets(cfg, device, dtype)
-    # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode (force_upcast)
+    # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
+    # (force_upcast)
     vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
     if dtype == torch.float16:
         vae = vae.float()
@@ -294,7 +302,8 @@ def bench_sample(cfg, args, device, dtype):
     text = text_mod.TextEncoders(tok, tok_2, enc, enc_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2, tokenizer=tok,
+    pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
+                                     tokenizer=tok,
                                      tokenizer_2=tok_2, scheduler=scheduler, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     px, prompts = cfg.latent * cfg.vae.downscale, [PROMPT] * args.batch
@@ -325,7 +334,8 @@ def tiny_training_setup(root):
     teachers = {}
     for seed, steps in [(5, 32), (6, 8), (7, 4), (8, 2)]:
         teachers[steps] = str(root / f"teacher_{steps}.safetensors")
-        save_file({k: v.half().contiguous() for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
+        save_file({k: v.half().contiguous()
+                   for k, v in diffusers_unet(seed=seed).state_dict().items()}, teachers[steps])
     write_noise_images(root / "data", 16, "a picture number {}")
     return str(root / "base"), str(root / "data"), teachers, 32
 
@@ -340,7 +350,7 @@ def bench_train(cfg, args, device, dtype):
         base, data, teachers, res = tiny_training_setup(tmp)
     sources = [("", data)]
     if args.cache:  # the same data encoded once by prepare.py: no VAE or text encoders in the step
-        import prepare
+        from tools import prepare
         prepare.main(["--data", data, "--base", base, "--out", str(tmp / "cache"), "--resolution", str(res),
                       "--min-size", str(res)])
         sources.append((" (cache)", str(tmp / "cache")))
@@ -356,8 +366,9 @@ def bench_train(cfg, args, device, dtype):
         def run(out, steps):
             train.main(["--stage", stage, "--phase", phase, "--data", src, "--base", base, "--out", str(out),
                         "--resolution", str(res), "--min-size", str(res), "--batch-size", str(args.batch),
-                        "--micro-batch-size", str(args.batch), "--max-steps", str(steps), "--save-every", "1000000",
-                        "--device", str(device), *(["--grad-checkpointing"] if args.grad_checkpointing else []), *extra])
+                        "--micro-batch-size", str(args.batch), "--max-steps", str(steps),
+                        "--save-every", "1000000", "--device", str(device),
+                        *(["--grad-checkpointing"] if args.grad_checkpointing else []), *extra])
         with FlopCounterMode(display=False) as fc:  # one step, counted op by op (forward and backward)
             run(tmp / f"flops_{stage}_{phase}{bool(label)}", 1)
         flops = fc.get_total_flops()
@@ -368,7 +379,8 @@ def bench_train(cfg, args, device, dtype):
         ms = statistics.median(r["step_time"] for r in log[1:]) * 1000  # the first step is warmup
         tflops = flops / (ms / 1000) / 1e12
         evals = [r["teacher_evals"] for r in log[1:] if "teacher_evals" in r]  # teacher UNet calls x samples
-        rows.append({"what": f"train {stage}/{phase}{label}", "step_ms": ms, "images_per_s": args.batch / (ms / 1000),
+        rows.append({"what": f"train {stage}/{phase}{label}", "step_ms": ms,
+                     "images_per_s": args.batch / (ms / 1000),
                      "teacher_evals": statistics.median(evals) if evals else None,
                      "peak_mb": m.mb, "gflop_per_step": flops / 1e9, "tflops": tflops,
                      "mfu": tflops / args.peak_tflops if args.peak_tflops else None})
@@ -392,14 +404,15 @@ def print_train_table(rows):
 # meta device): what each rank holds in every phase with DDP + ZeroRedundancyOptimizer (--shard zero) and
 # with FSDP2 (--shard fsdp), before activations. Bytes per parameter:
 #   trained whole model, 1 GPU:   4 fp32 weight + 4 fp32 grad + 8 Adam (exp_avg, exp_avg_sq)  = 16
-#   ... DDP + ZeRO, N GPUs:       4 + 4 + 8 / N (ZeRO shards Adam only; train.py's gradients are views into DDP's
-#                                 all-reduce buckets, gradient_as_bucket_view, so no second copy)
-#   ... FSDP2, N GPUs:            16 / N, plus what is gathered while it runs: the root unit (conv_in, embeddings,
-#                                 samplers, attention projections) for the whole step and two units (the running
-#                                 one and the prefetched one) at a time, each as a bf16 weight + fp32 grad (6 B)
+#   ... DDP + ZeRO, N GPUs:       4 + 4 + 8 / N (ZeRO shards Adam only; train.py's gradients are views into
+#                                 DDP's all-reduce buckets, gradient_as_bucket_view, so no second copy)
+#   ... FSDP2, N GPUs:            16 / N, plus what is gathered while it runs: the root unit (conv_in,
+#                                 embeddings, samplers, attention projections) for the whole step and two
+#                                 units (the running one and the prefetched one) at a time, each as a bf16
+#                                 weight + fp32 grad (6 B)
 #   frozen teacher (bf16): 2; FSDP2: 2 / N + the same gathered parts at 2 B
-#   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is not
-#   ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
+#   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is
+#   not ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
 #   text encoders + VAE (bf16, 2): loaded when --data is images, not with a prepare.py cache
 
 GB = 1e9
@@ -436,8 +449,8 @@ def sdxl_parameter_counts():
 
 
 def per_gpu_bytes(c, phase, world, mode):
-    """Bytes one GPU holds in `phase` ("mse", "convert", "cond", "uncond", "uncond_skip", "full") on `world` GPUs
-    with mode "zero" (DDP + ZeRO) or "fsdp" (FSDP2). See the table above for the rules."""
+    """Bytes one GPU holds in `phase` ("mse", "convert", "cond", "uncond", "uncond_skip", "full") on `world`
+    GPUs with mode "zero" (DDP + ZeRO) or "fsdp" (FSDP2). See the table above for the rules."""
     fsdp = mode == "fsdp" and world > 1
 
     def trained(params, g):
@@ -488,10 +501,12 @@ def memory_table(worlds=(1, 2, 8)):
 def print_memory_table(worlds=(1, 2, 8)):
     c, rows = memory_table(worlds)
     cols = [f"{w}_{m}" for w in worlds for m in (("zero",) if w == 1 else ("zero", "fsdp"))]
-    names = {k: ("1 GPU" if k == "1_zero" else f"{k.split('_')[0]} GPUs {'ZeRO' if k.endswith('zero') else 'FSDP2'}")
+    names = {k: ("1 GPU" if k == "1_zero"
+                 else f"{k.split('_')[0]} GPUs {'ZeRO' if k.endswith('zero') else 'FSDP2'}")
              for k in cols}
     print(f"SDXL parameters: UNet {c['unet']:,}; discriminator {c['disc_cond']:,} conditional / "
-          f"{c['disc_uncond']:,} unconditional; LoRA {c['lora']:,}; text encoders {c['text']:,}; VAE {c['vae']:,}")
+          f"{c['disc_uncond']:,} unconditional; LoRA {c['lora']:,}; text encoders {c['text']:,}; VAE "
+          f"{c['vae']:,}")
     print(f"FSDP2 gathers: UNet root unit {c['unet_gathered']['root']:,}, largest unit "
           f"{c['unet_gathered']['unit']:,}; discriminator root {c['disc_gathered']['root']:,}, largest "
           f"{c['disc_gathered']['unit']:,} parameters")
@@ -511,8 +526,8 @@ BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
 
 
 def print_table(rows):
-    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} {'ours peak MB':>13} " \
-           f"{'diffusers peak MB':>18} {'max|diff|':>10}"
+    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} " \
+           f"{'ours peak MB':>13} {'diffusers peak MB':>18} {'max|diff|':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -524,15 +539,17 @@ def print_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", choices=[*BENCHES, "memory", "all"], default="all",
-                   help="which bench to run (default all: unet and sample); memory: the per-GPU memory table of "
-                        "every training phase at SDXL size, DDP+ZeRO vs FSDP2, computed from parameter counts")
+                   help="which bench to run (default all: unet and sample); memory: the per-GPU memory table "
+                        "of every training phase at SDXL size, DDP+ZeRO vs FSDP2, computed from parameter "
+                        "counts")
     p.add_argument("--config", choices=list(CONFIGS), default=None,
-                   help="model sizes: tiny (smoke run), mid (CPU-sized SDXL, 64x64 latents), sdxl (full SDXL, "
-                        "1024 px); default sdxl on CUDA, mid on CPU")
+                   help="model sizes: tiny (smoke run), mid (CPU-sized SDXL, 64x64 latents), sdxl (full "
+                        "SDXL, 1024 px); default sdxl on CUDA, mid on CPU")
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="dtype of both sides; default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--runs", type=int, default=5, help="timed calls per side; the median is reported (default 5)")
+    p.add_argument("--runs", type=int, default=5,
+                   help="timed calls per side; the median is reported (default 5)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls per side before timing (at least 2 are made; the last one measures "
                         "memory) (default 2)")
@@ -541,13 +558,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for both sides; default torch's own (the core count)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results as JSON to OUT")
-    p.add_argument("--phases", nargs="*", default=None, help="train bench: only these STAGE/PHASE (e.g. 8to4/cond)")
+    p.add_argument("--phases", nargs="*", default=None,
+                   help="train bench: only these STAGE/PHASE (e.g. 8to4/cond)")
     p.add_argument("--train-base", default=None, help="train bench: a real SDXL base (hub id, folder, file); "
                    "default a generated tiny one (with --config tiny)")
     p.add_argument("--train-data", default=None, help="train bench: image-caption data for --train-base")
     p.add_argument("--resolution", type=int, default=1024, help="train bench with --train-base: pixels")
     p.add_argument("--grad-checkpointing", action="store_true", help="train bench: activation checkpointing")
-    p.add_argument("--cache", action="store_true", help="train bench: also run every phase from a prepare.py cache "
+    p.add_argument("--cache", action="store_true",
+                   help="train bench: also run every phase from a prepare.py cache "
                    "of the same data (no VAE or text encoders in the step) and report both")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="train bench: the device's peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
@@ -572,7 +591,8 @@ def main(argv=None):
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise SystemExit(f"error: --device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise SystemExit(f"error: --device {args.device!r} is not a torch device (e.g. cpu, cuda, "
+                         "cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {args.device}: CUDA is not available in this torch build")
     if args.threads is not None:
@@ -581,12 +601,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     config = args.config or ("sdxl" if device.type == "cuda" else "mid")
     # bfloat16 on GPU (the SDXL VAE overflows in float16); float32 on CPU, where half matmuls are slow
-    cfg, dtype = CONFIGS[config], getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    cfg = CONFIGS[config]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     import diffusers
     diffusers.utils.logging.set_verbosity_error()  # not its dtype-cast notices on randomly built models
     info = {"config": config, "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
-            "steps": args.steps, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "dtype": str(dtype).removeprefix("torch."), "batch": args.batch, "runs": args.runs,
+            "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
             "threads": torch.get_num_threads(), "attention": "F.scaled_dot_product_attention (both)",
             "peak_memory": memory_method(device), "load_average_1min": os.getloadavg()[0],
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}

@@ -12,12 +12,11 @@ parts with strict loads, fuses LoRAs and writes (run from the repository root):
 """
 import argparse
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 
 
+import files
 import lora as lora_mod
 import weights
 from unet import UNetConfig
@@ -37,16 +36,9 @@ PIPELINE_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_e
                   "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                   "text_encoder": ["transformers", "CLIPTextModel"],
                   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                  "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"],
                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def parse_lora(spec: str) -> tuple:
-    """'FILE' or 'FILE:SCALE' -> (file, scale); a Windows drive letter is not a scale."""
-    path, sep, scale = spec.rpartition(":")
-    if not sep or not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", scale):
-        return spec, 1.0
-    return path, float(scale)
 
 
 def load_parts(args):
@@ -58,19 +50,20 @@ def load_parts(args):
     sd = weights.read_safetensors(src) if single else None
     whole = single and any(k.startswith(SGM_VAE) for k in sd)  # a UNet-only file needs a base for the rest
     if base is not None and (whole or not single):
-        raise weights.CheckpointError(f"{src} holds its own VAE and text encoders; --base is for UNet-only inputs")
+        raise weights.CheckpointError(f"{src} holds its own VAE and text encoders; --base is for UNet-only "
+                                      "inputs")
     base = src if (whole or not single) else (base or weights.SDXL_BASE)
     base_single = weights.is_file(base)
     base_sd = sd if base == src else (weights.read_safetensors(base) if base_single else None)
     if single and weights.detect_layout(sd, src) == "diffusers":
         cfg_json = Path(src).with_name("config.json")  # train.py exports a UNet file and its config.json
-        cfg = UNetConfig.from_diffusers(weights.read_json(cfg_json), str(cfg_json)) if cfg_json.is_file() else \
-            weights.unet_config(base, base_sd)
+        cfg = UNetConfig.from_diffusers(weights.read_json(cfg_json), str(cfg_json)) \
+            if cfg_json.is_file() else weights.unet_config(base, base_sd)
         unet = weights.load_unet(src, cfg, sd=sd, dtype=None)
     else:
         unet = weights.load_unet(src, sd=sd, dtype=None)
     for spec in args.lora:
-        path, scale = parse_lora(spec)
+        path, scale = weights.parse_lora_spec(spec)
         try:
             lora_mod.merge_lora(unet, weights.read_lora(path, unet.config), scale=scale, source=path)
         except (FileNotFoundError, ValueError) as e:
@@ -98,7 +91,8 @@ def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
     """A diffusers SDXL folder (model_index.json, scheduler/, unet/, vae/, text_encoder*/, tokenizer*/)."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    for sub, model, cfg in (("unet", unet, unet.config.to_diffusers()), ("vae", vae, vae.config.to_diffusers())):
+    for sub, model, cfg in (("unet", unet, unet.config.to_diffusers()),
+                            ("vae", vae, vae.config.to_diffusers())):
         (folder / sub).mkdir(parents=True)
         (folder / sub / "config.json").write_text(json.dumps(cfg, indent=1))
         save_file(_cast(model.state_dict(), fp16), str(folder / sub / "diffusion_pytorch_model.safetensors"),
@@ -122,23 +116,28 @@ def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN",
-                   help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors (original "
-                        "layout, all parts); or a UNet-only .safetensors (either layout; our training export, "
-                        "whose config.json next to it gives the architecture), completed from --base")
-    p.add_argument("output", metavar="OUT", help="the .safetensors file (--to single-file) or folder (--to diffusers)")
+                   help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors "
+                        "(original layout, all parts); or a UNet-only .safetensors (either layout; our "
+                        "training export, whose config.json next to it gives the architecture), completed "
+                        "from --base")
+    p.add_argument("output", metavar="OUT",
+                   help="the .safetensors file (--to single-file) or folder (--to diffusers)")
     p.add_argument("--to", required=True, choices=["single-file", "diffusers"],
-                   help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, kohya); "
-                        "diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
+                   help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, "
+                        "kohya); diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
     p.add_argument("--base", default=None,
-                   help="for a UNet-only IN: where the VAE, text encoders (and the UNet config, if no config.json "
-                        f"lies next to IN) come from: hub id, diffusers folder or single file; default {_BASE}")
+                   help="for a UNet-only IN: where the VAE, text encoders (and the UNet config, if no "
+                        "config.json lies next to IN) come from: hub id, diffusers folder or single file; "
+                        f"default {_BASE}")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="kohya-format LoRA fused into the UNet at SCALE (default 1.0); repeatable, fused in order")
+                   help="kohya-format LoRA fused into the UNet at SCALE (default 1.0); repeatable, fused in "
+                        "order")
     p.add_argument("--tokenizers", default=_BASE,
-                   help="with --to diffusers from a single file: the SDXL repo or folder whose tokenizer/ and "
-                        "tokenizer_2/ are copied (single files carry none)")
+                   help="with --to diffusers from a single file: the SDXL repo or folder whose tokenizer/ "
+                        "and tokenizer_2/ are copied (single files carry none)")
     p.add_argument("--fp16", action="store_true",
-                   help="store floating tensors in float16 (half the size); default: keep the source's dtypes")
+                   help="store floating tensors in float16 (half the size); default: keep the source's "
+                        "dtypes")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     return p
 
@@ -154,12 +153,14 @@ def check_args(args):
         raise ValueError(f"OUT {out} exists (pass --overwrite to replace it)")
     if out.resolve() == Path(args.input).resolve():
         raise ValueError(f"OUT {out} is IN")
-    if not out.parent.resolve().is_dir():
+    if not out.parent.resolve().is_dir():  # convert makes no folders but OUT itself
         raise ValueError(f"OUT's folder {out.parent} does not exist")
-    if not os.access(out.parent.resolve(), os.W_OK):
-        raise ValueError(f"OUT's folder {out.parent} is not writable")
+    try:
+        files.check_writable_folder(out.parent)
+    except files.RunError as e:  # its message says --out; this command's output is OUT
+        raise ValueError(f"OUT {out}: {e}") from None
     for spec in args.lora:
-        path, _ = parse_lora(spec)
+        path, _ = weights.parse_lora_spec(spec)
         if not Path(path).is_file():
             raise ValueError(f"--lora {spec}: no such file {path}")
 
@@ -167,26 +168,22 @@ def check_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        check_args(args)
-        unet, vae, encoders, text = load_parts(args)
+
+    def write(tmp):  # OUT.tmp, a file or a folder; files.atomic_write renames it over OUT
         if args.to == "single-file":
             write_single_file(tmp, unet, vae, encoders, args.fp16)
         else:
             write_diffusers(tmp, unet, vae, encoders, text, args.fp16)
         if out.is_dir():  # --overwrite of a folder: os.replace cannot replace a non-empty one
             shutil.rmtree(out)
-        os.replace(tmp, out)
-    except ValueError as e:  # weights.CheckpointError is a ValueError
+    try:
+        check_args(args)
+        unet, vae, encoders, text = load_parts(args)
+        files.atomic_write(out, write)
+    except (ValueError, files.RunError) as e:  # weights.CheckpointError is a ValueError; a full disk RunError
         raise SystemExit(f"error: {e}")
-    except OSError as e:  # a missing file names itself; a failed write (disk full) is named here
+    except OSError as e:  # a missing file names itself; another failed write is named here
         raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else f"error: writing {out}: {e}")
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
     n = sum(p.numel() for m in (unet, vae, *encoders) for p in m.parameters())
     print(f"wrote {out} ({args.to}, {n / 1e6:,.1f}M parameters{', float16' if args.fp16 else ''})")
 

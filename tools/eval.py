@@ -2,12 +2,13 @@
 
     # the toy world (toy.py): Frechet distance on the toy classifier's features, caption accuracy,
     # sharpness relative to the data, agreement with the teacher's 32-step CFG-6 image from the same noise
-    python eval.py --toy toy --out toy/eval --row teacher32:base:32:6 --row teacher4:base:4 \\
+    python -m tools.eval --toy toy --out toy/eval --row teacher32:base:32:6 --row teacher4:base:4 \\
         --row lightning4:toy/runs/8to4/full/sdxl_lightning_4step_unet.safetensors:4
 
     # real SDXL, the paper's protocol (Sec. 4.3): FID-Whole, FID-Patch, CLIP score over e.g. the first 10K
     # COCO val captions, one 1024 px image each, against a folder of reference images
-    python eval.py --prompts coco10k.txt --ref-images coco_val2014/ --out eval/ --width 1024 --height 1024 \\
+    python -m tools.eval --prompts coco10k.txt --ref-images coco_val2014/ --out eval/ \\
+        --width 1024 --height 1024 \\
         --fid-model inception-2015-12-05.pt --clip-model laion/CLIP-ViT-g-14-laion2B-s12B-b42K \\
         --row lightning4::4 --row sdxl32:base:32:5
 
@@ -76,7 +77,8 @@ def fd_of(features_a, features_b):
 
 
 def resize_whole(img: Image.Image, size=FID_SIZE) -> np.ndarray:
-    """FID-Whole: the whole image to size x size, bicubic per channel in float32 -> (size, size, 3) float32 0..255."""
+    """FID-Whole: the whole image to size x size, bicubic per channel in float32 -> (size, size, 3) float32
+    0..255."""
     chans = [np.asarray(Image.fromarray(np.asarray(c, dtype=np.float32), mode="F").resize((size, size),
              Image.Resampling.BICUBIC)) for c in img.convert("RGB").split()]
     return np.stack(chans, axis=-1).clip(0, 255)
@@ -95,8 +97,9 @@ def center_patch(img: Image.Image, size=FID_SIZE) -> np.ndarray:
 
 
 class InceptionFeatures:
-    """clean-fid's / StyleGAN's TorchScript InceptionV3 (`inception-2015-12-05.pt`): (B, 3, 299, 299) floats in
-    0..255 -> (B, 2048) pool features. The file is code + weights; torch.jit.load reads it without torchvision."""
+    """clean-fid's / StyleGAN's TorchScript InceptionV3 (`inception-2015-12-05.pt`): (B, 3, 299, 299) floats
+    in 0..255 -> (B, 2048) pool features. The file is code + weights; torch.jit.load reads it without
+    torchvision."""
 
     def __init__(self, path, device="cpu"):
         import weights
@@ -106,7 +109,8 @@ class InceptionFeatures:
         try:
             self.model = torch.jit.load(str(p), map_location=device).eval()
         except RuntimeError as e:
-            raise weights.CheckpointError(f"{p}: not a TorchScript model ({str(e).splitlines()[0]})") from None
+            raise weights.CheckpointError(f"{p}: not a TorchScript model "
+                                          f"({str(e).splitlines()[0]})") from None
         self.device = device
 
     @torch.no_grad()
@@ -138,7 +142,8 @@ class HFVisionFeatures:
 
 
 def _model_folder(source):
-    """A local folder with a transformers model: the folder itself, or a hub id through weights.py's cache path."""
+    """A local folder with a transformers model: the folder itself, or a hub id through weights.py's cache
+    path."""
     import weights
     if Path(source).is_dir():
         return Path(source)
@@ -146,7 +151,9 @@ def _model_folder(source):
 
 
 def feature_extractor(source, device="cpu"):
-    return InceptionFeatures(source, device) if str(source).endswith((".pt", ".pth")) else HFVisionFeatures(source, device)
+    if str(source).endswith((".pt", ".pth")):
+        return InceptionFeatures(source, device)
+    return HFVisionFeatures(source, device)
 
 
 class ClipScore:
@@ -166,11 +173,14 @@ class ClipScore:
     @torch.no_grad()
     def cosine(self, images, prompts):
         """(B,) cosine similarity of the image and text embeddings."""
-        inp = self.processor(text=list(prompts), images=list(images), return_tensors="pt", padding="max_length",
-                             truncation=True, max_length=self.model.config.text_config.max_position_embeddings)
+        inp = self.processor(text=list(prompts), images=list(images), return_tensors="pt",
+                             padding="max_length",
+                             truncation=True,
+                             max_length=self.model.config.text_config.max_position_embeddings)
         inp = {k: v.to(self.device) for k, v in inp.items()}
         img = _tensor(self.model.get_image_features(pixel_values=inp["pixel_values"]))
-        txt = _tensor(self.model.get_text_features(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"]))
+        txt = _tensor(self.model.get_text_features(input_ids=inp["input_ids"],
+                                                   attention_mask=inp["attention_mask"]))
         return torch.nn.functional.cosine_similarity(img.float(), txt.float(), dim=-1).cpu().numpy()
 
 
@@ -182,14 +192,16 @@ def _tensor(out):
 
 
 def sharpness(images):
-    """Mean variance of the 3x3 Laplacian of the grayscale images (data.py's filter): high-frequency energy."""
+    """Mean variance of the 3x3 Laplacian of the grayscale images (data.py's filter): high-frequency
+    energy."""
     import data as data_mod
     return float(np.mean([data_mod.laplacian_variance(np.asarray(im.convert("L"))) for im in images]))
 
 
 def to_tensor(images):
     """PIL list -> (B, 3, H, W) float32 in [-1, 1]."""
-    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB"))
+                                      for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class ToyJudge:
@@ -201,7 +213,7 @@ class ToyJudge:
         self.clf = toy.load_classifier(self.dir / "classifier")
         data = self.dir / "data"
         if not (data / "done.json").exists():
-            raise ValueError(f"{data}: no toy data set (run `python toy.py --out {self.dir}` first)")
+            raise ValueError(f"{data}: no toy data set (run `python -m tools.toy --out {self.dir}` first)")
         n = min(n_ref, json.loads((data / "done.json").read_text())["images"])
         pixels, _ = toy.load_data(data, n)
         self.ref_features = self.features_of(pixels)
@@ -248,7 +260,8 @@ class Row:
 def parse_row(spec):
     parts = spec.split(":")
     if not 3 <= len(parts) <= 5 or not parts[0] or not parts[2].isdigit():
-        raise ValueError(f"--row {spec!r}: expected NAME:UNET:STEPS[:GUIDANCE[:PREDICTION]], e.g. teacher32:base:32:6")
+        raise ValueError(f"--row {spec!r}: expected NAME:UNET:STEPS[:GUIDANCE[:PREDICTION]], e.g. "
+                         "teacher32:base:32:6")
     if any(c in parts[0] for c in "/\\. "):
         raise ValueError(f"--row {spec!r}: NAME names an output folder; use letters, digits, - and _")
     guidance = float(parts[3]) if len(parts) > 3 and parts[3] else 0.0
@@ -276,25 +289,19 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
         text, unet, vae = cache[key]
         pred = row.prediction or ("sample" if row.unet and "_x0" in Path(row.unet).name else "epsilon")
         for b in todo:
-            imgs = sample_mod.generate(text, unet, vae, prompts[b:b + batch], row.steps, seed + b // batch, width,
-                                       height, pred, row.guidance, dtype)
+            imgs = sample_mod.generate(text, unet, vae, prompts[b:b + batch], row.steps, seed + b // batch,
+                                       width, height, pred, row.guidance, dtype)
             for p, im in zip(paths[b:b + batch], sample_mod.to_pil(imgs)):
-                tmp = p.with_suffix(".tmp.png")
-                im.save(tmp)
-                tmp.replace(p)
+                sample_mod.save_image(im, p)
             n += len(imgs)
     secs = time.time() - t0
     return [Image.open(p).convert("RGB") for p in paths], (secs / n if n else None)
 
 
 def read_prompts(path):
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--prompts {p}: no such file")
-    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"--prompts {p}: no prompts (one per line)")
-    return prompts
+    """sample.py's prompt file (one per line, UTF-8, blank lines skipped; errors name the file and line)."""
+    import sample as sample_mod
+    return [prompt for _, prompt in sample_mod.read_prompts(path)]
 
 # ----------------------------------------------------------------------------------------------------
 # Tables
@@ -312,7 +319,8 @@ def markdown(rows, columns):
     return "\n".join(lines) + "\n"
 
 
-TOY_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fd", "{:.2f}"), ("acc_all", "{:.3f}"), ("acc_shape", "{:.3f}"),
+TOY_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fd", "{:.2f}"), ("acc_all", "{:.3f}"),
+               ("acc_shape", "{:.3f}"),
                ("acc_colour", "{:.3f}"), ("acc_position", "{:.3f}"), ("acc_background", "{:.3f}"),
                ("sharpness", "{:.2f}"), ("psnr_vs_teacher", "{:.2f}"), ("s_per_image", "{:.3f}")]
 REAL_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fid_whole", "{:.2f}"), ("fid_patch", "{:.2f}"),
@@ -320,11 +328,12 @@ REAL_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fid_whole", "{:.2f}"), 
 
 
 def write_tables(out, results, columns, notes):
+    """OUT/results.json and OUT/results.md, each written atomically."""
+    import files
     out = Path(out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"rows": results, "notes": notes}, indent=1))
-    tmp.replace(out / "results.json")
-    (out / "results.md").write_text(markdown(results, columns) + "\n" + notes + "\n")
+    files.save_json({"rows": results, "notes": notes}, out / "results.json")
+    md = markdown(results, columns) + "\n" + notes + "\n"
+    files.atomic_write(out / "results.md", lambda tmp: tmp.write_text(md))
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
@@ -332,27 +341,35 @@ def write_tables(out, results, columns, notes):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--row", action="append", required=True, help="NAME:UNET:STEPS[:GUIDANCE[:PREDICTION]], repeatable")
-    p.add_argument("--out", required=True, help="output folder: OUT/NAME/*.png, OUT/results.json, OUT/results.md")
-    p.add_argument("--toy", default=None, help="a toy.py folder: use its base, data, classifier and the toy protocol")
-    p.add_argument("--prompts", default=None, help="prompt file, one per line (toy default: every toy caption, twice)")
-    p.add_argument("--base", default=None, help="base as in sample.py (toy default: TOY/base; else SDXL base)")
+    p.add_argument("--row", action="append", required=True,
+                   help="NAME:UNET:STEPS[:GUIDANCE[:PREDICTION]], repeatable")
+    p.add_argument("--out", required=True,
+                   help="output folder: OUT/NAME/*.png, OUT/results.json, OUT/results.md")
+    p.add_argument("--toy", default=None,
+                   help="a toy.py folder: use its base, data, classifier and the toy protocol")
+    p.add_argument("--prompts", default=None,
+                   help="prompt file, one per line (toy default: every toy caption, twice)")
+    p.add_argument("--base", default=None,
+                   help="base as in sample.py (toy default: TOY/base; else SDXL base)")
     p.add_argument("--ref-images", default=None, help="real SDXL: folder of reference images for FID")
     p.add_argument("--fid-model", default=None, help="real SDXL: inception-2015-12-05.pt (TorchScript) or a "
                    "transformers vision model (hub id or folder)")
-    p.add_argument("--clip-model", default=None, help="real SDXL: a transformers CLIPModel (hub id or folder)")
+    p.add_argument("--clip-model", default=None,
+                   help="real SDXL: a transformers CLIPModel (hub id or folder)")
     p.add_argument("--num", type=int, default=None, help="use the first NUM prompts (default all)")
     p.add_argument("--batch", type=int, default=16, help="images per generation batch (and per noise seed)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first batch; batch k uses seed + k")
     p.add_argument("--width", type=int, default=None, help="image width (toy 64, else 1024)")
     p.add_argument("--height", type=int, default=None, help="image height (toy 64, else 1024)")
     p.add_argument("--device", default=None, help="torch device; default cuda if available")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="as in sample.py")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="as in sample.py")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    import files
     import sample as sample_mod
     import weights
     try:
@@ -362,14 +379,13 @@ def main(argv=None):
         if args.batch < 1 or (args.num is not None and args.num < 1):
             raise ValueError("--batch and --num must be at least 1")
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file, not a folder")
+        files.check_writable_folder(out)
         device, dtype = sample_mod.pick_device_dtype(args.device, args.dtype)
         if args.toy:
             results = run_toy(args, rows, out, device, dtype)
         else:
             results = run_real(args, rows, out, device, dtype)
-    except (weights.CheckpointError, ValueError, OSError) as e:
+    except (weights.CheckpointError, files.RunError, ValueError, OSError) as e:
         raise SystemExit(f"error: {e}")
     print(Path(args.out, "results.md").read_text())
     return results
@@ -380,7 +396,7 @@ def run_toy(args, rows, out, device, dtype):
     toy_dir = Path(args.toy)
     base = args.base or str(toy_dir / "base")
     if not (Path(base) / "model_index.json").exists() and not weights_is_file(base):
-        raise ValueError(f"{base}: no toy base (run `python toy.py --out {toy_dir}` first)")
+        raise ValueError(f"{base}: no toy base (run `python -m tools.toy --out {toy_dir}` first)")
     prompts = read_prompts(args.prompts) if args.prompts else toy.all_captions() * 2
     prompts = prompts[:args.num] if args.num else prompts
     for p in prompts:
@@ -388,8 +404,8 @@ def run_toy(args, rows, out, device, dtype):
     w, h = args.width or toy.RES, args.height or toy.RES
     out.mkdir(parents=True, exist_ok=True)
     judge, cache = ToyJudge(toy_dir), {}
-    teacher, _ = generate_row(Row("_teacher32", "base", 32, 6.0), base, prompts, out, args.batch, args.seed, w, h,
-                              device, dtype, cache)
+    teacher, _ = generate_row(Row("_teacher32", "base", 32, 6.0), base, prompts, out, args.batch, args.seed,
+                              w, h, device, dtype, cache)
     results = []
     for r in rows:
         imgs, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
@@ -400,10 +416,11 @@ def run_toy(args, rows, out, device, dtype):
                         "s_per_image": spi, "images": len(imgs)})
         print(f"eval.py: {r.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if v is not None))
     notes = (f"Toy protocol, {len(prompts)} images per row ({w}x{h}), noise seed {args.seed} + batch index "
-             f"(batch {args.batch}); fd: Frechet distance of toy-classifier features (128-d) to {len(judge.ref_features)} "
-             f"data images; acc: caption attributes recognised by the classifier (all: all four); sharpness: mean "
-             f"Laplacian variance / the data's; psnr_vs_teacher: dB against the teacher's 32-step CFG-6 image from "
-             f"the same noise; s_per_image: generation time (CPU, this run; '-' when cached).")
+             f"(batch {args.batch}); fd: Frechet distance of toy-classifier features (128-d) to "
+             f"{len(judge.ref_features)} data images; acc: caption attributes recognised by the classifier "
+             "(all: all four); sharpness: mean Laplacian variance / the data's; psnr_vs_teacher: dB against "
+             "the teacher's 32-step CFG-6 image from the same noise; s_per_image: generation time (CPU, "
+             "this run; '-' when cached).")
     write_tables(out, results, TOY_COLUMNS, notes)
     return results
 
@@ -445,24 +462,28 @@ def run_real(args, rows, out, device, dtype):
         if fe is not None:
             whole, patch = image_features(fe, imgs)
             res["fid_whole"] = fd_of(whole, ref_whole)
-            res["fid_patch"] = fd_of(patch, ref_patch) if patch is not None and ref_patch is not None else None
+            both = patch is not None and ref_patch is not None
+            res["fid_patch"] = fd_of(patch, ref_patch) if both else None
         if clip is not None:
             res["clip_score"] = float(np.mean(np.concatenate([clip(imgs[i:i + 32], prompts[i:i + 32])
                                                               for i in range(0, len(imgs), 32)])))
         results.append(res)
-    notes = (f"{len(prompts)} prompts, {w}x{h}; FID-Whole: whole image bicubic-resized to 299 (float, per channel); "
-             f"FID-Patch: 299 px centre crop at full resolution; features: {args.fid_model}; CLIP score: 100 max(cos, 0) "
-             f"with {args.clip_model}; noise seed {args.seed} + batch index (batch {args.batch}).")
+    notes = (f"{len(prompts)} prompts, {w}x{h}; FID-Whole: whole image bicubic-resized to 299 (float, per "
+             f"channel); FID-Patch: 299 px centre crop at full resolution; features: {args.fid_model}; CLIP "
+             f"score: 100 max(cos, 0) with {args.clip_model}; noise seed {args.seed} + batch index (batch "
+             f"{args.batch}).")
     write_tables(out, results, REAL_COLUMNS, notes)
     return results
 
 
 def image_features(fe, images, batch=32):
     """(whole features, patch features or None when an image is smaller than 299 px)."""
-    whole = np.concatenate([fe([resize_whole(im) for im in images[i:i + batch]]) for i in range(0, len(images), batch)])
+    whole = np.concatenate([fe([resize_whole(im) for im in images[i:i + batch]])
+                            for i in range(0, len(images), batch)])
     if min(min(im.size) for im in images) < FID_SIZE:
         return whole, None
-    patch = np.concatenate([fe([center_patch(im) for im in images[i:i + batch]]) for i in range(0, len(images), batch)])
+    patch = np.concatenate([fe([center_patch(im) for im in images[i:i + batch]])
+                            for i in range(0, len(images), batch)])
     return whole, patch
 
 

@@ -1,8 +1,8 @@
 """Encode a data set once for training: VAE latents and both CLIP embeddings, so that train.py runs without
 the VAE and the text encoders (frozen in every stage, and about three quarters of a UNet forward per image).
 
-    python prepare.py --data shards/ --base stabilityai/stable-diffusion-xl-base-1.0 --out cache/
-    torchrun --nproc_per_node 8 prepare.py --data shards/ --out cache/ --resolution 1024 --dtype bf16
+    python -m tools.prepare --data shards/ --base stabilityai/stable-diffusion-xl-base-1.0 --out cache/
+    torchrun --nproc_per_node 8 -m tools.prepare --data shards/ --out cache/ --resolution 1024 --dtype bf16
     python train.py --stage 8to4 --data cache/ ...
 
 The data set is indexed exactly as train.py indexes it (data.ImageCaptionData with the same filters), then
@@ -15,7 +15,6 @@ rank 0, when every shard exists. Re-running the same command resumes: finished s
 The seed plays no part here: data.CachedData applies the training seed's order when it reads.
 """
 import argparse
-import errno
 import hashlib
 import json
 import os
@@ -25,9 +24,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 import data
+import files
 import weights
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -43,7 +42,8 @@ def cache_header(ds, args, vae, text):
          "base": os.path.realpath(args.base) if os.path.exists(args.base) else args.base,
          "resolution": args.resolution, "dtype": args.dtype, "compute_dtype": args.compute_dtype,
          "data": os.path.abspath(args.data), "shard_size": args.shard_size, "items": len(ds),
-         "filters": {"min_size": args.min_size, "sharpness": args.sharpness, "min_aesthetic": args.min_aesthetic,
+         "filters": {"min_size": args.min_size, "sharpness": args.sharpness,
+                     "min_aesthetic": args.min_aesthetic,
                      "aesthetic_key": args.aesthetic_key, "clean_captions": args.clean_captions},
          "latent_shape": [vae.config.latent_channels, args.resolution // vae.config.downscale,
                           args.resolution // vae.config.downscale],
@@ -86,14 +86,17 @@ def encode_shard(k, ds, vae, text, header, args, device):
             if not samples:
                 continue
             pixels = torch.stack([s.pixels for s in samples]).to(device, cdt)  # (B, 3, R, R)
-            latent, std, context, pooled = data.encode(vae, text, pixels, [s.caption for s in samples], args.vae_slice)
-            for name, v in (("latent", latent), ("latent_std", std), ("context", context), ("pooled", pooled)):
+            latent, std, context, pooled = data.encode(vae, text, pixels,
+                                                       [s.caption for s in samples], args.vae_slice)
+            for name, v in (("latent", latent), ("latent_std", std), ("context", context),
+                            ("pooled", pooled)):
                 out[name].append(v.float().to(sdt).cpu())
             out["time_ids"].append(torch.stack([s.time_ids for s in samples]))  # (B, 6) float32
             out["index"].append(torch.tensor([s.index for s in samples], dtype=torch.int64))
     counts["cached"] = sum(len(t) for t in out["index"])
     empty = {"index": (torch.int64, (0,)), "latent": (sdt, (0, *header["latent_shape"])),
-             "latent_std": (sdt, (0, *header["latent_shape"])), "context": (sdt, (0, *header["context_shape"])),
+             "latent_std": (sdt, (0, *header["latent_shape"])),
+             "context": (sdt, (0, *header["context_shape"])),
              "pooled": (sdt, (0, header["pooled_dim"])), "time_ids": (torch.float32, (0, 6))}
     tensors = {name: torch.cat(v).contiguous() if v else torch.zeros(empty[name][1], dtype=empty[name][0])
                for name, v in out.items()}
@@ -101,20 +104,13 @@ def encode_shard(k, ds, vae, text, header, args, device):
 
 
 def save_shard(tensors, counts, k, header, out):
-    """Atomically (temp file, then rename): a shard file that exists is complete."""
+    """Atomically (files.atomic_write: temp file, then rename): a shard file that exists is complete."""
     path = os.path.join(out, data.shard_name(k))
     core = {key: v for key, v in header.items() if key != "fingerprint"}
-    meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION), "fingerprint": header["fingerprint"],
+    meta = {"format": data.CACHE_FORMAT, "version": str(data.CACHE_VERSION),
+            "fingerprint": header["fingerprint"],
             "shard": str(k), "stats": json.dumps(counts), "header": json.dumps(core)}
-    tmp = path + ".tmp"
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise ValueError(f"{path}: could not write the shard{full}: {e.strerror or e}") from None
+    files.save_safetensors(tensors, path, metadata=meta)
 
 
 def write_index(ds, header, out):
@@ -126,10 +122,7 @@ def write_index(ds, header, out):
         for key, v in json.loads(meta["stats"]).items():
             stats[key] = stats.get(key, 0) + v
     index = {**header, "shards": shards, "stats": stats}
-    tmp = os.path.join(out, data.CACHE_INDEX + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(tmp, os.path.join(out, data.CACHE_INDEX))
+    files.save_json(index, os.path.join(out, data.CACHE_INDEX))
     return index
 
 
@@ -139,7 +132,8 @@ def write_index(ds, header, out):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, or .tar shards")
+    p.add_argument("--data", required=True,
+                   help="a folder of images with same-stem .txt captions, or .tar shards")
     p.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base whose VAE and text encoders encode "
                    "(hub id, diffusers folder or single file); train with the same --base")
     p.add_argument("--out", required=True, help="cache folder (shards + cache_index.json); re-run to resume")
@@ -147,17 +141,24 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(data.CACHE_DTYPES), default="fp16",
                    help="storage dtype of latents and embeddings (fp16: 3 more mantissa bits than bf16)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="fp32",
-                   help="dtype the VAE and text encoders run in (the SDXL VAE overflows in fp16, hence no fp16)")
-    p.add_argument("--min-size", type=int, default=1024, help="skip images whose shorter side is below this (Sec. 3.6)")
+                   help="dtype the VAE and text encoders run in (the SDXL VAE overflows in fp16, hence no "
+                        "fp16)")
+    p.add_argument("--min-size", type=int, default=1024,
+                   help="skip images whose shorter side is below this (Sec. 3.6)")
     p.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS,
-                   help="skip images whose Laplacian variance at the training crop is below this (Sec. 3.6); 0 off")
-    p.add_argument("--min-aesthetic", type=float, default=0.0, help="skip samples whose metadata .json aesthetic "
+                   help="skip images whose Laplacian variance at the training crop is below this (Sec. 3.6); "
+                        "0 off")
+    p.add_argument("--min-aesthetic", type=float, default=0.0,
+                   help="skip samples whose metadata .json aesthetic "
                    f"score ({', '.join(data.AESTHETIC_KEYS)}) is below this, or missing; 0 off")
     p.add_argument("--aesthetic-key", default=None, help="read the aesthetic score from this .json key only")
-    p.add_argument("--clean-captions", action="store_true", help="remove URLs and HTML entities, collapse whitespace")
-    p.add_argument("--shard-size", type=int, default=256, help="dataset indices per shard (~150 MB at 1024 px fp16)")
+    p.add_argument("--clean-captions", action="store_true",
+                   help="remove URLs and HTML entities, collapse whitespace")
+    p.add_argument("--shard-size", type=int, default=256,
+                   help="dataset indices per shard (~150 MB at 1024 px fp16)")
     p.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
-    p.add_argument("--vae-slice", type=int, default=4, help="images per VAE encode call inside a batch (memory)")
+    p.add_argument("--vae-slice", type=int, default=4,
+                   help="images per VAE encode call inside a batch (memory)")
     p.add_argument("--workers", type=int, default=4, help="threads decoding images")
     p.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
     return p.parse_args(argv)
@@ -168,23 +169,12 @@ def check_args(args):
     for name in ("resolution", "shard_size", "batch_size", "vae_slice", "workers"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ValueError(f"--out {args.out}: exists and is not a folder")
+    # on every rank: an error on one rank only would leave the others waiting in a barrier
+    files.check_writable_folder(args.out)
     if data.is_cache(args.data):
         raise ValueError(f"--data {args.data}: is a cache already; give the images")
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device here")
-
-
-def check_out(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"--out {out}: not writable ({e.strerror})") from None
 
 
 def main(argv=None):
@@ -197,9 +187,9 @@ def main(argv=None):
         check_args(args)
         use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
-        check_out(args.out)  # on every rank: an error on one rank only would leave the others in a barrier
-        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0, args.min_aesthetic,
-                                   args.clean_captions, args.aesthetic_key)
+        os.makedirs(args.out, exist_ok=True)
+        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0,
+                                   args.min_aesthetic, args.clean_captions, args.aesthetic_key)
         cdt = COMPUTE_DTYPES[args.compute_dtype]
         single = weights.is_file(args.base)
         sd = weights.read_safetensors(args.base) if single else None
@@ -207,8 +197,8 @@ def main(argv=None):
         text = weights.load_text(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
         del sd
         if args.resolution % vae.config.downscale:
-            raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale factor "
-                             f"{vae.config.downscale}")
+            raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale "
+                             f"factor {vae.config.downscale}")
         header = cache_header(ds, args, vae, text)
         index_file = os.path.join(args.out, data.CACHE_INDEX)
         if os.path.exists(index_file):
@@ -218,12 +208,13 @@ def main(argv=None):
             except (OSError, ValueError, AttributeError):
                 old = None
             if old != header["fingerprint"]:
-                raise ValueError(f"{index_file}: --out holds another cache (other data, base, resolution, dtype or "
-                                 f"filters); choose another --out or delete it")
+                raise ValueError(f"{index_file}: --out holds another cache (other data, base, resolution, "
+                                 f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
         if rank == 0:
-            print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); {device}")
+            print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); "
+                  f"{device}")
         kept, done, t0, n_done = 0, 0, time.time(), 0
         for k in mine:
             path = os.path.join(args.out, data.shard_name(k))
@@ -239,17 +230,18 @@ def main(argv=None):
             done, n_done = done + 1, n_done + len(shard_range(k, header))
             if rank == 0:
                 dt = time.time() - t0
-                print(f"shard {k + 1}/{K}: {counts['cached']} cached {counts}; rank 0: {n_done / dt:.2f} images/s")
+                print(f"shard {k + 1}/{K}: {counts['cached']} cached {counts}; rank 0: {n_done / dt:.2f} "
+                      "images/s")
         if ddp:
             dist.barrier()
         if rank == 0:
             index = write_index(ds, header, args.out)
-            print(f"cache: {index['stats']['cached']} samples in {K} shards ({kept} kept from an earlier run on "
-                  f"rank 0); {index['stats']} -> {index_file}")
+            print(f"cache: {index['stats']['cached']} samples in {K} shards ({kept} kept from an earlier run "
+                  f"on rank 0); {index['stats']} -> {index_file}")
             if index["stats"]["cached"] == 0:
-                raise ValueError(f"{args.data}: no image passed the load-time filters (corrupt, caption not UTF-8, "
-                                 f"sharpness < {args.sharpness}): {index['stats']}")
-    except (weights.CheckpointError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{args.data}: no image passed the load-time filters (corrupt, caption not "
+                                 f"UTF-8, sharpness < {args.sharpness}): {index['stats']}")
+    except (weights.CheckpointError, files.RunError, ValueError, RuntimeError) as e:
         if ddp:
             dist.destroy_process_group()
         raise SystemExit(f"error: {e}")

@@ -37,7 +37,8 @@ def randomize(module, seed):
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias") or p.ndim == 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05
+                        + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
             else:
                 fan_in = p[0].numel()
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
@@ -110,7 +111,8 @@ WIDTH, WIDTH_2, PROJECTION_DIM = 32, 48, 48
 CONTEXT_DIM = WIDTH + WIDTH_2  # 80, the tiny UNet's cross_attention_dim
 POOLED_DIM = PROJECTION_DIM  # 48
 MAX_LENGTH = 77
-WORDS = ("photo", "of", "cat", "dog", "red", "car", "in", "the", "snow")  # whole-word tokens; the rest spell out
+# whole-word tokens; the rest spell out
+WORDS = ("photo", "of", "cat", "dog", "red", "car", "in", "the", "snow")
 
 
 def tiny_vocab():
@@ -125,7 +127,8 @@ def write_tokenizer(folder, pad_token):
 
 
 def text_configs(**overrides):
-    """CLIP-L-like and bigG-like configs, token ids as in the SDXL hub configs (eos_token_id 2: argmax pooling)."""
+    """CLIP-L-like and bigG-like configs, token ids as in the SDXL hub configs (eos_token_id 2: argmax
+    pooling)."""
     common = dict(vocab_size=len(tiny_vocab()[0]), num_hidden_layers=3, max_position_embeddings=MAX_LENGTH,
                   bos_token_id=0, eos_token_id=2, pad_token_id=1, layer_norm_eps=1e-5, **overrides)
     config = CLIPTextConfig(hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_attention_heads=1,

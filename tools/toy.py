@@ -1,10 +1,10 @@
 """The toy world: a tiny SDXL-shaped base trained from scratch on a procedural captioned data set, on a CPU.
 
-    python -m tools.toy --out toy            # toy/data (captioned 64 px images), toy/base (a diffusers SDXL folder),
-                                       # toy/classifier (the toy's "Inception"); 23 min on 2 shared CPU cores
-    python -m tools.toy --out toy --quick    # a smaller base in 5-8 minutes (tests)
-    python -m tools.toy all --out toy        # the whole experiment: base, every stage and the ablations with train.py,
-                                       # tools/eval.py tables; ~35 min after the base on 2 CPU cores
+    python -m tools.toy --out toy          # toy/data (captioned 64 px images), toy/base (a diffusers SDXL
+                                           # folder), toy/classifier (the toy's "Inception"); 23 min on 2 CPUs
+    python -m tools.toy --out toy --quick  # a smaller base in 5-8 minutes (tests)
+    python -m tools.toy all --out toy      # the whole experiment: base, every stage and the ablations with
+                                           # train.py, tools/eval.py tables; ~35 min after the base on 2 CPUs
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
 --width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
@@ -35,14 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="base", choices=["base", "all"],
-                   help="base: data + base + classifier (default); all: also every stage with train.py and tools/eval.py")
+                   help="base: data + base + classifier (default); all: also every stage with train.py and "
+                        "tools/eval.py")
     p.add_argument("--out", default="toy", help="output folder: OUT/data, OUT/base, OUT/classifier, OUT/runs")
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
     p.add_argument("--images", type=int, default=None, help="data set size (default 3000, --quick 500)")
-    p.add_argument("--unet-steps", type=int, default=None, help="teacher training steps (default 2000, --quick 1000)")
-    p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 400, --quick 300)")
-    p.add_argument("--clf-steps", type=int, default=None, help="classifier training steps (default 300, --quick 100)")
+    p.add_argument("--unet-steps", type=int, default=None,
+                   help="teacher training steps (default 2000, --quick 1000)")
+    p.add_argument("--vae-steps", type=int, default=None,
+                   help="VAE training steps (default 400, --quick 300)")
+    p.add_argument("--clf-steps", type=int, default=None,
+                   help="classifier training steps (default 300, --quick 100)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
@@ -58,22 +62,21 @@ def main(argv=None):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch) < 1:
-        raise SystemExit(f"error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, --phase-steps, "
-                         f"--batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, {cfg.clf_steps}, "
-                         f"{args.phase_steps}, {args.batch}")
+        raise SystemExit("error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, "
+                         f"--phase-steps, --batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, "
+                         f"{cfg.clf_steps}, {args.phase_steps}, {args.batch}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        files.check_writable_folder(out)
         t0 = time.time()
         times = build(out, cfg, args.quick)
         print(f"toy.py: {out}/data, {out}/base, {out}/classifier ready ({time.time() - t0:.0f}s this run; "
               f"parts: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
         if args.command == "all":
             experiment(out, args)
-    except ValueError as e:
+    except (ValueError, files.RunError) as e:
         raise SystemExit(f"error: {e}")
 
 
@@ -96,7 +99,8 @@ def checkpoint(out, folder, stage, phase):
 
 
 def teachers_2to1(out, phase):
-    """A 2to1 run's teachers, from the method's runs/: the 2-step student, and for uncond the skip-level 4-step."""
+    """A 2to1 run's teachers, from the method's runs/: the 2-step student, and for uncond the skip-level
+    4-step."""
     return ["--teacher", checkpoint(out, "runs", "4to2", "full")] + \
         (["--skip-level-teacher", checkpoint(out, "runs", "8to4", "full")] if phase == "uncond" else [])
 
@@ -126,23 +130,28 @@ def ablations(out):
 # and the adversarial phases 2x longer; and the epsilon ablation with the same adversarial budget.
 # (folder, stage, phase, factor on --phase-steps, extra arguments)
 LONGER = [("runs-long", "2to1", "convert", 8, []), ("runs-long", "2to1", "cond", 2, []),
-          ("runs-long", "2to1", "uncond", 2, []), ("runs-eps-long", "2to1", "cond", 2, ["--prediction", "epsilon"]),
+          ("runs-long", "2to1", "uncond", 2, []),
+          ("runs-eps-long", "2to1", "cond", 2, ["--prediction", "epsilon"]),
           ("runs-eps-long", "2to1", "uncond", 2, ["--prediction", "epsilon"])]
 
 
 def full_plan(out, steps):
-    """Every train.py run of `toy.py all`, in order, as (folder, stage, phase, max steps, extra arguments): the
-    method's 13 phases in runs/, the ablations, then the longer runs."""
+    """Every train.py run of `toy.py all`, in order, as (folder, stage, phase, max steps, extra arguments):
+    the method's 13 phases in runs/, the ablations, then the longer runs."""
     return [("runs", stage, phase, steps, []) for stage, phase in PLAN] + \
         [(f, stage, phase, steps, extra) for f, stage, phase, extra in ablations(out)] + \
-        [(f, stage, phase, steps * k, extra + teachers_2to1(out, phase)) for f, stage, phase, k, extra in LONGER]
+        [(f, stage, phase, steps * k, extra + teachers_2to1(out, phase))
+         for f, stage, phase, k, extra in LONGER]
 
 
 def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=()):
-    """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see README)."""
-    return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base", str(Path(out) / "base"),
+    """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see
+    README)."""
+    return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base",
+            str(Path(out) / "base"),
             "--data", str(Path(out) / "data"), "--out", str(Path(out) / folder), "--resolution", str(RES),
-            "--min-size", str(RES), "--sharpness", "0",  # flat-colour shapes score below the photo default (100)
+            "--min-size", str(RES), "--sharpness",
+            "0",  # flat-colour shapes score below the photo default (100)
             "--batch-size", str(batch), "--micro-batch-size", str(batch),
             "--max-steps", str(steps), "--save-every", str(steps), "--lr", str(phase_lr(stage, phase)),
             "--seed", str(seed), "--device", "cpu", *extra]
@@ -150,7 +159,8 @@ def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=
 
 def unet_file(out, stage, phase, folder="runs", prediction=None):
     """The phase's exported UNet, named as train.py names it."""
-    return Path(out) / folder / stage / phase / files.unet_filename(lm.STAGES[stage].student_steps, prediction)
+    name = files.unet_filename(lm.STAGES[stage].student_steps, prediction)
+    return Path(out) / folder / stage / phase / name
 
 
 def eval_rows(out):
@@ -158,25 +168,32 @@ def eval_rows(out):
     rows = [f"teacher{n}:base:{n}:6" for n in (32, 8, 4, 2, 1)]
     for name, stage, phase, n in [("mse32", "128to32", "mse", 32), ("lightning8", "32to8", "full", 8),
                                   ("lightning4", "8to4", "full", 4), ("lightning4-lora", "8to4", "uncond", 4),
-                                  ("lightning4-cond-only", "8to4", "cond", 4), ("lightning2", "4to2", "full", 2),
-                                  ("lightning2-cond-only", "4to2", "cond", 2), ("convert1", "2to1", "convert", 1),
-                                  ("lightning1", "2to1", "uncond", 1), ("lightning1-cond-only", "2to1", "cond", 1)]:
+                                  ("lightning4-cond-only", "8to4", "cond", 4),
+                                  ("lightning2", "4to2", "full", 2),
+                                  ("lightning2-cond-only", "4to2", "cond", 2),
+                                  ("convert1", "2to1", "convert", 1),
+                                  ("lightning1", "2to1", "uncond", 1),
+                                  ("lightning1-cond-only", "2to1", "cond", 1)]:
         f = unet_file(out, stage, phase)
         if f.exists():
             rows.append(f"{name}:{f}:{n}:0:{'sample' if n == 1 else 'epsilon'}")
     # controls: the teacher without CFG (as the students sample), and each stage's starting model sampled at
     # the student's step count, which separates what a stage adds from what the CFG-free MSE student brings
     rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 8, 4, 2, 1)]
-    for name, stage, phase, steps in [("mse32", "128to32", "mse", (8, 4, 2, 1)), ("lightning8", "32to8", "full", (4, 2)),
-                                      ("lightning4", "8to4", "full", (2,)), ("lightning2", "4to2", "full", (1,))]:
+    for name, stage, phase, steps in [("mse32", "128to32", "mse", (8, 4, 2, 1)),
+                                      ("lightning8", "32to8", "full", (4, 2)),
+                                      ("lightning4", "8to4", "full", (2,)),
+                                      ("lightning2", "4to2", "full", (1,))]:
         f = unet_file(out, stage, phase)
         if f.exists():
             rows += [f"{name}-at{n}:{f}:{n}" for n in steps]
     # the ablations: MSE-only progressive distillation at 8, 4, 2, 1 steps; the 1-step student without the
     # x0 switch (epsilon) and without re-noising
     for name, folder, stage, phase, n, pred in [
-            ("mse-pd8", "runs-mse", "32to8", "mse", 8, "epsilon"), ("mse-pd4", "runs-mse", "8to4", "mse", 4, "epsilon"),
-            ("mse-pd2", "runs-mse", "4to2", "mse", 2, "epsilon"), ("mse-pd1", "runs-mse", "2to1", "mse", 1, "sample"),
+            ("mse-pd8", "runs-mse", "32to8", "mse", 8, "epsilon"),
+            ("mse-pd4", "runs-mse", "8to4", "mse", 4, "epsilon"),
+            ("mse-pd2", "runs-mse", "4to2", "mse", 2, "epsilon"),
+            ("mse-pd1", "runs-mse", "2to1", "mse", 1, "sample"),
             ("lightning1-eps", "runs-eps", "2to1", "uncond", 1, "epsilon"),
             ("lightning1-no-renoise", "runs-norenoise", "2to1", "uncond", 1, "sample"),
             ("convert1-long", "runs-long", "2to1", "convert", 1, "sample"),
@@ -204,12 +221,13 @@ def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
         d.text((4, y * RES + RES // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
         for x in range(columns):
             img.paste(Image.open(eval_dir / r / f"{x * every:05d}.png"), (label_w + x * RES, y * RES))
-    img.save(path)
+    files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return rows
 
 
 def experiment(out, args):
-    """Every phase through train.py (skipping finished ones), then tools/eval.py; wall times to OUT/runs/times.json."""
+    """Every phase through train.py (skipping finished ones), then tools/eval.py; wall times to
+    OUT/runs/times.json."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     tfile = out / "runs" / "times.json"
@@ -223,11 +241,12 @@ def experiment(out, args):
         t0 = time.time()
         r = subprocess.run(cmd)
         if r.returncode:
-            raise ValueError(f"train.py failed on {folder}/{stage}/{phase} (exit {r.returncode}); fix and re-run to "
-                             f"resume")
+            raise ValueError(f"train.py failed on {folder}/{stage}/{phase} (exit {r.returncode}); fix and "
+                             f"re-run to resume")
         times[f"{stage}/{phase}" if folder == "runs" else f"{folder}/{stage}/{phase}"] = time.time() - t0
         write_json(tfile, times)
-    cmd = [sys.executable, "-m", "tools.eval", "--toy", str(out), "--out", str(out / "eval"), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "tools.eval", "--toy", str(out), "--out", str(out / "eval"),
+           "--device", "cpu"]
     for row in eval_rows(out):
         cmd += ["--row", row]
     print("toy.py:", " ".join(cmd[1:]), flush=True)

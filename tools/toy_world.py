@@ -10,7 +10,8 @@ What is in the base, smallest piece first:
   with random frozen weights, and CLIPTokenizers whose vocabulary (letters + one merge chain per caption
   word) is written here. Random encoders are enough: the UNet learns to read their features.
 - VAE: our vae.py at widths (16, 32, 64, 64), one resnet per level (factor 8: 64 px -> 8x8x4 latents), trained
-  on reconstruction of the latent mean; its scaling factor is set so the latents have unit variance, as SDXL's.
+  on reconstruction of the latent mean; its scaling factor is set so the latents have unit variance, as
+  SDXL's.
 - teacher: our unet.py, SDXL layout (text-time embedding, cross-attention), widths (32, 64, 128), trained for
   epsilon on SDXL's scaled-linear schedule with 15% of captions dropped to the all-zero unconditional input
   (SDXL's force_zeros_for_empty_prompt), EMA weights exported.
@@ -35,9 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+import files
 import lightning_min as lm
 import text as text_mod
 import unet as unet_mod
@@ -55,7 +57,8 @@ COLOURS = {"red": (215, 45, 45), "green": (45, 170, 70), "blue": (45, 85, 215), 
 POSITIONS = {"top left": (17, 17), "top right": (47, 17), "bottom left": (17, 47), "bottom right": (47, 47),
              "center": (32, 32)}  # (x, y) centre of the shape in the 64 px image
 BACKGROUNDS = {"gray": (128, 128, 128), "black": (25, 25, 25), "white": (235, 235, 235)}
-ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS), "background": tuple(BACKGROUNDS)}
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS),
+              "background": tuple(BACKGROUNDS)}
 
 
 def caption(shape, colour, position, background):
@@ -64,15 +67,18 @@ def caption(shape, colour, position, background):
 
 
 def parse_caption(text):
-    """A toy caption -> {"shape": i, "colour": i, "position": i, "background": i} (indices into ATTRIBUTES)."""
+    """A toy caption -> {"shape": i, "colour": i, "position": i, "background": i} (indices into
+    ATTRIBUTES)."""
     for s in SHAPES:
         for c in COLOURS:
             for p in POSITIONS:
                 for b in BACKGROUNDS:
                     if caption(s, c, p, b) == text.strip():
                         return {"shape": SHAPES.index(s), "colour": list(COLOURS).index(c),
-                                "position": list(POSITIONS).index(p), "background": list(BACKGROUNDS).index(b)}
-    raise ValueError(f"{text.strip()!r} is not a toy caption (like {caption('circle', 'red', 'center', 'gray')!r})")
+                                "position": list(POSITIONS).index(p),
+                                "background": list(BACKGROUNDS).index(b)}
+    raise ValueError(f"{text.strip()!r} is not a toy caption (like "
+                     f"{caption('circle', 'red', 'center', 'gray')!r})")
 
 
 def all_captions():
@@ -95,25 +101,28 @@ def draw(seed, i):
         r = int(r * 0.85)  # same area as the circle, roughly
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
     else:
-        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))], fill=COLOURS[colour])
+        d.polygon([(cx, cy - r), (cx - r, cy + int(0.8 * r)), (cx + r, cy + int(0.8 * r))],
+                  fill=COLOURS[colour])
     return img.resize((RES, RES), Image.Resampling.BOX), caption(shape, colour, position, bg)
 
 
 def write_data(folder, n, seed):
-    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written to a temp folder, then renamed."""
+    """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written as one folder
+    (files.atomic_write: a temp folder, then renamed)."""
     folder = Path(folder)
     if (folder / "done.json").exists():
         return
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i in tqdm(range(n), desc="data", mininterval=2):
-        img, cap = draw(seed, i)
-        img.save(tmp / f"{i:05d}.png")
-        (tmp / f"{i:05d}.txt").write_text(cap)
-    (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def write(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
+        tmp.mkdir(parents=True)
+        for i in tqdm(range(n), desc="data", mininterval=2):
+            img, cap = draw(seed, i)
+            img.save(tmp / f"{i:05d}.png")
+            (tmp / f"{i:05d}.txt").write_text(cap)
+        (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished folder: os.replace needs it gone
+    files.atomic_write(folder, write)
 
 
 def load_data(folder, n):
@@ -122,7 +131,8 @@ def load_data(folder, n):
     for i in range(n):
         pix.append(np.asarray(Image.open(Path(folder) / f"{i:05d}.png").convert("RGB")))
         caps.append((Path(folder) / f"{i:05d}.txt").read_text().strip())
-    x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, H, W, 3) -> (N, 3, H, W)
+    # (N, H, W, 3) -> (N, 3, H, W)
+    x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, caps
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,8 +144,8 @@ TEXT_WIDTHS = (32, 64)  # CLIP-L and bigG stand-ins; context = 32 + 64 = 96, poo
 
 def vocab_and_merges(words=None):
     """CLIP-shaped byte-level BPE: letters, letters + </w>, one merge chain per word (default: every caption
-    word; a word is then one token), then the specials with the largest ids (the SDXL configs' eos_token_id = 2
-    means 'pool at the largest id')."""
+    word; a word is then one token), then the specials with the largest ids (the SDXL configs' eos_token_id =
+    2 means 'pool at the largest id')."""
     letters = ["!"] + list(string.ascii_lowercase)
     vocab = {t: i for i, t in enumerate(letters + [ch + "</w>" for ch in letters])}
     merges = []
@@ -165,7 +175,8 @@ def write_tokenizer(folder, pad_token, vocab_merges=None):
                "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}))
+        {**special, "model_max_length": MAX_LENGTH, "tokenizer_class": "CLIPTokenizer",
+         "do_lower_case": True}))
 
 
 def text_encoders(seed):
@@ -178,8 +189,8 @@ def text_encoders(seed):
     w1, w2 = TEXT_WIDTHS
     te = CLIPTextModel(CLIPTextConfig(hidden_size=w1, intermediate_size=4 * w1, projection_dim=w1,
                                       hidden_act="quick_gelu", **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2, projection_dim=w2,
-                                                     hidden_act="gelu", **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2,
+                                                     projection_dim=w2, hidden_act="gelu", **common))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for model in (te, te2):
@@ -222,8 +233,8 @@ class ToyConfig:
     seed: int = 0  # data, initialization and training draws
 
 
-QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32, unet_lr=1e-3,
-                  ema=0.98)
+QUICK = ToyConfig(images=500, vae_steps=300, vae_lr=2e-3, clf_steps=100, unet_steps=1000, unet_batch=32,
+                  unet_lr=1e-3, ema=0.98)
 
 
 def unet_config(cfg):
@@ -240,16 +251,9 @@ VAE_CONFIG = vae_mod.VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_b
 # Training pieces
 
 
-def atomic_save(tensors, path):
-    tmp = Path(str(path) + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_tensors(tensors, path):
+    """A state dict as .safetensors, detached, on the CPU, written atomically."""
+    files.save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
 
 
 def train_vae(pixels, cfg, seed):
@@ -334,13 +338,15 @@ def load_classifier(folder):
     """The classifier toy.py wrote (folder/classifier.safetensors), strictly."""
     path = Path(folder) / "classifier.safetensors"
     if not path.is_file():
-        raise ValueError(f"{path}: no such file (run `python toy.py --out {Path(folder).parent}` first)")
+        raise ValueError(f"{path}: no such file (run `python -m tools.toy --out {Path(folder).parent}` "
+                         "first)")
     clf = Classifier()
     sd = load_file(str(path))
     missing = set(clf.state_dict()) - set(sd)
     unexpected = set(sd) - set(clf.state_dict())
     if missing or unexpected:
-        raise ValueError(f"{path}: not a toy classifier: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise ValueError(f"{path}: not a toy classifier: missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}")
     clf.load_state_dict(sd, strict=True)
     return clf.eval()
 
@@ -369,7 +375,8 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
     B, warm = cfg.unet_batch, max(1, min(200, cfg.unet_steps // 10))
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="teacher unet", mininterval=5)
     while step < cfg.unet_steps:
-        lr = cfg.unet_lr * (min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
+        lr = cfg.unet_lr * (min(1.0, (step + 1) / warm)
+                            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.unet_steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(lat), (B,), generator=g)
@@ -392,7 +399,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
         if step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if step % 200 == 0 or step == cfg.unet_steps:
-            atomic_torch_save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            files.save_torch({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                "gen": g.get_state(), "step": step}, ck)
     bar.close()
     return ema.eval()
@@ -404,7 +411,8 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
              "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
-             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False,
+             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0,
+             "set_alpha_to_one": False,
              "skip_prk_steps": True, "trained_betas": None}  # SDXL base's scheduler_config.json
 MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
                "force_zeros_for_empty_prompt": True, "add_watermarker": None,
@@ -412,19 +420,20 @@ MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version":
                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
                "text_encoder": ["transformers", "CLIPTextModel"],
                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-               "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+               "tokenizer": ["transformers", "CLIPTokenizer"],
+               "tokenizer_2": ["transformers", "CLIPTokenizer"],
                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def write_json(path, obj):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    files.save_json(obj, path)
 
 
 def write_model(folder, model):
     """config.json + diffusion_pytorch_model.safetensors: the diffusers layout (our keys are its keys)."""
     write_json(folder / "config.json", model.config.to_diffusers())
-    atomic_save(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+    save_tensors(model.state_dict(), folder / "diffusion_pytorch_model.safetensors")
 
 # ----------------------------------------------------------------------------------------------------
 # Building the whole base
@@ -465,7 +474,7 @@ def build(out, cfg, quick):
 
     timed("data", lambda: write_data(data, cfg.images, cfg.seed))
     pixels, captions = load_data(data, cfg.images)
-    tmp = work / "base.tmp"  # parts land here, the finished folder is renamed to base/
+    tmp = work / "base.tmp"  # parts land here over runs (resumable); the finished folder becomes base/
     if (base / "model_index.json").exists():
         return times
     if not (tmp / "text_encoder_2" / "model.safetensors").exists():
@@ -483,7 +492,7 @@ def build(out, cfg, quick):
                                                        for x in pixels.split(256)]).clamp(-1, 1))
         clf = timed("classifier", lambda: train_classifier(pixels, recon, captions, cfg, cfg.seed))
         clf_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save(clf.state_dict(), clf_dir / "classifier.safetensors")
+        save_tensors(clf.state_dict(), clf_dir / "classifier.safetensors")
     if not (tmp / "unet" / "diffusion_pytorch_model.safetensors").exists():
         text = weights.text_from_folder(tmp)
         with torch.no_grad():
@@ -493,7 +502,11 @@ def build(out, cfg, quick):
         write_model(tmp / "unet", unet)
     write_json(tmp / "scheduler" / "scheduler_config.json", SCHEDULER)
     write_json(tmp / "model_index.json", MODEL_INDEX)
-    shutil.rmtree(base, ignore_errors=True)
-    os.replace(tmp, base)
+
+    def move_in(base_tmp):  # the finished parts become files.atomic_write's temp folder, then base/
+        shutil.rmtree(base_tmp, ignore_errors=True)
+        os.replace(tmp, base_tmp)
+        shutil.rmtree(base, ignore_errors=True)
+    files.atomic_write(base, move_in)
     (work / "unet.pt").unlink(missing_ok=True)
     return times
