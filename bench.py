@@ -399,7 +399,7 @@ def print_train_table(rows):
 #                                 one and the prefetched one) at a time, each as a bf16 weight + fp32 grad (6 B)
 #   frozen teacher (bf16): 2; FSDP2: 2 / N + the same gathered parts at 2 B
 #   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is not
-#   ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
+#   ZeRO'd): --shard fsdp keeps it under DDP (parallel.py)
 #   text encoders + VAE (bf16, 2): loaded when --data is images, not with a prepare.py cache
 
 GB = 1e9
@@ -410,13 +410,13 @@ def sdxl_parameter_counts():
     sizes FSDP2 gathers (root unit, largest unit), built on the meta device in a second."""
     import copy
     import lora
-    import shard
+    import parallel
     from discriminator import Discriminator
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
     def gathered(model):
-        head = shard.head_convs(model)
-        units = [n(m) for m in model.modules() if isinstance(m, shard.UNITS) or any(m is h for h in head)]
+        head = parallel.head_convs(model)
+        units = [n(m) for m in model.modules() if isinstance(m, parallel.UNITS) or any(m is h for h in head)]
         return {"root": n(model) - sum(units), "unit": max(units)}
     with torch.device("meta"):
         unet = unet_mod.UNet(unet_mod.UNetConfig())

@@ -41,7 +41,7 @@ import files
 import lightning_min as lm
 import lora
 import sample
-import shard
+import parallel as shard  # renamed; train.py is rebuilt on it next
 import unet as unet_lib  # the UNet class for strict builds
 import weights
 from discriminator import Discriminator, unconditional_from

@@ -760,22 +760,22 @@ def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch)
 
 def test_fsdp_bf16_policy_keeps_time_ids_float32():
     """Issue 10.2 / 7.4: on GPU, FSDP2 computes in bf16 from fp32 masters; its default policy also casts every
-    float input of the model to bf16, which would round the time ids (1365 -> 1368). shard.py's policy leaves
+    float input of the model to bf16, which would round the time ids (1365 -> 1368). parallel.py's policy leaves
     inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo process,
     the GPU policy on the CPU; FSDP's default policy as the counter-example."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    import shard
+    import parallel
     import unet as unet_lib
     from tests.tiny import TINY_UNET
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         seen = {}
-        for name in ("shard.py", "FSDP default"):
+        for name in ("parallel.py", "FSDP default"):
             torch.manual_seed(0)
             m = unet_lib.UNet(TINY_UNET)
-            if name == "shard.py":
-                shard.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
+            if name == "parallel.py":
+                parallel.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
             else:
                 fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
             embed = m.embed
@@ -787,7 +787,7 @@ def test_fsdp_bf16_policy_keeps_time_ids_float32():
             out.sum().backward()
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())  # fp32 masters
         print(f"time ids dtype inside the UNet: {seen}")
-        assert seen == {"shard.py": torch.float32, "FSDP default": torch.bfloat16}
+        assert seen == {"parallel.py": torch.float32, "FSDP default": torch.bfloat16}
     finally:
         dist.destroy_process_group()
 
