@@ -13,6 +13,7 @@ with the same order, so `open_data` hands train.py either reader.
 Plain Python + Pillow + numpy + torch; tar members are read by offset, never extracted.
 """
 
+import contextlib
 import glob
 import hashlib
 import html
@@ -118,11 +119,16 @@ def aesthetic_score(meta: bytes, keys=AESTHETIC_KEYS):
     return None
 
 
-def _seed(*parts) -> int:
-    """A 63-bit generator seed from a tuple of ints/strings; stable across processes and machines
-    (unlike hash() of strings) and free of collisions like seed*K + epoch."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def hash_seed(*parts) -> int:
+    """The project's one hash for seeds: a 64-bit number from a tuple of ints/strings, the first 8 bytes
+    (little-endian) of the sha256 of its repr. Stable across processes and machines (unlike hash() of
+    strings) and free of collisions like seed*K + epoch. Callers take 63 bits of it for a generator seed:
+    the low ones here (data order), the high ones in train.py (per-sample draws); each keeps the bits it
+    always took, so runs stay bitwise the same."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+LOW_63 = (1 << 63) - 1  # the data order's seeds: the low 63 bits of hash_seed, as they always were
 
 
 def _read(file: str, offset: int, size: int) -> bytes:
@@ -270,7 +276,7 @@ class _Ordered:
     def permutation(self, epoch: int) -> torch.Tensor:
         """The data order of one epoch, drawn from (seed, epoch) only."""
         if self._perm_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, "epoch", epoch))
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "epoch", epoch) & LOW_63)
             self._perm_cache = (epoch, torch.randperm(len(self), generator=gen))
         return self._perm_cache[1]
 
@@ -288,7 +294,7 @@ class _Ordered:
             if sample is not None:
                 return sample
             self.stats["skipped"] += 1
-            gen = torch.Generator().manual_seed(_seed(self.seed, "retry", g, attempt))
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "retry", g, attempt) & LOW_63)
             i = int(torch.randint(n, (1,), generator=gen))
         s = self.stats
         raise RuntimeError(
@@ -644,14 +650,19 @@ def cached_batch(data, positions):
 
 
 @torch.no_grad()
-def encode(vae, text, pixels, captions, slice_size=4):
-    """What prepare.py stores, computed as a training step does (vae.encode_latents, text.encode):
-    latent mean and std in the UNet's scale (B, 4, h, w), context (B, 77, C), pooled (B, P)."""
-    sf = vae.config.scaling_factor
-    means, stds = [], []
-    for x in pixels.split(slice_size):
-        mean, logvar = vae.encode(x)
-        means.append(mean * sf)
-        stds.append((0.5 * logvar).exp() * sf)
-    context, pooled = text.encode(list(captions))
+def encode(vae, text, pixels, captions, slice_size=4, autocast=False):
+    """The one encoder of images + captions, for prepare.py's cache and train.py's steps on images:
+    latent mean and std in the UNet's scale (B, 4, h, w) (training uses the mean: the latent of a cached
+    and of a fresh image are the same), context (B, 77, C), pooled (B, P). slice_size images per VAE call
+    (the paper's "VAE slicing"); autocast: under bf16 autocast when the pixels are on a GPU, as training
+    runs; prepare.py runs its encoders in the dtype they were loaded in."""
+    on = autocast and pixels.device.type == "cuda"
+    with torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext():
+        sf = vae.config.scaling_factor
+        means, stds = [], []
+        for x in pixels.split(slice_size):
+            mean, logvar = vae.encode(x)
+            means.append(mean * sf)
+            stds.append((0.5 * logvar).exp() * sf)
+        context, pooled = text.encode(list(captions))
     return torch.cat(means), torch.cat(stds), context, pooled
