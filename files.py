@@ -319,6 +319,11 @@ def trim_log(folder, step):
         atomic_write(log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
 
 
-def append_log(folder, logs):
+def append_log(folder, logs, tensorboard=None, prefix=None):
+    """One step's line; with a TensorBoard writer also each of its numbers as the scalar PREFIX/key (each
+    loss term, D(real)/D(fake), lr, step time, images/s, ...); flags and strings stay in log.jsonl only."""
     with open(Path(folder) / "log.jsonl", "a") as f:
         f.write(json.dumps(logs) + "\n")
+    for k, v in (logs.items() if tensorboard is not None else ()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            tensorboard.add_scalar(f"{prefix}/{k}", v, logs["step"])

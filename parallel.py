@@ -39,6 +39,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import files
+import lora
 import unet as unet_lib
 import weights
 
@@ -111,6 +112,32 @@ def compile_blocks(model):
     for m in (model.modules() if model is not None else []):
         if isinstance(m, UNITS):
             m.compile()
+
+
+def wrap_phase(ranks, student, teacher, disc, lora_student, shard="zero", compile=False, **adam):
+    """A phase's models made ready for `ranks`, and its Adam optimizers (keyword arguments `adam`).
+    One rank: as they are. Several, --shard zero: DDP on the student and the discriminator, ZeRO on the
+    whole-UNet Adam states (a LoRA's Adam is small: plain). --shard fsdp: FSDP2 shards the teacher, the
+    discriminator and a whole-UNet student in place; a LoRA student (small trainable part) stays under DDP.
+    --compile: the blocks first, before FSDP2 makes them its units.
+    -> the student and the discriminator as a step calls them, their optimizers, whether FSDP2 is on."""
+    ddp = ranks.world > 1
+    fsdp = ddp and shard == "fsdp"
+    if compile:
+        for m in (student, teacher, disc):
+            compile_blocks(m)
+    if fsdp:
+        for m, trained in ((teacher, False), (disc, True), (None if lora_student else student, True)):
+            if m is not None:
+                shard_model(m, ranks.device, trained)
+    params = [p for p in student.parameters() if p.requires_grad]
+    g_model = wrap_ddp(student, ranks) if ddp and not is_sharded(student) else student
+    opt_g = make_adam(params, zero=ddp and not lora_student and not fsdp, **adam)
+    d_model = opt_d = None
+    if disc is not None:
+        d_model = disc if not ddp or fsdp else wrap_ddp(disc, ranks)
+        opt_d = make_adam(list(disc.parameters()), zero=ddp and not fsdp, **adam)
+    return g_model, d_model, opt_g, opt_d, fsdp
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,6 +278,16 @@ def gather_optim(opt, model, master) -> dict:
     return opt.state_dict() if master else None
 
 
+def gather_states(student, disc, opt_g, opt_d, master, lora_student):
+    """What checkpoint.pt holds of a phase: the student (its LoRA alone when lora_student), the
+    discriminator and both Adam states, whole, on rank 0 (None elsewhere). Collective: every rank calls it."""
+    states = {"student": lora.lora_state_dict(student) if lora_student else gather_state(student, master),
+              "disc": None if disc is None else gather_state(disc, master),
+              "opt_g": gather_optim(opt_g, student, master),
+              "opt_d": None if opt_d is None else gather_optim(opt_d, disc, master)}
+    return states if master else None
+
+
 def load(model, sd):
     """Whole tensors into the model (each rank keeps its shard under FSDP2). Strict."""
     load_state_dict(model, sd) if is_sharded(model) else model.load_state_dict(sd, strict=True)
@@ -259,3 +296,13 @@ def load(model, sd):
 def load_optim(opt, model, sd):
     """An Adam state in torch.optim's format (checkpoint.pt, whatever --shard or world size wrote it)."""
     load_optim_state_dict(model, opt, sd) if is_sharded(model) else opt.load_state_dict(sd)
+
+
+def load_states(state, student_part, student, disc, opt_g, opt_d):
+    """checkpoint.pt's states (gather_states) into a phase's models: the student's trained part (its LoRA,
+    or the whole student), the discriminator, both Adam states."""
+    load(student_part, state["student"])
+    if disc is not None:
+        load(disc, state["disc"])
+        load_optim(opt_d, disc, state["opt_d"])
+    load_optim(opt_g, student, state["opt_g"])

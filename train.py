@@ -24,7 +24,7 @@ import argparse
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,71 +59,64 @@ RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpoint
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("stage and phase")
-    g.add_argument("--stage", required=True, choices=list(lm.STAGES), help="which distillation stage (Sec. 3.6)")
-    g.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], default=None,
-                   help="run one phase only; default: all the stage's phases in order. mse outside 128to32 is "
-                   "the MSE-only progressive distillation ablation (Sec. 3.2), run only when named")
-    g.add_argument("--prediction", choices=list(lm.PREDICTIONS), default=None,
-                   help="2to1 only: the 1-step student's output. Default sample (x0, Sec. 3.7.3); epsilon is "
-                   "the ablation without the x0 switch (the convert phase is then skipped)")
+    g.add_argument("--stage", required=True, choices=list(lm.STAGES), help="the distillation stage (Sec. 3.6)")
+    g.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], help="run one phase only; "
+                   "default: the stage's phases in order. mse outside 128to32: the MSE-only ablation (Sec. 3.2)")
+    g.add_argument("--prediction", choices=list(lm.PREDICTIONS), help="2to1 only: the 1-step student's output; "
+                   "default sample (x0, Sec. 3.7.3); epsilon: the ablation without the x0 switch (no convert)")
     g = p.add_argument_group("models")
-    g.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base: text encoders, VAE, UNet config, "
-                   "discriminator init and the 128to32 teacher (hub id, diffusers folder or single file)")
-    g.add_argument("--teacher", default=None, help="teacher UNet file; default: this --out's earlier stage "
-                   "(its fp32 checkpoint), else the official Lightning UNet (8/4/2 steps), else the base (128)")
-    g.add_argument("--skip-level-teacher", default=None, help="teacher of the uncond/full phases of 4to2 and "
-                   "2to1 (Sec. 3.4); default as --teacher, one level up")
-    g.add_argument("--init", default=None, help="student initial UNet for the stage's first phase; default "
-                   "the teacher")
+    g.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base: text encoders, VAE, UNet config, D's "
+                   "init and the 128to32 teacher (hub id, diffusers folder or single file)")
+    g.add_argument("--teacher", help="teacher UNet; default: this --out's earlier stage (its fp32 checkpoint), "
+                   "else the official Lightning UNet (8/4/2 steps), else the base (128 steps)")
+    g.add_argument("--skip-level-teacher", help="teacher of the uncond/full phases of 4to2 and 2to1 (Sec. 3.4); "
+                   "default as --teacher, one level up")
+    g.add_argument("--init", help="the student's UNet at the stage's first phase; default the teacher")
     g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (released: 64)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (released: 8)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, .tar "
                    "shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     g.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
-    g.add_argument("--min-size", type=int, default=1024, help="skip images whose shorter side is below this "
+    g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this "
                    "(Sec. 3.6)")
     g.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS, help="skip images whose "
                    "Laplacian variance at the training crop is below this (Sec. 3.6); 0 off")
     g.add_argument("--min-aesthetic", type=float, default=0.0, help="skip samples whose metadata .json "
                    "aesthetic score is below this or missing (Sec. 3.6: 5.5 for LAION); 0 off")
-    g.add_argument("--aesthetic-key", default=None, help="the .json key of the aesthetic score; default: "
+    g.add_argument("--aesthetic-key", help="the .json key of the aesthetic score; default: "
                    + ", ".join(data.AESTHETIC_KEYS) + " (the first present)")
-    g.add_argument("--clean-captions", action="store_true",
-                   help="prompt clean-up (Sec. 3.6): remove URLs, decode HTML entities, collapse whitespace")
+    g.add_argument("--clean-captions", action="store_true", help="prompt clean-up (Sec. 3.6): remove URLs, "
+                   "decode HTML entities, collapse whitespace")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise and timesteps")
     g = p.add_argument_group("batch and optimizer")
     g.add_argument("--batch-size", type=int, default=512, help="global batch (paper: 512), by accumulation")
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per GPU per forward")
-    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (a target: re-run "
-                   "to extend)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate; default the paper's for the phase")
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (re-run to extend)")
+    g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     g = p.add_argument_group("re-noising (Sec. 3.7.2)")
-    g.add_argument("--renoise", choices=["on", "off"], default=None, help="noise clean targets again before "
-                   "the discriminator; default on in 4to2 and 2to1, off elsewhere (lightning_min.PHASE_TABLE)")
+    g.add_argument("--renoise", choices=["on", "off"], help="noise clean targets again before the "
+                   "discriminator; default on in 4to2 and 2to1, off elsewhere (lightning_min.PHASE_TABLE)")
     g.add_argument("--renoise-weights-late", default="5,1,1,1", help="weights of t* in {10,250,500,750} from "
                    "--renoise-switch-step on (Sec. 3.7.2: 5,1,1,1)")
-    g.add_argument("--renoise-switch-step", type=int, default=None, help="step from which the late re-noise "
-                   "weights apply ('after the model is trained stable'); default half the phase's --max-steps")
+    g.add_argument("--renoise-switch-step", type=int, help="step from which the late weights apply ('after "
+                   "the model is trained stable'); default half the phase's --max-steps")
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--out", default="runs", help="output folder; OUT/<stage>/<phase>/ per phase")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint and export every N steps")
     g.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps; 0 off")
-    g.add_argument("--tensorboard", metavar="DIR", default=None, help="also log to TensorBoard in DIR (rank "
-                   "0): every loss term, D(real)/D(fake), lr, step time, images/s, sample grids; needs `pip "
-                   "install tensorboard`; log.jsonl stays the record")
+    g.add_argument("--tensorboard", metavar="DIR", help="also log to TensorBoard in DIR: every number of "
+                   "log.jsonl, sample grids (needs `pip install tensorboard`; log.jsonl stays the record)")
     g = p.add_argument_group("distributed and performance")
-    g.add_argument("--device", default=None, help="cuda or cpu; default cuda when available")
-    g.add_argument("--shard", choices=["zero", "fsdp"], default="zero", help="how several ranks split the "
-                   "models: zero = DDP + ZeroRedundancyOptimizer (whole-UNet Adam states only); fsdp = FSDP2 "
-                   "(parallel.py): weights, gradients and Adam states of the teacher, discriminator and "
-                   "whole-UNet student, bf16 compute with fp32 masters on GPU (a LoRA student stays DDP). "
-                   "Same checkpoint.pt either way")
+    g.add_argument("--device", help="cuda or cpu; default cuda when available")
+    g.add_argument("--shard", choices=["zero", "fsdp"], default="zero", help="how ranks split the models: "
+                   "zero = DDP + ZeroRedundancyOptimizer (whole-UNet Adam states only); fsdp = FSDP2 "
+                   "(parallel.py): weights, gradients and Adam states of teacher, D and a whole-UNet "
+                   "student, bf16 compute with fp32 masters on GPU. Same checkpoint.pt either way")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks of the student, "
                    "teacher and discriminator (slow first steps; same results to float tolerance)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
-                   "(memory)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--vae-slice", type=int, default=4, help="images per VAE encode call (memory)")
     return p.parse_args(argv)
 
@@ -184,10 +177,7 @@ class Run:
     vae: object = None
     base_unet: torch.nn.Module = None  # fp32, CPU: the discriminator's init, loaded once when first needed
     tensorboard: object = None
-
-    @property
-    def dtype(self):  # the compute dtype: bf16 on GPUs (Sec. 3.6), fp32 on the CPU
-        return torch.bfloat16 if self.ranks.device.type == "cuda" else torch.float32
+    dtype: torch.dtype = torch.float32  # the compute dtype: bf16 on GPUs (Sec. 3.6), fp32 on the CPU
 
 
 def load_frozen(args, ranks, renoise_late, tensorboard):
@@ -206,7 +196,7 @@ def load_frozen(args, ranks, renoise_late, tensorboard):
         kind = f"cache {args.data} (filters applied when it was made)" if cached else "images"
         print(f"data: {kind}: {len(ds)} usable {ds.stats}; world {ranks.world}; device {dev}")
     return Run(args, ranks, renoise_late, ds, weights.unet_config(args.base, base_sd), latent_size, base_sd,
-               text, vae, tensorboard=tensorboard)
+               text, vae, tensorboard=tensorboard, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,35 +334,14 @@ def build_phase(run, ph):
                 disc_opt = ck["opt_d"]
         disc.to(dev, torch.float32)
         disc.backbone.gradient_checkpointing = args.grad_checkpointing
-    return distribute(run, ph, plan, student, teacher, disc, disc_opt)
-
-
-def distribute(run, ph, plan, student, teacher, disc, disc_opt):
-    """Compile, shard or wrap the models, and make the optimizers: Adam per Sec. 3.6. ZeRO shards the
-    whole-UNet Adam states across ranks; --shard fsdp: FSDP2 shards weights, gradients and Adam states of
-    the teacher, the discriminator and a whole-UNet student instead; a LoRA student stays under DDP."""
-    args, spec, ranks = run.args, ph.spec, run.ranks
-    ddp = ranks.world > 1
-    fsdp = ddp and args.shard == "fsdp"
-    if args.compile:  # the blocks, before FSDP2 makes them its units
-        for m in (student, teacher, disc):
-            parallel.compile_blocks(m)
-    if fsdp:
-        for m, trained in ((teacher, False), (disc, True), (None if spec.lora else student, True)):
-            if m is not None:
-                parallel.shard_model(m, ranks.device, trained)
-    params = [p for p in student.parameters() if p.requires_grad]
-    adam = dict(lr=ph.lr, betas=spec.betas, weight_decay=0.0)
-    g_model = parallel.wrap_ddp(student, ranks) if ddp and not parallel.is_sharded(student) else student
-    opt_g = parallel.make_adam(params, zero=ddp and not spec.lora and not fsdp, **adam)
-    d_model = opt_d = None
-    if disc is not None:
-        d_model = disc if not ddp or fsdp else parallel.wrap_ddp(disc, ranks)
-        opt_d = parallel.make_adam(list(disc.parameters()), zero=ddp and not fsdp, **adam)
-        if disc_opt is not None:
-            parallel.load_optim(opt_d, disc, disc_opt)
-    return PhaseModels(plan, student, teacher, disc, g_model, d_model, opt_g, opt_d,
-                       sum(p.numel() for p in params), fsdp)
+    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    # Adam per Sec. 3.6, for student and discriminator alike; DDP, ZeRO or FSDP2 and compile: parallel.py
+    g_model, d_model, opt_g, opt_d, fsdp = parallel.wrap_phase(
+        run.ranks, student, teacher, disc, spec.lora, args.shard, args.compile, lr=ph.lr, betas=spec.betas,
+        weight_decay=0.0)
+    if disc_opt is not None:
+        parallel.load_optim(opt_d, disc, disc_opt)
+    return PhaseModels(plan, student, teacher, disc, g_model, d_model, opt_g, opt_d, n_trainable, fsdp)
 
 
 def open_phase(run, stage, name):
@@ -431,24 +400,20 @@ def micro_batches(run, ph):
 # One step
 
 
-@contextmanager
-def lora_off(unet):
-    """The student with its LoRA off is the teacher of a LoRA phase (no second copy)."""
-    lora.set_lora_enabled(unet, False)
-    try:
-        yield
-    finally:
-        lora.set_lora_enabled(unet, True)
-
-
 def teacher_model(ph, m, cond):
-    """The teacher as a model(x, t, rows) (CFG in 128to32), counting the samples it evaluates."""
+    """The teacher as a model(x, t, rows) (CFG in 128to32), counting the samples it evaluates. In a LoRA
+    phase without a teacher copy it is the student with its LoRA off."""
     model = lm.unet_model(m.student if m.teacher is None else m.teacher, cond, ph.spec.cfg)
 
     def counted(x, t, rows=None):
         ph.teacher_evals += x.shape[0]
-        with lora_off(m.student) if m.teacher is None else nullcontext():
+        if m.teacher is not None:
             return model(x, t, rows)
+        lora.set_lora_enabled(m.student, False)
+        try:
+            return model(x, t, rows)
+        finally:
+            lora.set_lora_enabled(m.student, True)
     return counted
 
 
@@ -506,45 +471,29 @@ def train_step(run, ph, m):
 # Saves (the order is files.py's), resume, the phase's record, sample grids
 
 
-def gather_states(run, ph, m):
-    """Student (its LoRA in LoRA phases), discriminator and both Adam states, whole, on rank 0 (None
-    elsewhere). Collective: every rank calls it (ZeRO consolidates on rank 0, FSDP2 gathers there)."""
-    master = run.ranks.master
-    student = lora.lora_state_dict(m.student) if ph.spec.lora else parallel.gather_state(m.student, master)
-    states = {"student": student, "disc": None if m.disc is None else parallel.gather_state(m.disc, master),
-              "opt_g": parallel.gather_optim(m.opt_g, m.student, master),
-              "opt_d": None if m.opt_d is None else parallel.gather_optim(m.opt_d, m.disc, master)}
-    return states if master else None
-
-
-def export(run, ph, m, states):
-    files.export(ph.dir, m.student, states["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
-                 ph.spec.student_prediction, ph.step)
-
-
-def save(run, ph, m):
+def save(run, ph, m, checkpoint=True):
     """checkpoint.pt, then the exports, then progress.json: any interruption leaves a state a re-run
-    completes."""
-    states = gather_states(run, ph, m)
+    completes. checkpoint=False: the exports only (completing a save interrupted after its checkpoint)."""
+    st = parallel.gather_states(m.student, m.disc, m.opt_g, m.opt_d, run.ranks.master, ph.spec.lora)
 
     def write():
-        files.save_checkpoint(ph.dir, {
-            "stage": ph.stage, "phase": ph.name, "step": ph.step, "bad_total": ph.bad_total,
-            "args": vars(run.args), "init": m.plan["init"], "renoise_switch_step": ph.switch_step,
-            "student": {k: v.detach().cpu() for k, v in states["student"].items()}, "disc": states["disc"],
-            "opt_g": states["opt_g"], "opt_d": states["opt_d"], "rng": torch.get_rng_state()})
-        export(run, ph, m, states)
+        if checkpoint:
+            files.save_checkpoint(ph.dir, {
+                "stage": ph.stage, "phase": ph.name, "step": ph.step, "bad_total": ph.bad_total,
+                "args": vars(run.args), "init": m.plan["init"], "renoise_switch_step": ph.switch_step,
+                "student": {k: v.detach().cpu() for k, v in st["student"].items()}, "disc": st["disc"],
+                "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
+        files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
+                     ph.spec.student_prediction, ph.step)
     parallel.on_master(run.ranks, write)
 
 
 def resume(run, ph, m):
+    """The phase's own checkpoint over the models build_phase made: whatever --shard or world size wrote it."""
     path = ph.dir / "checkpoint.pt"
     state = files.read_checkpoint(path, ph.stage, ph.name)
-    parallel.load(m.student.lora if ph.spec.lora else m.student, state["student"])
-    if m.disc is not None:
-        parallel.load(m.disc, state["disc"])
-        parallel.load_optim(m.opt_d, m.disc, state["opt_d"])
-    parallel.load_optim(m.opt_g, m.student, state["opt_g"])
+    parallel.load_states(state, m.student.lora if ph.spec.lora else m.student, m.student, m.disc, m.opt_g,
+                         m.opt_d)
     torch.set_rng_state(state["rng"])
     ph.step, ph.bad_total = state["step"], state["bad_total"]
     if run.args.renoise_switch_step is None:
@@ -555,8 +504,7 @@ def resume(run, ph, m):
 
 
 def write_meta(run, ph, m):
-    """phase.json: what this phase trains with, for the reader of a run folder (and the tests); log.jsonl
-    back to the checkpoint's step."""
+    """phase.json: what this phase trains with, for the reader of a run folder (and the tests)."""
     ph.dir.mkdir(parents=True, exist_ok=True)
     meta = {"stage": ph.stage, "phase": ph.name, "teacher": m.plan["teacher"],
             "teacher_is_student_without_lora": m.teacher is None, "student_init": m.plan["init"],
@@ -566,7 +514,7 @@ def write_meta(run, ph, m):
             "args": vars(run.args), **ph.spec.__dict__, "lr": ph.lr, "renoise": ph.renoise,
             "renoise_switch_step": ph.switch_step, "renoise_weights_late": run.args.renoise_weights_late}
     files.save_json(meta, ph.dir / "phase.json")
-    files.trim_log(ph.dir, ph.step)
+    files.trim_log(ph.dir, ph.step)  # the steps of the checkpoint only
 
 
 @torch.no_grad()
@@ -591,13 +539,6 @@ def sample_grid(run, ph, m):
                                       dataformats="HWC")
 
 
-def tensorboard_scalars(writer, prefix, logs):
-    """Every number of a log.jsonl line as the scalar PREFIX/key at its step; flags, strings stay in log.jsonl."""
-    for k, v in logs.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-            writer.add_scalar(f"{prefix}/{k}", v, logs["step"])
-
-
 def log(run, ph, msg):
     if run.ranks.master:
         tqdm.write(f"[{ph.stage}/{ph.name}] {msg}")
@@ -612,8 +553,7 @@ def train_phase(run, stage, name):
     ph, m = open_phase(run, stage, name)
     if ph.step > files.progress_step(ph.dir):  # a save was interrupted after its checkpoint
         log(run, ph, f"completing the interrupted save of step {ph.step}")
-        states = gather_states(run, ph, m)
-        parallel.on_master(ranks, lambda: export(run, ph, m, states))
+        save(run, ph, m, checkpoint=False)
     if ph.step >= args.max_steps:
         log(run, ph, f"finished already (step {ph.step} >= --max-steps {args.max_steps}); skipped")
         return
@@ -634,11 +574,9 @@ def train_phase(run, stage, name):
                     images_per_s=args.batch_size / dt, bad_steps=ph.bad_total, skipped_images=ph.skipped_images,
                     renoise=ph.renoise, renoise_weights=renoise_weights if ph.renoise else None)
         if ranks.master:
-            files.append_log(ph.dir, logs)
+            files.append_log(ph.dir, logs, run.tensorboard, f"{stage}/{name}")
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "d_"))})
             bar.update(1)
-            if run.tensorboard:
-                tensorboard_scalars(run.tensorboard, f"{stage}/{name}", logs)
         files.crash_point(f"step{ph.step}")
         if ph.step % args.save_every == 0 or ph.step == args.max_steps:
             save(run, ph, m)
