@@ -30,6 +30,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -95,6 +96,17 @@ def save_safetensors(tensors, path, metadata=None):
 
 def save_json(obj, path):
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def save_grid(images, path):
+    """Four PIL images of one size as a 2x2 PNG grid. -> the grid as an (H, W, 3) uint8 array."""
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * 2, h * 2))
+    for i, im in enumerate(images[:4]):
+        grid.paste(im, ((i % 2) * w, (i // 2) * h))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return np.asarray(grid)
 
 
 def remove_temp_files(folder):
@@ -241,6 +253,23 @@ def _read_checkpoint(path):
     if missing:
         raise RunError(f"{path}: not a train.py checkpoint (missing {', '.join(sorted(missing))})")
     return state
+
+
+def read_unet(src, cfg, base, base_sd=None):
+    """A UNet in fp32 on the CPU from where a phase's plan says: "base" (--base; its tensors base_sd when it is
+    a single file), a UNet .safetensors (either layout), or a whole-UNet phase's fp32 checkpoint.pt."""
+    if src == "base":
+        return weights.load_unet(base, cfg, "cpu", torch.float32, sd=base_sd)
+    if str(src).endswith("checkpoint.pt"):
+        student = read_checkpoint(src)["student"]
+        if any(k.startswith("lora_unet_") for k in student):  # kohya names: a LoRA phase's LoRA alone
+            raise RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
+        sd = {k: v.clone() for k, v in student.items()}  # out of the memory map
+        return weights.build_strict(unet_lib.UNet, cfg, sd, str(src))
+    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
+    if unet.config != cfg:
+        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
+    return unet
 
 
 def progress_step(folder):

@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 train.py --stage 2to1 --data cache/ --shard fsdp --compile --tensorboard tb/
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         train.py --stage 4to2 --data shards/ --batch-size 512 --micro-batch-size 8      # the paper's 64 GPUs
-    for s in 128to32 32to8 8to4 4to2 2to1; do torchrun --nproc_per_node 8 train.py --stage $s --data shards/; done
+    for s in 128to32 32to8 8to4 4to2 2to1; do torchrun --nproc_per_node 8 train.py --stage $s --data d/; done
 
 Without --phase a stage runs its phases in order (lightning_min.PHASE_TABLE), each starting from the
 previous one's fp32 checkpoint as the table's hand-off columns say. Re-running the same command resumes
@@ -28,7 +28,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ import files
 import lightning_min as lm
 import lora
 import parallel
-import unet as unet_lib  # the UNet class for strict builds
+import unet as unet_lib
 import weights
 from discriminator import Discriminator, unconditional_from
 
@@ -52,42 +51,40 @@ unet_filename = files.unet_filename  # toy.py names exports through train.unet_f
 # the step target and the bookkeeping, the micro-batch and rank count (the global batch and its draws do
 # not depend on them), --lr (applied from the resumed step on) and the re-noise switch step.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpointing", "vae_slice",
-                     "max_bad_steps", "device", "micro_batch_size", "lr", "renoise_switch_step", "phase", "out",
-                     "shard", "compile", "tensorboard"}
+                     "max_bad_steps", "device", "micro_batch_size", "lr", "renoise_switch_step", "phase",
+                     "out", "shard", "compile", "tensorboard"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("stage and phase")
     g.add_argument("--stage", required=True, choices=list(lm.STAGES), help="the distillation stage (Sec. 3.6)")
-    g.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], help="run one phase only; "
-                   "default: the stage's phases in order. mse outside 128to32: the MSE-only ablation (Sec. 3.2)")
-    g.add_argument("--prediction", choices=list(lm.PREDICTIONS), help="2to1 only: the 1-step student's output; "
-                   "default sample (x0, Sec. 3.7.3); epsilon: the ablation without the x0 switch (no convert)")
+    g.add_argument("--phase", choices=["mse", "convert", "cond", "uncond", "full"], help="one phase only; "
+                   "default: the stage's phases in order; mse outside 128to32: the MSE-only ablation (3.2)")
+    g.add_argument("--prediction", choices=list(lm.PREDICTIONS), help="2to1 only: the 1-step student's "
+                   "output; default sample (x0, Sec. 3.7.3); epsilon: no x0 switch (no convert phase)")
     g = p.add_argument_group("models")
     g.add_argument("--base", default=weights.SDXL_BASE, help="SDXL base: text encoders, VAE, UNet config, D's "
                    "init and the 128to32 teacher (hub id, diffusers folder or single file)")
-    g.add_argument("--teacher", help="teacher UNet; default: this --out's earlier stage (its fp32 checkpoint), "
-                   "else the official Lightning UNet (8/4/2 steps), else the base (128 steps)")
-    g.add_argument("--skip-level-teacher", help="teacher of the uncond/full phases of 4to2 and 2to1 (Sec. 3.4); "
-                   "default as --teacher, one level up")
+    g.add_argument("--teacher", help="teacher UNet; default: this --out's earlier stage (its fp32 "
+                   "checkpoint), else the official Lightning UNet (8/4/2 steps), else the base (128 steps)")
+    g.add_argument("--skip-level-teacher", help="teacher of 4to2's and 2to1's uncond/full (Sec. 3.4)")
     g.add_argument("--init", help="the student's UNet at the stage's first phase; default the teacher")
     g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (released: 64)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (released: 8)")
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("data (filters: Sec. 3.6)")
     g.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, .tar "
                    "shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     g.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
-    g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this "
-                   "(Sec. 3.6)")
+    g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this")
     g.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS, help="skip images whose "
-                   "Laplacian variance at the training crop is below this (Sec. 3.6); 0 off")
-    g.add_argument("--min-aesthetic", type=float, default=0.0, help="skip samples whose metadata .json "
-                   "aesthetic score is below this or missing (Sec. 3.6: 5.5 for LAION); 0 off")
-    g.add_argument("--aesthetic-key", help="the .json key of the aesthetic score; default: "
-                   + ", ".join(data.AESTHETIC_KEYS) + " (the first present)")
-    g.add_argument("--clean-captions", action="store_true", help="prompt clean-up (Sec. 3.6): remove URLs, "
-                   "decode HTML entities, collapse whitespace")
+                   "Laplacian variance at the training crop is below this; 0 off")
+    g.add_argument("--min-aesthetic", type=float, default=0.0, help="skip samples whose .json aesthetic "
+                   "score is below this or missing (5.5 for LAION); 0 off")
+    g.add_argument("--aesthetic-key", help=f"the .json key of that score; default: the first of "
+                   f"{', '.join(data.AESTHETIC_KEYS)}")
+    g.add_argument("--clean-captions", action="store_true", help="remove URLs, decode HTML entities, "
+                   "collapse whitespace")
     g.add_argument("--seed", type=int, default=0, help="seed of data order, noise and timesteps")
     g = p.add_argument_group("batch and optimizer")
     g.add_argument("--batch-size", type=int, default=512, help="global batch (paper: 512), by accumulation")
@@ -97,9 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     g = p.add_argument_group("re-noising (Sec. 3.7.2)")
     g.add_argument("--renoise", choices=["on", "off"], help="noise clean targets again before the "
-                   "discriminator; default on in 4to2 and 2to1, off elsewhere (lightning_min.PHASE_TABLE)")
+                   "discriminator; default on in 4to2 and 2to1 (lightning_min.PHASE_TABLE)")
     g.add_argument("--renoise-weights-late", default="5,1,1,1", help="weights of t* in {10,250,500,750} from "
-                   "--renoise-switch-step on (Sec. 3.7.2: 5,1,1,1)")
+                   "--renoise-switch-step on (1,1,1,1 before)")
     g.add_argument("--renoise-switch-step", type=int, help="step from which the late weights apply ('after "
                    "the model is trained stable'); default half the phase's --max-steps")
     g = p.add_argument_group("checkpoints and logging")
@@ -111,11 +108,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("distributed and performance")
     g.add_argument("--device", help="cuda or cpu; default cuda when available")
     g.add_argument("--shard", choices=["zero", "fsdp"], default="zero", help="how ranks split the models: "
-                   "zero = DDP + ZeroRedundancyOptimizer (whole-UNet Adam states only); fsdp = FSDP2 "
-                   "(parallel.py): weights, gradients and Adam states of teacher, D and a whole-UNet "
-                   "student, bf16 compute with fp32 masters on GPU. Same checkpoint.pt either way")
-    g.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks of the student, "
-                   "teacher and discriminator (slow first steps; same results to float tolerance)")
+                   "zero = DDP + ZeroRedundancyOptimizer (whole-UNet Adam states); fsdp = FSDP2 "
+                   "(parallel.py): weights, gradients and Adam states. Same checkpoint.pt either way")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet blocks (slow first steps; "
+                   "same results to float tolerance)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     g.add_argument("--vae-slice", type=int, default=4, help="images per VAE encode call (memory)")
     return p.parse_args(argv)
@@ -137,14 +133,15 @@ def check_args(args, world):
     except ValueError:
         late = ()
     if len(late) != 4 or not all(math.isfinite(x) and x >= 0 for x in late) or sum(late) <= 0:
-        raise files.RunError(f"--renoise-weights-late must be 4 non-negative numbers, not all 0, like 5,1,1,1; "
-                             f"got {args.renoise_weights_late!r}")
+        raise files.RunError(f"--renoise-weights-late must be 4 non-negative numbers, not all 0, like "
+                             f"5,1,1,1; got {args.renoise_weights_late!r}")
     if args.batch_size % (args.micro_batch_size * world):
         raise files.RunError(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
                              f"{args.micro_batch_size} x {world} ranks")
     every = lm.stage_phases(args.stage, ablations=True)
     if args.phase is not None and args.phase not in every:
-        raise files.RunError(f"stage {args.stage} has no phase {args.phase!r}; its phases: {', '.join(every)}")
+        raise files.RunError(f"stage {args.stage} has no phase {args.phase!r}; its phases: "
+                             f"{', '.join(every)}")
     if args.prediction is not None and args.stage != "2to1":
         raise files.RunError(f"--prediction applies to stage 2to1 only (the 1-step student); stage "
                              f"{args.stage} predicts epsilon")
@@ -155,7 +152,8 @@ def check_args(args, world):
         try:
             import torch.utils.tensorboard  # noqa: F401 -- only when asked; it needs the tensorboard package
         except ImportError:
-            raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") \
+                from None
         files.check_writable_folder(args.tensorboard)
     return ([args.phase] if args.phase else list(lm.run_order(args.stage, args.prediction))), late
 
@@ -181,7 +179,7 @@ class Run:
 
 
 def load_frozen(args, ranks, renoise_late, tensorboard):
-    """Shared by every phase: data, text encoders, VAE, the base UNet's config (and weights, for a single file)."""
+    """Shared by every phase: data, text encoders, VAE, the base UNet's config (and weights: a single file)."""
     dev, dtype = ranks.device, torch.bfloat16 if ranks.device.type == "cuda" else torch.float32
     ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
                         args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key)
@@ -229,9 +227,8 @@ def plan_phase(args, stage, phase):
         if args.phase is None:
             raise files.RunError(f"{prev.parent} has no checkpoint")
         prev = None  # a phase run alone without its predecessor starts from the stage's init
-    first = lm.phase_spec(stage, st.phases[0])
-    plan = {"init": args.init or args.teacher or default_teacher(args, first.teacher_steps), "lora_from": None,
-            "disc_from": None}
+    init = args.init or args.teacher or default_teacher(args, st.teacher_steps)
+    plan = {"init": init, "lora_from": None, "disc_from": None}
     if prev is not None:
         ck = files.read_checkpoint(prev, stage, spec.after)
         if spec.carry_lora:
@@ -243,23 +240,6 @@ def plan_phase(args, stage, phase):
     plan["teacher"] = (args.skip_level_teacher if skip_level else args.teacher) or \
         default_teacher(args, spec.teacher_steps)
     return plan
-
-
-def load_unet(run, src):
-    """fp32 on the CPU: 'base', a UNet .safetensors (either layout), or a phase's fp32 checkpoint.pt."""
-    cfg = run.unet_config
-    if src == "base":
-        return weights.load_unet(run.args.base, cfg, "cpu", torch.float32, sd=run.base_sd)
-    if src.endswith("checkpoint.pt"):
-        ck = files.read_checkpoint(src)
-        if lm.phase_spec(ck["stage"], ck["phase"]).lora:
-            raise files.RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
-        sd = {k: v.clone() for k, v in ck["student"].items()}  # out of the memory map
-        return weights.build_strict(unet_lib.UNet, cfg, sd, src)
-    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
-    if unet.config != cfg:
-        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
-    return unet
 
 
 @dataclass
@@ -306,8 +286,10 @@ def build_phase(run, ph):
     # LoRA and head init, the same on every rank and run: the high 63 bits of data.hash_seed (>> 1), as the
     # per-sample draws take them
     torch.manual_seed(data.hash_seed(args.seed, ph.stage, ph.name, "init") >> 1)
-    student = load_unet(run, plan["init"])
-    lora_sd = files.read_checkpoint(plan["lora_from"])["student"] if plan["lora_from"] and not resuming else None
+    unet = lambda src: files.read_unet(src, run.unet_config, args.base, run.base_sd)  # noqa: E731 fp32, CPU
+    student = unet(plan["init"])
+    carried = plan["lora_from"] and not resuming
+    lora_sd = files.read_checkpoint(plan["lora_from"])["student"] if carried else None
     if spec.lora:
         student.requires_grad_(False)
         lora.add_lora(student, args.lora_rank, args.lora_alpha)
@@ -319,11 +301,11 @@ def build_phase(run, ph):
     student.gradient_checkpointing = args.grad_checkpointing
     # the teacher of a LoRA phase whose teacher is the student's base: the student with LoRA off (no copy)
     teacher = None if spec.lora and plan["teacher"] == plan["init"] else \
-        load_unet(run, plan["teacher"]).to(dev, run.dtype).requires_grad_(False).eval()
+        unet(plan["teacher"]).to(dev, run.dtype).requires_grad_(False).eval()
     disc, disc_opt = None, None
     if spec.discriminator:  # from the pretrained base at the stage's first adversarial phase, then carried
         if run.base_unet is None:
-            run.base_unet = load_unet(run, "base")
+            run.base_unet = unet("base")
         disc = Discriminator(run.base_unet, spec.discriminator == "conditional", run.latent_size)
         if plan["disc_from"] and not resuming:
             ck = files.read_checkpoint(plan["disc_from"])
@@ -429,8 +411,8 @@ def train_step(run, ph, m):
     spec, ranks, logs = ph.spec, run.ranks, {}
     batches = []
     for b in micro_batches(run, ph):
-        with autocast(ranks.device):  # a sharded teacher needs the same calls on every rank, whatever the data
-            every = parallel.is_sharded(m.teacher)
+        every = parallel.is_sharded(m.teacher)  # then every rank makes the same calls, whatever the data
+        with autocast(ranks.device):
             batches.append(lm.teacher_target(teacher_model(ph, m, b.cond), b, spec, every))
     n, d_ok = len(batches), True
     if m.disc is not None:  # --- the discriminator's update, Eq. (20)
@@ -489,7 +471,7 @@ def save(run, ph, m, checkpoint=True):
 
 
 def resume(run, ph, m):
-    """The phase's own checkpoint over the models build_phase made: whatever --shard or world size wrote it."""
+    """The phase's own checkpoint over build_phase's models (whatever --shard or world size wrote it)."""
     path = ph.dir / "checkpoint.pt"
     state = files.read_checkpoint(path, ph.stage, ph.name)
     parallel.load_states(state, m.student.lora if ph.spec.lora else m.student, m.student, m.disc, m.opt_g,
@@ -528,15 +510,10 @@ def sample_grid(run, ph, m):
     with autocast(run.ranks.device) if sharded else nullcontext():  # FSDP2 on GPU: bf16 weights
         imgs = sample.generate(run.text, m.student, run.vae, SAMPLE_PROMPTS, lm.STAGES[ph.stage].student_steps,
                                0, res, res, ph.spec.student_prediction, 0.0, torch.float32)
-    from PIL import Image
-    grid = Image.new("RGB", (res * 2, res * 2))
-    for i, im in enumerate(sample.to_pil(imgs)[:4]):
-        grid.paste(im, ((i % 2) * res, (i // 2) * res))
     if run.ranks.master:
-        files.atomic_write(ph.dir / f"samples_{ph.step:06d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        grid = files.save_grid(sample.to_pil(imgs), ph.dir / f"samples_{ph.step:06d}.png")
         if run.tensorboard:
-            run.tensorboard.add_image(f"{ph.stage}/{ph.name}/samples", np.asarray(grid), ph.step,
-                                      dataformats="HWC")
+            run.tensorboard.add_image(f"{ph.stage}/{ph.name}/samples", grid, ph.step, dataformats="HWC")
 
 
 def log(run, ph, msg):
@@ -571,8 +548,9 @@ def train_phase(run, stage, name):
         renoise_weights = args.renoise_weights_late if ph.step >= ph.switch_step else "1,1,1,1"
         ph.step += 1
         logs.update(step=ph.step, lr=m.opt_g.param_groups[0]["lr"], step_time=dt,
-                    images_per_s=args.batch_size / dt, bad_steps=ph.bad_total, skipped_images=ph.skipped_images,
-                    renoise=ph.renoise, renoise_weights=renoise_weights if ph.renoise else None)
+                    images_per_s=args.batch_size / dt, bad_steps=ph.bad_total,
+                    skipped_images=ph.skipped_images, renoise=ph.renoise,
+                    renoise_weights=renoise_weights if ph.renoise else None)
         if ranks.master:
             files.append_log(ph.dir, logs, run.tensorboard, f"{stage}/{name}")
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "d_"))})
@@ -583,7 +561,7 @@ def train_phase(run, stage, name):
         if args.sample_every and ph.step % args.sample_every == 0:
             sample_grid(run, ph, m)
     bar.close()
-    log(run, ph, f"done: {ph.dir / files.unet_filename(lm.STAGES[stage].student_steps, ph.spec.student_prediction)}")
+    log(run, ph, f"done: {ph.dir / unet_filename(lm.STAGES[stage].student_steps, ph.spec.student_prediction)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -600,8 +578,8 @@ def main(argv=None):
     torch.manual_seed(args.seed + ranks.rank)  # per-rank offset; the training draws themselves are per sample
     lock, error, tensorboard = files.OutputLock(args.out), None, None
     try:
-        parallel.on_master(ranks, lambda: (lock.acquire(), files.check_resume(args.out, args.stage, phases, args,
-                                                                              RESUME_MAY_CHANGE)))
+        parallel.on_master(ranks, lambda: (lock.acquire(), files.check_resume(
+            args.out, args.stage, phases, args, RESUME_MAY_CHANGE)))
         if args.tensorboard and ranks.master:
             from torch.utils.tensorboard import SummaryWriter
             tensorboard = SummaryWriter(args.tensorboard)
