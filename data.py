@@ -100,7 +100,8 @@ _URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
 
 def clean_caption(text: str) -> str:
     """Sec. 3.6 "clean up the text prompts": HTML entities decoded (twice: scraped alt text is often escaped
-    twice, `&amp;quot;`), URLs removed, runs of whitespace (any Unicode space, newlines, tabs) made one space."""
+    twice, `&amp;quot;`), URLs removed, runs of whitespace (any Unicode space, newlines, tabs) made one
+    space."""
     text = html.unescape(html.unescape(text))
     text = _URL.sub(" ", text)
     return " ".join(text.split())
@@ -341,7 +342,8 @@ class ImageCaptionData(_Ordered):
         self.min_aesthetic, self.clean_captions = float(min_aesthetic), bool(clean_captions)
         keys = AESTHETIC_KEYS if aesthetic_key is None else (aesthetic_key,)
         self.stats = dict(images=0, no_caption=0, no_aesthetic=0, low_aesthetic=0, too_small=0, corrupt=0,
-                          bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0, skipped=0)
+                          bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0,
+                          skipped=0)
         self._bad = set()  # indices known to fail: a deterministic property of the file, so caching it
         self._cleaned = set()  # indices whose caption the clean-up changed (counted once)
         self._perm_cache = (None, None)  # (epoch, permutation): one randperm per epoch, not per sample
@@ -531,7 +533,8 @@ class CachedData(_Ordered):
             with open(index_file) as f:
                 h = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"data.py: {index_file}: not a readable cache index ({e}); re-run prepare.py") from None
+            raise ValueError(f"data.py: {index_file}: not a readable cache index ({e}); re-run "
+                             f"prepare.py") from None
         if not isinstance(h, dict) or h.get("format") != CACHE_FORMAT:
             raise ValueError(f"data.py: {index_file}: not a {CACHE_FORMAT} index")
         if h.get("version") != CACHE_VERSION:
@@ -549,7 +552,8 @@ class CachedData(_Ordered):
             raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
                              f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
         self.header, self.resolution = h, h["resolution"]
-        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])  # (4,h,w), (77,C)
+        # (4, h, w), (77, C)
+        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])
         self.pooled_dim = h["pooled_dim"]
         self.stats = {**h["stats"], "skipped": 0}
         n, S = h["items"], h["shard_size"]
@@ -563,8 +567,8 @@ class CachedData(_Ordered):
             meta, _ = read_shard_header(file, h)
             with safe_open(file, framework="pt") as f:
                 idx = f.get_tensor("index").numpy()
-            if meta.get("shard") != str(k) or len(idx) and (idx.min() < k * S or idx.max() >= min(n, (k + 1) * S)
-                                                           or np.any(np.diff(idx) <= 0)):
+            if meta.get("shard") != str(k) or len(idx) and (
+                    idx.min() < k * S or idx.max() >= min(n, (k + 1) * S) or np.any(np.diff(idx) <= 0)):
                 raise ValueError(f"data.py: {file}: holds indices outside shard {k}'s range [{k * S}, "
                                  f"{min(n, (k + 1) * S)}) (a renamed or corrupt shard)")
             self._row[idx] = np.arange(len(idx))
@@ -596,8 +600,9 @@ class CachedData(_Ordered):
         f = self._shard(k)
         t = {name: f.get_slice(name)[row:row + 1][0].float() for name in CACHE_TENSORS[1:]}
         if not all(torch.isfinite(v).all() for v in t.values()):
-            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values in "
-                             f"the sample of index {i} (row {row}): a corrupt shard; delete it and re-run prepare.py")
+            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values "
+                             f"in the sample of index {i} (row {row}): a corrupt shard; delete it and re-run "
+                             f"prepare.py")
         return CachedSample(index=i, **t)
 
 
@@ -607,7 +612,8 @@ def open_data(path, resolution, min_size=1024, sharpness=DEFAULT_SHARPNESS, min_
     made; `base`, when given, must be the one it was encoded with), else ImageCaptionData."""
     if is_cache(path):
         return CachedData(path, resolution, seed, base)
-    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions, aesthetic_key)
+    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions,
+                            aesthetic_key)
 
 
 # -----------------------------------------------------------------------------
@@ -646,7 +652,8 @@ def cached_batch(data, positions):
     """A cache: x0 (B, 4, h, w) (the latent mean, as training encodes it), context (B, 77, C), pooled
     (B, P), time_ids (B, 6), all float32."""
     samples = [data.get(g) for g in positions]
-    return tuple(torch.stack([getattr(s, k) for s in samples]) for k in ("latent", "context", "pooled", "time_ids"))
+    keys = ("latent", "context", "pooled", "time_ids")
+    return tuple(torch.stack([getattr(s, k) for s in samples]) for k in keys)
 
 
 @torch.no_grad()

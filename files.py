@@ -36,7 +36,6 @@ from safetensors.torch import save_file
 
 import lora
 import unet as unet_lib
-import weights
 
 CHECKPOINT_KEYS = {"stage", "phase", "step", "args", "init", "student", "disc", "opt_g", "opt_d", "rng"}
 
@@ -255,23 +254,6 @@ def _read_checkpoint(path):
     return state
 
 
-def read_unet(src, cfg, base, base_sd=None):
-    """A UNet in fp32 on the CPU from where a phase's plan says: "base" (--base; its tensors base_sd when it is
-    a single file), a UNet .safetensors (either layout), or a whole-UNet phase's fp32 checkpoint.pt."""
-    if src == "base":
-        return weights.load_unet(base, cfg, "cpu", torch.float32, sd=base_sd)
-    if str(src).endswith("checkpoint.pt"):
-        student = read_checkpoint(src)["student"]
-        if any(k.startswith("lora_unet_") for k in student):  # kohya names: a LoRA phase's LoRA alone
-            raise RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
-        sd = {k: v.clone() for k, v in student.items()}  # out of the memory map
-        return weights.build_strict(unet_lib.UNet, cfg, sd, str(src))
-    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
-    if unet.config != cfg:
-        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
-    return unet
-
-
 def progress_step(folder):
     """The step whose exports are complete (progress.json), 0 if none."""
     p = Path(folder) / "progress.json"
@@ -316,7 +298,9 @@ def export(folder, student, student_sd, is_lora, steps, prediction, step):
     base = lora.base_state_dict(student) if is_lora else student_sd
     sd = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in base.items()}
     if is_lora:
-        merged = weights.build_strict(unet_lib.UNet, student.config, sd, "student")
+        with torch.device("meta"):  # no wasted init: every tensor is assigned from the student's base
+            merged = unet_lib.UNet(student.config)
+        merged.load_state_dict(sd, strict=True, assign=True)
         lsd = {k: v.to("cpu", torch.float32, copy=True) for k, v in lora.lora_state_dict(student).items()}
         lora.merge_lora(merged, lsd, source="student LoRA")
         sd = merged.state_dict()

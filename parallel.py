@@ -38,10 +38,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import files
 import lora
 import unet as unet_lib
-import weights
 
 # ----------------------------------------------------------------------------------------------------
 # Ranks: the plain torchrun pattern
@@ -161,13 +159,18 @@ def mean_over_ranks(logs, ranks):
     return logs
 
 
-def on_master(ranks, fn):
-    """Run fn on rank 0 while the others wait; an error there stops every rank with the same message."""
+class RankError(RuntimeError):
+    """An error on rank 0 (on_master), raised on every rank with its message."""
+
+
+def on_master(ranks, fn, expected=(ValueError, RuntimeError, OSError)):
+    """Run fn on rank 0 while the others wait; an `expected` error there stops every rank with the same
+    message (one rank: the error itself)."""
     msg = None
     if ranks.master:
         try:
             fn()
-        except (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSError) as e:
+        except expected as e:
             msg = str(e)
             if ranks.world == 1:
                 raise
@@ -175,7 +178,8 @@ def on_master(ranks, fn):
         box = [msg]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
-            raise files.RunError(box[0])
+            raise RankError(box[0])
+
 
 # ----------------------------------------------------------------------------------------------------
 # Sharding

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,10 @@ from discriminator import Discriminator, unconditional_from
 SAMPLE_PROMPTS = ["a photo of a cat wearing a spacesuit", "a watercolor painting of a lighthouse at dawn",
                   "portrait of an old fisherman, dramatic light", "a bowl of ramen, studio photograph"]
 unet_filename = files.unet_filename  # toy.py names exports through train.unet_filename (moving to tools/)
+# what stops a run with one line, 'error: ...' (every rank, when rank 0 meets it in parallel.on_master)
+ERRORS = (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSError)
 
-# ----------------------------------------------------------------------------------------------------
-# Config: the command line, checked before any work
+# --- Config: the command line, checked before any work ------------------------------------------------------
 
 # A resume may change these (the rest must match the checkpoint's run, or it is refused naming the flag):
 # the step target and the bookkeeping, the micro-batch and rank count (the global batch and its draws do
@@ -158,8 +160,7 @@ def check_args(args, world):
     return ([args.phase] if args.phase else list(lm.run_order(args.stage, args.prediction))), late
 
 
-# ----------------------------------------------------------------------------------------------------
-# What every phase shares: the ranks, the data, the frozen encoders
+# --- What every phase shares: the ranks, the data, the frozen encoders --------------------------------------
 
 
 @dataclass
@@ -178,8 +179,13 @@ class Run:
     dtype: torch.dtype = torch.float32  # the compute dtype: bf16 on GPUs (Sec. 3.6), fp32 on the CPU
 
 
-def load_frozen(args, ranks, renoise_late, tensorboard):
-    """Shared by every phase: data, text encoders, VAE, the base UNet's config (and weights: a single file)."""
+def load_frozen(args, ranks, renoise_late):
+    """Shared by every phase: TensorBoard, data, text encoders, VAE, the base UNet's config (and weights, for
+    a single file)."""
+    tensorboard = None
+    if args.tensorboard and ranks.master:
+        from torch.utils.tensorboard import SummaryWriter
+        tensorboard = SummaryWriter(args.tensorboard)
     dev, dtype = ranks.device, torch.bfloat16 if ranks.device.type == "cuda" else torch.float32
     ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
                         args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key)
@@ -197,8 +203,7 @@ def load_frozen(args, ranks, renoise_late, tensorboard):
                text, vae, tensorboard=tensorboard, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The models of a phase: where they start from (the hand-offs of lightning_min.PHASE_TABLE), set up
+# --- The models of a phase: where they start from (the hand-offs of lightning_min.PHASE_TABLE), set up ------
 
 
 def default_teacher(args, steps):
@@ -213,8 +218,7 @@ def default_teacher(args, steps):
                 return str(last / "checkpoint.pt")
     if steps in weights.LIGHTNING_UNETS and steps != 1:
         return str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
-    raise ValueError(f"no {steps}-step teacher: run the stage that makes it with the same --out, or pass "
-                     f"--teacher")
+    raise ValueError(f"no {steps}-step teacher: run the stage that makes it with this --out, or pass --teacher")
 
 
 def plan_phase(args, stage, phase):
@@ -240,6 +244,23 @@ def plan_phase(args, stage, phase):
     plan["teacher"] = (args.skip_level_teacher if skip_level else args.teacher) or \
         default_teacher(args, spec.teacher_steps)
     return plan
+
+
+def load_unet(run, src):
+    """fp32 on the CPU: "base", a UNet .safetensors (either layout), or a whole-UNet phase's checkpoint.pt."""
+    cfg = run.unet_config
+    if src == "base":
+        return weights.load_unet(run.args.base, cfg, "cpu", torch.float32, sd=run.base_sd)
+    if src.endswith("checkpoint.pt"):
+        ck = files.read_checkpoint(src)
+        if lm.phase_spec(ck["stage"], ck["phase"]).lora:
+            raise files.RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
+        sd = {k: v.clone() for k, v in ck["student"].items()}  # out of the memory map
+        return weights.build_strict(unet_lib.UNet, cfg, sd, src)
+    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
+    if unet.config != cfg:
+        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
+    return unet
 
 
 @dataclass
@@ -286,8 +307,7 @@ def build_phase(run, ph):
     # LoRA and head init, the same on every rank and run: the high 63 bits of data.hash_seed (>> 1), as the
     # per-sample draws take them
     torch.manual_seed(data.hash_seed(args.seed, ph.stage, ph.name, "init") >> 1)
-    unet = lambda src: files.read_unet(src, run.unet_config, args.base, run.base_sd)  # noqa: E731 fp32, CPU
-    student = unet(plan["init"])
+    student = load_unet(run, plan["init"])
     carried = plan["lora_from"] and not resuming
     lora_sd = files.read_checkpoint(plan["lora_from"])["student"] if carried else None
     if spec.lora:
@@ -301,11 +321,11 @@ def build_phase(run, ph):
     student.gradient_checkpointing = args.grad_checkpointing
     # the teacher of a LoRA phase whose teacher is the student's base: the student with LoRA off (no copy)
     teacher = None if spec.lora and plan["teacher"] == plan["init"] else \
-        unet(plan["teacher"]).to(dev, run.dtype).requires_grad_(False).eval()
+        load_unet(run, plan["teacher"]).to(dev, run.dtype).requires_grad_(False).eval()
     disc, disc_opt = None, None
     if spec.discriminator:  # from the pretrained base at the stage's first adversarial phase, then carried
         if run.base_unet is None:
-            run.base_unet = unet("base")
+            run.base_unet = load_unet(run, "base")
         disc = Discriminator(run.base_unet, spec.discriminator == "conditional", run.latent_size)
         if plan["disc_from"] and not resuming:
             ck = files.read_checkpoint(plan["disc_from"])
@@ -342,8 +362,7 @@ def open_phase(run, stage, name):
     return ph, m
 
 
-# ----------------------------------------------------------------------------------------------------
-# The data of a step: this rank's micro-batches, encoded, with their per-sample draws
+# --- The data of a step: this rank's micro-batches, encoded, with their per-sample draws --------------------
 
 
 def autocast(device):
@@ -378,8 +397,7 @@ def micro_batches(run, ph):
                             ph.renoise)
 
 
-# ----------------------------------------------------------------------------------------------------
-# One step
+# --- One step -----------------------------------------------------------------------------------------------
 
 
 def teacher_model(ph, m, cond):
@@ -399,16 +417,11 @@ def teacher_model(ph, m, cond):
     return counted
 
 
-def add(logs, **kv):
-    for k, v in kv.items():
-        logs[k] = logs.get(k, 0.0) + v
-
-
 def train_step(run, ph, m):
     """The teacher's targets, the discriminator on Eq. (20), then the student on Eq. (21) (Sec. 3.2); or the
     student alone on Eq. (16) / (29). Gradients are accumulated over micro-batches and synced on the last
     one only; a loss that is not finite on any rank skips that update on every rank (the NaN vote)."""
-    spec, ranks, logs = ph.spec, run.ranks, {}
+    spec, ranks, logs = ph.spec, run.ranks, Counter()  # sums over the micro-batches
     batches = []
     for b in micro_batches(run, ph):
         every = parallel.is_sharded(m.teacher)  # then every rank makes the same calls, whatever the data
@@ -423,8 +436,8 @@ def train_step(run, ph, m):
                 with autocast(ranks.device):
                     loss, real, fake = lm.discriminator_loss(m.d_model, m.student, b, spec)
                 (loss / n).backward()
-            add(logs, loss_d=loss.item() / n, d_real=torch.sigmoid(real).mean().item() / n,
-                d_fake=torch.sigmoid(fake).mean().item() / n)
+            logs.update(loss_d=loss.item() / n, d_real=torch.sigmoid(real).mean().item() / n,
+                        d_fake=torch.sigmoid(fake).mean().item() / n)
         d_ok = parallel.finite(logs["loss_d"], ranks)
         if d_ok:
             m.opt_d.step()
@@ -436,7 +449,7 @@ def train_step(run, ph, m):
             with autocast(ranks.device):
                 loss = lm.student_loss(m.g_model, m.disc, b, spec)
             (loss / n).backward()
-        add(logs, **{key: loss.item() / n})
+        logs.update({key: loss.item() / n})
     if parallel.finite(logs[key], ranks) and d_ok:
         m.opt_g.step()
         ph.bad_in_row = 0
@@ -449,8 +462,7 @@ def train_step(run, ph, m):
     return logs
 
 
-# ----------------------------------------------------------------------------------------------------
-# Saves (the order is files.py's), resume, the phase's record, sample grids
+# --- Saves (the order is files.py's), resume, the phase's record, sample grids ------------------------------
 
 
 def save(run, ph, m, checkpoint=True):
@@ -467,7 +479,7 @@ def save(run, ph, m, checkpoint=True):
                 "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
         files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
                      ph.spec.student_prediction, ph.step)
-    parallel.on_master(run.ranks, write)
+    parallel.on_master(run.ranks, write, ERRORS)
 
 
 def resume(run, ph, m):
@@ -521,8 +533,7 @@ def log(run, ph, msg):
         tqdm.write(f"[{ph.stage}/{ph.name}] {msg}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# One phase: the loop
+# --- One phase: the loop ------------------------------------------------------------------------------------
 
 
 def train_phase(run, stage, name):
@@ -534,7 +545,7 @@ def train_phase(run, stage, name):
     if ph.step >= args.max_steps:
         log(run, ph, f"finished already (step {ph.step} >= --max-steps {args.max_steps}); skipped")
         return
-    parallel.on_master(ranks, lambda: write_meta(run, ph, m))
+    parallel.on_master(ranks, lambda: write_meta(run, ph, m), ERRORS)
     log(run, ph, f"teacher {m.plan['teacher']}{' (the student with LoRA off)' if m.teacher is None else ''}; "
         f"trainable {m.n_trainable:,} params; lr {ph.lr}; timesteps {ph.spec.timesteps}")
     bar = tqdm(total=args.max_steps, initial=ph.step, disable=not ranks.master, desc=f"{stage}/{name}")
@@ -564,8 +575,7 @@ def train_phase(run, stage, name):
     log(run, ph, f"done: {ph.dir / unet_filename(lm.STAGES[stage].student_steps, ph.spec.student_prediction)}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Main: checks before any work, the ranks, the lock, the shared frozen parts, then the phases in order
+# --- Main: checks before any work, the ranks, the lock, the shared frozen parts, then the phases in order ---
 
 
 def main(argv=None):
@@ -576,14 +586,11 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     ranks = parallel.init(args.device)
     torch.manual_seed(args.seed + ranks.rank)  # per-rank offset; the training draws themselves are per sample
-    lock, error, tensorboard = files.OutputLock(args.out), None, None
+    lock, error, run = files.OutputLock(args.out), None, None
     try:
         parallel.on_master(ranks, lambda: (lock.acquire(), files.check_resume(
-            args.out, args.stage, phases, args, RESUME_MAY_CHANGE)))
-        if args.tensorboard and ranks.master:
-            from torch.utils.tensorboard import SummaryWriter
-            tensorboard = SummaryWriter(args.tensorboard)
-        run = load_frozen(args, ranks, renoise_late, tensorboard)
+            args.out, args.stage, phases, args, RESUME_MAY_CHANGE)), ERRORS)
+        run = load_frozen(args, ranks, renoise_late)
         for phase in phases:
             if files.progress_step(files.phase_dir(args.out, args.stage, phase)) >= args.max_steps:
                 if ranks.master:
@@ -593,8 +600,8 @@ def main(argv=None):
     except (files.RunError, weights.CheckpointError, ValueError, RuntimeError) as e:
         error = e
     finally:
-        if tensorboard is not None:
-            tensorboard.close()
+        if run is not None and run.tensorboard is not None:
+            run.tensorboard.close()
         if ranks.master:
             lock.release()
         parallel.close(ranks)

@@ -295,7 +295,7 @@ def test_handoffs_keep_the_discriminator_and_fp32_masters(env, one_rank, tmp_pat
         args = train.parse_args(["--stage", "8to4", "--phase", name, *map(str, stage_args(env, "8to4")),
                                  "--max-steps", "2", "--lr", str(DDP_LR), *common(env, root)])
         _, late = train.check_args(args, 1)
-        shared = train.load_frozen(args, parallel.init(args.device), late, None)
+        shared = train.load_frozen(args, parallel.init(args.device), late)
         return shared, train.open_phase(shared, "8to4", name)[1]
 
     _, unc = phase("uncond", 1)  # run alone, after cond: cond's backbone and the x_{t-ns} half of its head
