@@ -111,8 +111,8 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
             from diffusers import UNet2DConditionModel
             fused = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
             fused.load_state_dict(load_file(init), strict=True)
-            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / files.lora_filename(st.student_steps)),
-                                                                       unet_config=fused.config)
+            lora_file = str(d / files.lora_filename(st.student_steps))
+            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(lora_file, unet_config=fused.config)
             fused.load_lora_adapter(sd, prefix="unet")
             fused.fuse_lora()
             fused.unload_lora()
@@ -498,7 +498,8 @@ def test_disc_input_renoised_only_where_on():
     from types import SimpleNamespace
     for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True),
                               ("2to1", "off", False)):
-        assert train.renoise_on(SimpleNamespace(renoise=flag), lm.phase_spec(stage, "uncond")) == want, (stage, flag)
+        spec = lm.phase_spec(stage, "uncond")
+        assert train.renoise_on(SimpleNamespace(renoise=flag), spec) == want, (stage, flag)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,9 +769,9 @@ def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch)
 
 def test_fsdp_bf16_policy_keeps_time_ids_float32():
     """Issue 10.2 / 7.4: on GPU, FSDP2 computes in bf16 from fp32 masters; its default policy also casts every
-    float input of the model to bf16, which would round the time ids (1365 -> 1368). parallel.py's policy leaves
-    inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo process,
-    the GPU policy on the CPU; FSDP's default policy as the counter-example."""
+    float input of the model to bf16, which would round the time ids (1365 -> 1368). parallel.py's policy
+    leaves inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo
+    process, the GPU policy on the CPU; FSDP's default policy as the counter-example."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     import unet as unet_lib
@@ -782,7 +783,7 @@ def test_fsdp_bf16_policy_keeps_time_ids_float32():
             torch.manual_seed(0)
             m = unet_lib.UNet(TINY_UNET)
             if name == "parallel.py":
-                parallel.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
+                parallel.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (by device type)
             else:
                 fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
             embed = m.embed
