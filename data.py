@@ -13,6 +13,7 @@ with the same order, so `open_data` hands train.py either reader.
 Plain Python + Pillow + numpy + torch; tar members are read by offset, never extracted.
 """
 
+import contextlib
 import glob
 import hashlib
 import html
@@ -99,7 +100,8 @@ _URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
 
 def clean_caption(text: str) -> str:
     """Sec. 3.6 "clean up the text prompts": HTML entities decoded (twice: scraped alt text is often escaped
-    twice, `&amp;quot;`), URLs removed, runs of whitespace (any Unicode space, newlines, tabs) made one space."""
+    twice, `&amp;quot;`), URLs removed, runs of whitespace (any Unicode space, newlines, tabs) made one
+    space."""
     text = html.unescape(html.unescape(text))
     text = _URL.sub(" ", text)
     return " ".join(text.split())
@@ -118,11 +120,16 @@ def aesthetic_score(meta: bytes, keys=AESTHETIC_KEYS):
     return None
 
 
-def _seed(*parts) -> int:
-    """A 63-bit generator seed from a tuple of ints/strings; stable across processes and machines
-    (unlike hash() of strings) and free of collisions like seed*K + epoch."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+def hash_seed(*parts) -> int:
+    """The project's one hash for seeds: a 64-bit number from a tuple of ints/strings, the first 8 bytes
+    (little-endian) of the sha256 of its repr. Stable across processes and machines (unlike hash() of
+    strings) and free of collisions like seed*K + epoch. Callers take 63 bits of it for a generator seed:
+    the low ones here (data order), the high ones in train.py (per-sample draws); each keeps the bits it
+    always took, so runs stay bitwise the same."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+LOW_63 = (1 << 63) - 1  # the data order's seeds: the low 63 bits of hash_seed, as they always were
 
 
 def _read(file: str, offset: int, size: int) -> bytes:
@@ -270,7 +277,7 @@ class _Ordered:
     def permutation(self, epoch: int) -> torch.Tensor:
         """The data order of one epoch, drawn from (seed, epoch) only."""
         if self._perm_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, "epoch", epoch))
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "epoch", epoch) & LOW_63)
             self._perm_cache = (epoch, torch.randperm(len(self), generator=gen))
         return self._perm_cache[1]
 
@@ -288,7 +295,7 @@ class _Ordered:
             if sample is not None:
                 return sample
             self.stats["skipped"] += 1
-            gen = torch.Generator().manual_seed(_seed(self.seed, "retry", g, attempt))
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "retry", g, attempt) & LOW_63)
             i = int(torch.randint(n, (1,), generator=gen))
         s = self.stats
         raise RuntimeError(
@@ -335,7 +342,8 @@ class ImageCaptionData(_Ordered):
         self.min_aesthetic, self.clean_captions = float(min_aesthetic), bool(clean_captions)
         keys = AESTHETIC_KEYS if aesthetic_key is None else (aesthetic_key,)
         self.stats = dict(images=0, no_caption=0, no_aesthetic=0, low_aesthetic=0, too_small=0, corrupt=0,
-                          bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0, skipped=0)
+                          bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0,
+                          skipped=0)
         self._bad = set()  # indices known to fail: a deterministic property of the file, so caching it
         self._cleaned = set()  # indices whose caption the clean-up changed (counted once)
         self._perm_cache = (None, None)  # (epoch, permutation): one randperm per epoch, not per sample
@@ -525,7 +533,8 @@ class CachedData(_Ordered):
             with open(index_file) as f:
                 h = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"data.py: {index_file}: not a readable cache index ({e}); re-run prepare.py") from None
+            raise ValueError(f"data.py: {index_file}: not a readable cache index ({e}); re-run "
+                             f"prepare.py") from None
         if not isinstance(h, dict) or h.get("format") != CACHE_FORMAT:
             raise ValueError(f"data.py: {index_file}: not a {CACHE_FORMAT} index")
         if h.get("version") != CACHE_VERSION:
@@ -543,7 +552,8 @@ class CachedData(_Ordered):
             raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
                              f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
         self.header, self.resolution = h, h["resolution"]
-        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])  # (4,h,w), (77,C)
+        # (4, h, w), (77, C)
+        self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])
         self.pooled_dim = h["pooled_dim"]
         self.stats = {**h["stats"], "skipped": 0}
         n, S = h["items"], h["shard_size"]
@@ -557,8 +567,8 @@ class CachedData(_Ordered):
             meta, _ = read_shard_header(file, h)
             with safe_open(file, framework="pt") as f:
                 idx = f.get_tensor("index").numpy()
-            if meta.get("shard") != str(k) or len(idx) and (idx.min() < k * S or idx.max() >= min(n, (k + 1) * S)
-                                                           or np.any(np.diff(idx) <= 0)):
+            if meta.get("shard") != str(k) or len(idx) and (
+                    idx.min() < k * S or idx.max() >= min(n, (k + 1) * S) or np.any(np.diff(idx) <= 0)):
                 raise ValueError(f"data.py: {file}: holds indices outside shard {k}'s range [{k * S}, "
                                  f"{min(n, (k + 1) * S)}) (a renamed or corrupt shard)")
             self._row[idx] = np.arange(len(idx))
@@ -590,8 +600,9 @@ class CachedData(_Ordered):
         f = self._shard(k)
         t = {name: f.get_slice(name)[row:row + 1][0].float() for name in CACHE_TENSORS[1:]}
         if not all(torch.isfinite(v).all() for v in t.values()):
-            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values in "
-                             f"the sample of index {i} (row {row}): a corrupt shard; delete it and re-run prepare.py")
+            raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values "
+                             f"in the sample of index {i} (row {row}): a corrupt shard; delete it and re-run "
+                             f"prepare.py")
         return CachedSample(index=i, **t)
 
 
@@ -601,7 +612,8 @@ def open_data(path, resolution, min_size=1024, sharpness=DEFAULT_SHARPNESS, min_
     made; `base`, when given, must be the one it was encoded with), else ImageCaptionData."""
     if is_cache(path):
         return CachedData(path, resolution, seed, base)
-    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions, aesthetic_key)
+    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions,
+                            aesthetic_key)
 
 
 # -----------------------------------------------------------------------------
@@ -640,18 +652,24 @@ def cached_batch(data, positions):
     """A cache: x0 (B, 4, h, w) (the latent mean, as training encodes it), context (B, 77, C), pooled
     (B, P), time_ids (B, 6), all float32."""
     samples = [data.get(g) for g in positions]
-    return tuple(torch.stack([getattr(s, k) for s in samples]) for k in ("latent", "context", "pooled", "time_ids"))
+    keys = ("latent", "context", "pooled", "time_ids")
+    return tuple(torch.stack([getattr(s, k) for s in samples]) for k in keys)
 
 
 @torch.no_grad()
-def encode(vae, text, pixels, captions, slice_size=4):
-    """What prepare.py stores, computed as a training step does (vae.encode_latents, text.encode):
-    latent mean and std in the UNet's scale (B, 4, h, w), context (B, 77, C), pooled (B, P)."""
-    sf = vae.config.scaling_factor
-    means, stds = [], []
-    for x in pixels.split(slice_size):
-        mean, logvar = vae.encode(x)
-        means.append(mean * sf)
-        stds.append((0.5 * logvar).exp() * sf)
-    context, pooled = text.encode(list(captions))
+def encode(vae, text, pixels, captions, slice_size=4, autocast=False):
+    """The one encoder of images + captions, for prepare.py's cache and train.py's steps on images:
+    latent mean and std in the UNet's scale (B, 4, h, w) (training uses the mean: the latent of a cached
+    and of a fresh image are the same), context (B, 77, C), pooled (B, P). slice_size images per VAE call
+    (the paper's "VAE slicing"); autocast: under bf16 autocast when the pixels are on a GPU, as training
+    runs; prepare.py runs its encoders in the dtype they were loaded in."""
+    on = autocast and pixels.device.type == "cuda"
+    with torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext():
+        sf = vae.config.scaling_factor
+        means, stds = [], []
+        for x in pixels.split(slice_size):
+            mean, logvar = vae.encode(x)
+            means.append(mean * sf)
+            stds.append((0.5 * logvar).exp() * sf)
+        context, pooled = text.encode(list(captions))
     return torch.cat(means), torch.cat(stds), context, pooled

@@ -1,7 +1,8 @@
-"""The files of a training run: atomic writes, the lock on the output folder, checkpoints read with clear
-errors, and the crash points that test the save sequence. No method here; train.py uses it.
+"""The run folder: atomic writes (one function, atomic_write), the lock on the output folder, checkpoints
+saved and read with clear errors, the release-format exports, progress.json and log.jsonl, the checks
+before a resume, and the crash points that test the save sequence. No method here; train.py uses it.
 
-A run folder OUT/<stage>/<phase>/ is saved in this order (train.Phase.save), so that a crash at any point
+A phase's folder OUT/<stage>/<phase>/ is saved in this order (train.save), so that a crash at any point
 leaves a state that re-running the same command completes:
   1. checkpoint.pt        everything to resume, fp32 (temp file, fsync, rename)
   2. the exports          sdxl_lightning_*.safetensors, config.json (each: temp file, fsync, rename)
@@ -12,9 +13,12 @@ checkpoint writes the exports again before anything else.
 Crash points, for tests: LIGHTNING_CRASH_AT=<name> makes the run stop dead at the point of that name (it
 raises SimulatedCrash, which nothing catches and nothing cleans up after, so the files are left as a kill
 would leave them). Names: "step<k>" after optimizer step k (before its save), "checkpoint.tmp" (temp
-checkpoint written, not renamed), "checkpoint" (renamed, no exports), "export.tmp" (the first export's temp
-file written, not renamed), "exports" (exports written, progress.json not). With LIGHTNING_CRASH_HARD=1 the process
-exits on the spot instead (os._exit(137), like kill -9: the lock stays behind, stale).
+checkpoint written, not renamed), "checkpoint" (renamed, no exports), "export.tmp" (the first export's
+temp file written, not renamed), "exports" (exports written, progress.json not). With
+LIGHTNING_CRASH_HARD=1 the process exits on the spot instead (os._exit(137), like kill -9: the lock stays
+behind, stale).
+
+Read top to bottom: crash points and errors, atomic writes, the lock, names, checkpoints, exports, the log.
 """
 import errno
 import json
@@ -26,8 +30,12 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
+
+import lora
+import unet as unet_lib
 
 CHECKPOINT_KEYS = {"stage", "phase", "step", "args", "init", "student", "disc", "opt_g", "opt_d", "rng"}
 
@@ -38,7 +46,7 @@ class SimulatedCrash(BaseException):
 
 def crash_point(name):
     if os.environ.get("LIGHTNING_CRASH_AT") == name:
-        if os.environ.get("LIGHTNING_CRASH_HARD"):  # the process dies on the spot, as with kill -9: no cleanup
+        if os.environ.get("LIGHTNING_CRASH_HARD"):  # dies on the spot, as with kill -9: no cleanup
             os._exit(137)
         raise SimulatedCrash(name)
 
@@ -77,8 +85,8 @@ def atomic_write(path, write):
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
             (isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 1 << 20)
         if full:
-            raise RunError(f"{path}: the disk is full (writing it failed: {e}); the previous file, if any, is "
-                           f"unchanged; free some space and re-run the same command to resume") from None
+            raise RunError(f"{path}: the disk is full (writing it failed: {e}); the previous file, if any, "
+                           f"is unchanged; free some space and re-run the same command to resume") from None
         raise
     return path
 
@@ -93,6 +101,24 @@ def save_safetensors(tensors, path, metadata=None):
 
 def save_json(obj, path):
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=str)))
+
+
+def to_pil(images):
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounding as diffusers' image processor does."""
+    from PIL import Image
+    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+def save_grid(images, path):
+    """Four PIL images of one size as a 2x2 PNG grid. -> the grid as an (H, W, 3) uint8 array."""
+    from PIL import Image
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * 2, h * 2))
+    for i, im in enumerate(images[:4]):
+        grid.paste(im, ((i % 2) * w, (i // 2) * h))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return np.asarray(grid)
 
 
 def remove_temp_files(folder):
@@ -153,14 +179,14 @@ class OutputLock:
                     other = json.loads(self.path.read_text())
                     pid, host = int(other["pid"]), other["host"]
                 except (OSError, ValueError, KeyError, TypeError):
-                    raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other run "
-                                   f"uses {self.out}, delete it") from None
+                    raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other "
+                                   f"run uses {self.out}, delete it") from None
                 if host == me["host"] and not _alive(pid):
                     self.path.unlink(missing_ok=True)  # stale: its process is gone
                     continue
                 raise RunError(f"{self.out} is in use by another train.py run (pid {pid} on {host}, since "
-                               f"{other.get('since')}); wait for it or use another --out (if that run is gone, "
-                               f"delete {self.path})") from None
+                               f"{other.get('since')}); wait for it or use another --out (if that run is "
+                               f"gone, delete {self.path})") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -176,6 +202,24 @@ class OutputLock:
                 p.rmdir()
             except OSError:
                 break
+
+
+# ----------------------------------------------------------------------------------------------------
+# Names
+
+
+def phase_dir(out, stage, phase):
+    return Path(out) / stage / phase
+
+
+def unet_filename(steps, prediction=None):
+    """The release names; an x0 model (default: the 1-step one) says so, and sample.py reads the suffix."""
+    x0 = prediction == "sample" if prediction else steps == 1
+    return f"sdxl_lightning_{steps}step_unet{'_x0' if x0 else ''}.safetensors"
+
+
+def lora_filename(steps):
+    return f"sdxl_lightning_{steps}step_lora.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,7 +245,8 @@ def read_checkpoint(path, stage=None, phase=None):
 
 
 def forget_checkpoints():
-    """Drop the shared read: optimizers loaded from it use its tensors (a private, copy-on-write map) in place."""
+    """Drop the shared read: optimizers loaded from it use its tensors (a private, copy-on-write map) in
+    place."""
     _READ.clear()
 
 
@@ -210,9 +255,9 @@ def _read_checkpoint(path):
         raise RunError(f"{path}: the file is empty (an interrupted copy?); delete it to restart the phase")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle what we did not write
-        raise RunError(f"{path}: not a train.py checkpoint (it holds pickled Python objects, not plain tensors)") \
-            from None
+    except pickle.UnpicklingError:  # weights_only refused a Python object: never unpickle what we didn't write
+        raise RunError(f"{path}: not a train.py checkpoint (it holds pickled Python objects, not plain "
+                       f"tensors)") from None
     except Exception as e:  # noqa: BLE001 -- torch raises many kinds for a foreign file
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0] or type(e).__name__
         raise RunError(f"{path}: not a train.py checkpoint (cannot be read: {first[:200]})") from None
@@ -229,3 +274,83 @@ def progress_step(folder):
         return int(json.loads(p.read_text())["step"]) if p.exists() else 0
     except (ValueError, KeyError, TypeError):
         return 0  # unreadable: the exports are redone from the checkpoint
+
+
+def save_checkpoint(folder, state):
+    """Step 1 of a save: checkpoint.pt, whole fp32 tensors (what a resume and the next phase read)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_torch(state, Path(folder) / "checkpoint.pt")
+    crash_point("checkpoint")
+
+
+def check_resume(out, stage, phases, args, may_change):
+    """Each phase's checkpoint, if any, is ours and was trained with the same arguments (`may_change` aside).
+    Run on rank 0 under the lock, before any work; leftover temp files of an interrupted save go first."""
+    remove_temp_files(Path(out) / stage)
+    for phase in phases:
+        path = phase_dir(out, stage, phase) / "checkpoint.pt"
+        if not path.exists():
+            continue
+        saved = read_checkpoint(path, stage, phase)["args"]
+        for k, v in vars(args).items():
+            if k not in may_change and k in saved and saved[k] != v:
+                raise RunError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, this run has "
+                               f"{v}: resume with the same value, or use another --out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exports: the release formats
+
+
+def export(folder, student, student_sd, is_lora, steps, prediction, step):
+    """Steps 2 and 3 of a save: the release formats in fp16, a diffusers-layout UNet (a LoRA merged in fp32
+    into a copy: the student's base is a LoRA phase's teacher and must stay untouched) and the LoRA, then
+    progress.json saying the exports are those of `step`. student_sd: the student's state as checkpoint.pt
+    holds it, whole on the CPU (gathered from its shards); a LoRA phase reads its base from `student`."""
+    folder = Path(folder)
+    base = lora.base_state_dict(student) if is_lora else student_sd
+    sd = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in base.items()}
+    if is_lora:
+        with torch.device("meta"):  # no wasted init: every tensor is assigned from the student's base
+            merged = unet_lib.UNet(student.config)
+        merged.load_state_dict(sd, strict=True, assign=True)
+        lsd = {k: v.to("cpu", torch.float32, copy=True) for k, v in lora.lora_state_dict(student).items()}
+        lora.merge_lora(merged, lsd, source="student LoRA")
+        sd = merged.state_dict()
+        tensors, metadata = lora.kohya_file(student)  # fp16, as released
+        save_safetensors(tensors, folder / lora_filename(steps), metadata)
+    fp16 = {k: v.half().contiguous() for k, v in sd.items()}
+    save_safetensors(fp16, folder / unet_filename(steps, prediction))
+    save_json(student.config.to_diffusers(), folder / "config.json")
+    crash_point("exports")
+    save_json({"step": step}, folder / "progress.json")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The log: log.jsonl, one line per step, appended by rank 0
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; a line a kill cut short counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def trim_log(folder, step):
+    """log.jsonl keeps the steps of the checkpoint only (a crash may have logged steps it never saved)."""
+    log = Path(folder) / "log.jsonl"
+    if log.exists():
+        lines = [ln for ln in log.read_text().splitlines() if logged_step(ln) <= step]
+        atomic_write(log, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
+
+
+def append_log(folder, logs, tensorboard=None, prefix=None):
+    """One step's line; with a TensorBoard writer also each of its numbers as the scalar PREFIX/key (each
+    loss term, D(real)/D(fake), lr, step time, images/s, ...); flags and strings stay in log.jsonl only."""
+    with open(Path(folder) / "log.jsonl", "a") as f:
+        f.write(json.dumps(logs) + "\n")
+    for k, v in (logs.items() if tensorboard is not None else ()):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            tensorboard.add_scalar(f"{prefix}/{k}", v, logs["step"])

@@ -6,7 +6,9 @@ here is a callable model(x_t, t, rows=None) -> u with t a (B,) long tensor of pa
 epsilon or an x0 ("sample") prediction; `rows`, when given, says which samples of the batch the model
 was built for x holds (a rollout calls the teacher only on samples that still move). `unet_model`
 makes such a model of a UNet: the one place where the UNet gets t - 1 and where CFG happens. Read top
-to bottom: schedule, Eq. (1)-(5), the UNet adapter, sampling, distillation, the stage and phase tables.
+to bottom: schedule, Eq. (1)-(5), the UNet adapter, sampling, distillation, the update on one batch
+(its draws, the teacher's target, the discriminator's inputs, the losses), the stage and phase tables
+with the hand-offs between phases.
 """
 from dataclasses import dataclass
 
@@ -231,7 +233,8 @@ def teacher_rollout(teacher, x_t, t, t_target, n, prediction="epsilon", s=None, 
         nxt = t_target if k == n else torch.maximum(torch.round(start - k * s).long(), t_target)
         active = nxt < cur  # samples already at t_target stay put
         if every_sample:
-            x = torch.where(active[:, None, None, None], move(x, teacher(x, cur).float(), cur, nxt, prediction), x)
+            moved = move(x, teacher(x, cur).float(), cur, nxt, prediction)
+            x = torch.where(active[:, None, None, None], moved, x)
         elif active.all():
             x = move(x, teacher(x, cur).float(), cur, nxt, prediction)
         elif active.any():
@@ -285,6 +288,94 @@ def student_timesteps(student_steps):
     return trailing_timesteps(student_steps)[:-1]
 
 # -----------------------------------------------------------------------------
+# the update on one batch (Sec. 3.2-3.7): the draws, the teacher's target, the two losses
+
+
+@dataclass
+class Batch:
+    """One micro-batch, its per-sample draws, and (after teacher_target) the teacher's target."""
+    x0: torch.Tensor  # (B, 4, h, w) clean latents
+    cond: tuple  # (context (B, 77, 2048), pooled (B, 1280), time ids (B, 6) float32)
+    eps: torch.Tensor  # (B, 4, h, w) the noise of x_t
+    eps2: torch.Tensor  # (B, 4, h, w) a fresh noise for re-noising (Sec. 3.7.2)
+    t: torch.Tensor  # (B,) the student's timesteps
+    t_star: torch.Tensor  # (B,) re-noise timesteps in {10, 250, 500, 750}
+    renoise: bool  # whether the discriminator's clean inputs are noised again
+    x_t: torch.Tensor = None  # (B, 4, h, w)
+    t_tgt: torch.Tensor = None  # (B,) t - ns, clamped at 0
+    target: torch.Tensor = None  # (B, 4, h, w) the teacher's x_{t-ns} (convert: its eps)
+
+
+def draw(generators, shape, timesteps, renoise_weights=(1, 1, 1, 1)):
+    """The per-sample draws of a micro-batch, one generator per sample, in this order from each: eps and eps2
+    ~ N(0, I) of `shape`, t uniform over the student's `timesteps` (Sec. 3.7.1), t* from RENOISE_T at
+    `renoise_weights` (Sec. 3.7.2). A generator seeded from the sample alone makes the draws independent of
+    the ranks, the micro-batch size and resumes.
+    -> eps, eps2 (B, *shape) float32, t, t_star (B,) long, on the CPU."""
+    eps, eps2, t, t_star = [], [], [], []
+    for gen in generators:
+        eps.append(torch.randn(shape, generator=gen))
+        eps2.append(torch.randn(shape, generator=gen))
+        t.append(timesteps[torch.randint(len(timesteps), (1,), generator=gen).item()])
+        t_star.append(renoise_timesteps(gen, 1, renoise_weights)[0].item())
+    return torch.stack(eps), torch.stack(eps2), torch.tensor(t), torch.tensor(t_star)
+
+
+def make_batch(x0, cond, generators, timesteps, renoise_weights, renoise):
+    """A Batch of latents x0 (B, 4, h, w) and their conditioning, with draw()'s draws on x0's device."""
+    eps, eps2, t, t_star = draw(generators, x0.shape[1:], timesteps, renoise_weights)
+    dev = x0.device
+    return Batch(x0=x0, cond=cond, eps=eps.to(dev), eps2=eps2.to(dev), t=t.to(dev), t_star=t_star.to(dev),
+                 renoise=renoise)
+
+
+@torch.no_grad()
+def teacher_target(teacher, b, spec, every_sample=False):
+    """x_t (Eq. 1; pure noise at t = T, Eq. 24), then the teacher's x_{t-ns}: n moves of Eq. (7)-(13), t - ns
+    clamped at 0. In the convert phase the frozen eps-model's prediction at x_t instead (Eq. 27).
+    teacher: a model(x, t, rows) of the teacher (unet_model); every_sample: see teacher_rollout."""
+    b.x_t = forward_fixed(b.x0, b.eps, b.t)
+    b.t_tgt = target_time(b.t, spec.n, spec.teacher_steps)
+    if spec.loss == "convert":
+        b.target = teacher(b.x_t, b.t)
+    else:
+        b.target = teacher_rollout(teacher, b.x_t, b.t, b.t_tgt, spec.n, spec.teacher_prediction,
+                                   s=T / spec.teacher_steps, every_sample=every_sample)
+    return b
+
+
+def disc_logits(disc, x, b):
+    """D on a sample at t - ns: Eq. (22) also sees x_t, Eq. (23) does not. Where re-noising is on (Sec. 3.7.2,
+    Eq. 25-26), a clean sample (t - ns = 0) is first noised again to t* with a fresh noise."""
+    t_d = b.t_tgt
+    if b.renoise:
+        clean = b.t_tgt == 0
+        t_d = torch.where(clean, b.t_star, b.t_tgt)
+        x = torch.where(clean[:, None, None, None], forward(x, b.eps2, b.t_star).to(x.dtype), x)
+    return disc(x, t_d, b.cond, b.x_t, b.t)
+
+
+def discriminator_loss(disc, student, b, spec):
+    """Eq. (20): -log D(teacher's x_{t-ns}) - log(1 - D(student's x_{t-ns})). The student only samples here.
+    -> the loss and the logits on real and fake."""
+    with torch.no_grad():
+        x_hat = student_jump(unet_model(student, b.cond), b.x_t, b.t, b.t_tgt, spec.student_prediction)
+    real, fake = disc_logits(disc, b.target, b), disc_logits(disc, x_hat, b)
+    return loss_d(real, fake), real, fake
+
+
+def student_loss(student, disc, b, spec):
+    """The student's one jump from x_t to t - ns (Eq. 14-15) against the teacher's n moves: the non-saturating
+    -log D(x_hat) (Eq. 21), or the MSE (Eq. 16); convert: its x0 against the eps-model's (Eq. 29)."""
+    model = unet_model(student, b.cond)
+    if spec.loss == "convert":
+        return loss_convert(model(b.x_t, b.t), b.x_t, b.target, b.t)
+    x_hat = student_jump(model, b.x_t, b.t, b.t_tgt, spec.student_prediction)
+    if spec.loss == "mse":
+        return loss_mse(x_hat, b.target)
+    return loss_g(disc_logits(disc, x_hat, b))
+
+# -----------------------------------------------------------------------------
 # the stage table (Sec. 3.6, 3.7)
 
 
@@ -327,7 +418,14 @@ class PhaseSpec:
     student_prediction: str  # "epsilon", or "sample" (x0) for the 1-step model (Sec. 3.7.3)
     teacher_prediction: str  # always "epsilon": only the 1-step student switches
     timesteps: tuple  # the student's training timesteps (Sec. 3.7.1)
+    after: str | None  # the phase whose fp32 checkpoint this one starts from; None: the stage's init
+    carry_lora: str | None  # that phase's LoRA: "continue" training it, "merge" it into the base (fp32)
+    carry_disc: str | None  # that phase's D: its "backbone" (a new head, new Adam), or "whole" with Adam
     weight_decay: float = 0.0
+
+    @property
+    def carry_disc_adam(self):
+        return self.carry_disc == "whole"
 
 
 # One row per (stage, phase), the paper's values. LoRA in the two adversarial objectives (Sec. 3.6) but not
@@ -336,42 +434,60 @@ class PhaseSpec:
 # The skip-level teacher (Sec. 3.4) covers one student step in more, smaller steps: 4to2 uncond uses the
 # 8-step model, n = 4. Re-noising is a one- and two-step technique (Sec. 3.7 opens "For one-step and
 # two-step distillations"), so on in 4to2 and 2to1 only; train.py --renoise turns it on elsewhere.
+# The hand-offs (Sec. 3.6), the last three columns: the phase a phase starts from (`after`: its fp32
+# checkpoint, never the fp16 release file; None: the stage's init, the previous stage's model), what it does
+# with that phase's LoRA (CONT: uncond trains cond's LoRA on; MERGE: full merges it into the same base in
+# fp32) and with its discriminator, re-initialized per stage, not per phase (BACK: uncond keeps cond's
+# backbone and the x_{t-ns} half of its head, discriminator.unconditional_from, Adam anew; WHOLE: full
+# keeps uncond's discriminator and its Adam state). T: the phase's teacher steps.
 MSE, ADV, CONV = "mse", "adversarial", "convert"
 C, U = "conditional", "unconditional"
-ADAM_MSE, ADAM_ADV = (0.9, 0.999), (0.0, 0.99)
+B_MSE, B_ADV = (0.9, 0.999), (0.0, 0.99)  # Adam's betas
+CONT, MERGE, BACK, WHOLE = "continue", "merge", "backbone", "whole"
 PHASE_TABLE = [
-    # stage     phase      loss  LoRA   D     teacher  lr    betas     renoise    # paper
-    ("128to32", "mse",     MSE,  False, None, 128,     1e-5, ADAM_MSE, False),    # 3.6, Eq. 16, CFG 6
-    ("32to8",   "cond",    ADV,  True,  C,    32,      1e-6, ADAM_ADV, False),    # 3.6, Eq. 20-22
-    ("32to8",   "uncond",  ADV,  True,  U,    32,      1e-6, ADAM_ADV, False),    # 3.6, Eq. 23
-    ("32to8",   "full",    ADV,  False, U,    32,      5e-7, ADAM_ADV, False),    # 3.6, merged LoRA
-    ("8to4",    "cond",    ADV,  True,  C,    8,       1e-6, ADAM_ADV, False),    # 3.6
-    ("8to4",    "uncond",  ADV,  True,  U,    8,       1e-6, ADAM_ADV, False),    # 3.6
-    ("8to4",    "full",    ADV,  False, U,    8,       5e-7, ADAM_ADV, False),    # 3.6
-    ("4to2",    "cond",    ADV,  True,  C,    4,       1e-6, ADAM_ADV, True),     # 3.6, 3.7.1-2
-    ("4to2",    "uncond",  ADV,  True,  U,    8,       1e-6, ADAM_ADV, True),     # 3.4 skip-level, 3.7.2
-    ("4to2",    "full",    ADV,  False, U,    8,       5e-7, ADAM_ADV, True),     # 3.4, 3.7.2
-    ("2to1",    "convert", CONV, False, None, 2,       1e-5, ADAM_MSE, False),    # 3.7.3, Eq. 27-29
-    ("2to1",    "cond",    ADV,  False, C,    2,       5e-7, ADAM_ADV, True),     # 3.7.1-3, whole UNet
-    ("2to1",    "uncond",  ADV,  False, U,    4,       5e-7, ADAM_ADV, True),     # 3.4, 3.7.2-3
+    # stage     phase      loss  LoRA   D     T    lr    betas  renoise after    LoRA   D      # Sec.
+    ("128to32", "mse",     MSE,  False, None, 128, 1e-5, B_MSE, False, None,      None,  None),  # Eq. 16
+    ("32to8",   "cond",    ADV,  True,  C,    32,  1e-6, B_ADV, False, None,      None,  None),  # Eq. 22
+    ("32to8",   "uncond",  ADV,  True,  U,    32,  1e-6, B_ADV, False, "cond",    CONT,  BACK),  # Eq. 23
+    ("32to8",   "full",    ADV,  False, U,    32,  5e-7, B_ADV, False, "uncond",  MERGE, WHOLE),  # 3.6
+    ("8to4",    "cond",    ADV,  True,  C,    8,   1e-6, B_ADV, False, None,      None,  None),  # 3.6
+    ("8to4",    "uncond",  ADV,  True,  U,    8,   1e-6, B_ADV, False, "cond",    CONT,  BACK),  # 3.6
+    ("8to4",    "full",    ADV,  False, U,    8,   5e-7, B_ADV, False, "uncond",  MERGE, WHOLE),  # 3.6
+    ("4to2",    "cond",    ADV,  True,  C,    4,   1e-6, B_ADV, True,  None,      None,  None),  # 3.7.1-2
+    ("4to2",    "uncond",  ADV,  True,  U,    8,   1e-6, B_ADV, True,  "cond",    CONT,  BACK),  # 3.4
+    ("4to2",    "full",    ADV,  False, U,    8,   5e-7, B_ADV, True,  "uncond",  MERGE, WHOLE),  # 3.4
+    ("2to1",    "convert", CONV, False, None, 2,   1e-5, B_MSE, False, None,      None,  None),  # Eq. 29
+    ("2to1",    "cond",    ADV,  False, C,    2,   5e-7, B_ADV, True,  "convert", None,  None),  # 3.7.1-3
+    ("2to1",    "uncond",  ADV,  False, U,    4,   5e-7, B_ADV, True,  "cond",    None,  BACK),  # 3.4
     # Ablations, run only when named (train.py --phase mse): MSE-only progressive distillation (Sec. 3.1-3.2),
-    # the baseline the adversarial objective replaces. 2to1's starts from its convert phase (x0 student).
-    ("32to8",   "mse",     MSE,  False, None, 32,      1e-5, ADAM_MSE, False),    # 3.2 ablation
-    ("8to4",    "mse",     MSE,  False, None, 8,       1e-5, ADAM_MSE, False),    # 3.2 ablation
-    ("4to2",    "mse",     MSE,  False, None, 4,       1e-5, ADAM_MSE, False),    # 3.2 ablation
-    ("2to1",    "mse",     MSE,  False, None, 2,       1e-5, ADAM_MSE, False),    # 3.2 ablation
+    # the baseline the adversarial objective replaces. 2to1's starts from its convert phase (an x0 student).
+    ("32to8",   "mse",     MSE,  False, None, 32,  1e-5, B_MSE, False, None,      None,  None),  # 3.2
+    ("8to4",    "mse",     MSE,  False, None, 8,   1e-5, B_MSE, False, None,      None,  None),  # 3.2
+    ("4to2",    "mse",     MSE,  False, None, 4,   1e-5, B_MSE, False, None,      None,  None),  # 3.2
+    ("2to1",    "mse",     MSE,  False, None, 2,   1e-5, B_MSE, False, "convert", None,  None),  # 3.2
 ]
 
 
 def stage_phases(stage, ablations=False):
-    """The stage's phases: in training order (what a stage runs), or every phase it has, ablations included."""
+    """The stage's phases: in training order (what a stage runs), or every phase it has, with ablations."""
     return tuple(r[1] for r in PHASE_TABLE if r[0] == stage) if ablations else STAGES[stage].phases
+
+
+def skipped(phase, prediction=None):
+    """The x0 switch is skipped when the 1-step student keeps predicting epsilon (the Sec. 3.7.3 ablation)."""
+    return phase == "convert" and prediction == "epsilon"
+
+
+def run_order(stage, prediction=None):
+    """The phases a stage runs without train.py --phase: its training order, less skipped phases."""
+    return tuple(p for p in stage_phases(stage) if not skipped(p, prediction))
 
 
 def phase_spec(stage, phase, prediction=None):
     """Everything train.py needs for one phase of one stage: its PHASE_TABLE row and what follows from it.
     prediction: the student's output, default x0 ("sample") in 2to1 (Sec. 3.7.3) and epsilon elsewhere;
-    "epsilon" in 2to1 is the ablation without the x0 switch."""
+    "epsilon" in 2to1 is the ablation without the x0 switch: a phase after the skipped convert phase starts
+    where convert would have (the stage's init) and carries what convert would have carried (nothing)."""
     if stage not in STAGES:
         raise ValueError(f"lightning_min: unknown stage {stage!r}, valid: {list(STAGES)}")
     st = STAGES[stage]
@@ -380,9 +496,13 @@ def phase_spec(stage, phase, prediction=None):
                          f"{list(stage_phases(stage, ablations=True))}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"lightning_min: prediction {prediction!r}, valid: {list(PREDICTIONS)}")
-    _, _, loss, lora, disc, steps, lr, betas, renoise = next(r for r in PHASE_TABLE if r[:2] == (stage, phase))
+    row = {r[1]: r for r in PHASE_TABLE if r[0] == stage}
+    _, _, loss, lora, disc, steps, lr, betas, renoise, after, carry_lora, carry_disc = row[phase]
+    while after is not None and skipped(after, prediction):
+        after, carry_lora, carry_disc = row[after][9:]
     return PhaseSpec(
         stage=stage, phase=phase, loss=loss, lora=lora, discriminator=disc, teacher_steps=steps, lr=lr,
         betas=betas, renoise=renoise, n=st.n * steps // st.teacher_steps, cfg=st.cfg,
-        student_prediction=prediction or ("sample" if stage == "2to1" else "epsilon"), teacher_prediction="epsilon",
-        timesteps=tuple(student_timesteps(st.student_steps)))
+        student_prediction=prediction or ("sample" if stage == "2to1" else "epsilon"),
+        teacher_prediction="epsilon", timesteps=tuple(student_timesteps(st.student_steps)),
+        after=after, carry_lora=carry_lora, carry_disc=carry_disc)

@@ -102,12 +102,6 @@ def load_image(path, width=None, height=None, resize="stretch"):
     return 2 * x - 1, (width, height)
 
 
-def to_pil(images):
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounding as diffusers' image processor does."""
-    arr = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-
-
 def _randn(shape, gens, dtype):
     """diffusers' randn_tensor on the CPU: one generator draws the batch, a list draws one row each."""
     if isinstance(gens, list):
@@ -454,7 +448,7 @@ def run(args):
                               *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
                               negative=args.negative, image=image, strength=args.strength or 1.0,
                               names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, outs)])
-            for img, (prompt, seed, _), path in zip(to_pil(images), batch, outs):
+            for img, (prompt, seed, _), path in zip(files.to_pil(images), batch, outs):
                 save_image(img, path)
                 manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
             if indexed:  # rewritten after each batch: it always lists exactly the images on disk

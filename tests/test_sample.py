@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
+import files
 import lightning_min as lm
 import sample
 import unet as unet_mod
@@ -389,7 +390,7 @@ def test_img2img_cli_and_bad_strengths(base, tmp_path):
           tmp_path / "cli.png")
     text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 4,
                                   torch.device("cpu"), torch.float32)
-    want = sample.to_pil(sample.generate(text, unet, vae, ["a red car"], 4, [5], W, H,
+    want = files.to_pil(sample.generate(text, unet, vae, ["a red car"], 4, [5], W, H,
                                          image=sample.load_image(
         photo, W, H)[0], strength=0.5))[0]
     assert np.array_equal(_png(tmp_path / "cli.png"), np.asarray(want).astype(np.int16))
@@ -460,7 +461,7 @@ def test_stacked_loras_equal_diffusers_set_adapters(base, tmp_path):
     common = ["a cat", "--base", root, "--unet", "base", "--width", W, "--height", H]
     _main(*common, "--lora", f"{a}:0.7", "--lora", f"{b}:-0.4", "--out", tmp_path / "ab.png")
     _main(*common, "--lora", f"{b}:-0.4", "--lora", f"{a}:0.7", "--out", tmp_path / "ba.png")
-    png = np.asarray(sample.to_pil(ours * 2 - 1)[0]).astype(np.int16)
+    png = np.asarray(files.to_pil(ours * 2 - 1)[0]).astype(np.int16)
     for f in ("ab.png", "ba.png"):
         assert np.abs(_png(tmp_path / f) - png).max() <= 1
     _main(*common, "--lora", f"{a}:0", "--out", tmp_path / "zero.png")  # scale 0 is the base model
@@ -585,7 +586,7 @@ def test_negative_prompt_equals_diffusers(base, tmp_path):
     assert (zero - ours).abs().max() > 0.05  # the negative prompt mattered
     common = ["a dog", "--base", root, "--unet", "base", "--width", W, "--height", H, "--seed", 3]
     _main(*common, "--guidance", 5, "--negative", "snow", "--out", tmp_path / "neg.png")
-    want = np.asarray(sample.to_pil(ours[:1] * 2 - 1)[0]).astype(np.int16)
+    want = np.asarray(files.to_pil(ours[:1] * 2 - 1)[0]).astype(np.int16)
     assert np.abs(_png(tmp_path / "neg.png") - want).max() <= 1
     for g in ("0", "1"):
         assert "--negative needs --guidance > 1" in _main_error(*common, "--negative", "snow", "--guidance",

@@ -16,9 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import data
 import files
 import lightning_min as lm
 import lora
+import parallel
 import train
 import weights
 from tools.tiny import TINY_UNET, diffusers_unet, make_tiny_base, write_noise_images
@@ -93,7 +95,7 @@ def one_rank(env, tmp_path_factory):
 def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
     out = one_rank(stage)  # the whole stage, one step per phase, a sample grid each
     st = lm.STAGES[stage]
-    name = train.unet_filename(st.student_steps)
+    name = files.unet_filename(st.student_steps)
     for phase in st.phases:
         d = out / stage / phase
         spec = lm.phase_spec(stage, phase)
@@ -109,8 +111,8 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
             from diffusers import UNet2DConditionModel
             fused = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
             fused.load_state_dict(load_file(init), strict=True)
-            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(d / train.lora_filename(st.student_steps)),
-                                                                       unet_config=fused.config)
+            lora_file = str(d / files.lora_filename(st.student_steps))
+            sd, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(lora_file, unet_config=fused.config)
             fused.load_lora_adapter(sd, prefix="unet")
             fused.fuse_lora()
             fused.unload_lora()
@@ -153,11 +155,12 @@ def test_ablation_phases_run_only_when_named(env, tmp_path):
     `--phase mse` in any stage, never part of a stage's default run, and in 2to1 continues the convert phase
     (an x0 student); `--stage 2to1 --prediction epsilon` (Sec. 3.7.3 without the x0 switch) skips convert and
     exports a 1-step UNet that sample.py reads as epsilon."""
-    assert train.run_order("32to8") == ("cond", "uncond", "full")
-    assert train.run_order("2to1") == ("convert", "cond", "uncond")
-    assert train.run_order("2to1", "epsilon") == ("cond", "uncond")
-    assert train.predecessor("2to1", "mse") == "convert" and train.predecessor("8to4", "mse") is None
-    assert train.predecessor("2to1", "cond", "epsilon") is None and train.predecessor("2to1", "uncond", "epsilon") == "cond"
+    assert lm.run_order("32to8") == ("cond", "uncond", "full")
+    assert lm.run_order("2to1") == ("convert", "cond", "uncond")
+    assert lm.run_order("2to1", "epsilon") == ("cond", "uncond")
+    assert lm.phase_spec("2to1", "mse").after == "convert" and lm.phase_spec("8to4", "mse").after is None
+    assert lm.phase_spec("2to1", "cond", "epsilon").after is None
+    assert lm.phase_spec("2to1", "uncond", "epsilon").after == "cond"
     t = {s: str(p) for s, p in env["teachers"].items()}
     # MSE-only 8to4: the student's one jump against the teacher's two moves, whole UNet, no discriminator
     out = tmp_path / "mse"
@@ -291,16 +294,16 @@ def test_handoffs_keep_the_discriminator_and_fp32_masters(env, one_rank, tmp_pat
             shutil.rmtree(root / "8to4" / p)
         args = train.parse_args(["--stage", "8to4", "--phase", name, *map(str, stage_args(env, "8to4")),
                                  "--max-steps", "2", "--lr", str(DDP_LR), *common(env, root)])
-        ctx = train.setup_ddp(args)
-        train.load_frozen(args, ctx)
-        return train.Phase(args, ctx, "8to4", name)
+        _, late = train.check_args(args, 1)
+        shared = train.load_frozen(args, parallel.init(args.device), late)
+        return shared, train.open_phase(shared, "8to4", name)[1]
 
-    unc = phase("uncond", 1)  # run alone, after cond: cond's backbone and the x_{t-ns} half of its head
+    _, unc = phase("uncond", 1)  # run alone, after cond: cond's backbone and the x_{t-ns} half of its head
     d = unc.disc.state_dict()
     for k, v in ck["cond"]["disc"].items():
         want = v[:, : v.shape[1] // 2] if k == "head.0.weight" else v
         assert torch.equal(d[k], want), k
-    full = phase("full", 2)  # uncond's discriminator and Adam state; the student merged in fp32
+    shared, full = phase("full", 2)  # uncond's discriminator and Adam state; the student merged in fp32
     for k, v in ck["uncond"]["disc"].items():
         assert torch.equal(full.disc.state_dict()[k], v), k
     sd_opt = full.opt_d.state_dict()["state"]
@@ -308,7 +311,7 @@ def test_handoffs_keep_the_discriminator_and_fp32_masters(env, one_rank, tmp_pat
     for i, st in ck["uncond"]["opt_d"]["state"].items():
         assert torch.equal(sd_opt[i]["exp_avg_sq"], st["exp_avg_sq"]) and torch.equal(sd_opt[i]["step"], st["step"])
     assert full.opt_d.param_groups[0]["lr"] == DDP_LR
-    base = weights.load_unet(str(env["teachers"][8]), full.ctx["unet_config"])
+    base = weights.load_unet(str(env["teachers"][8]), shared.unet_config)
     lora.merge_lora(base, {k: v.clone() for k, v in ck["uncond"]["student"].items()})
     fp16 = load_file(out / "8to4/uncond/sdxl_lightning_4step_unet.safetensors")
     differs = 0
@@ -362,15 +365,15 @@ def test_exports_leave_the_student_untouched_and_kills_resume_exactly(env, tmp_p
     """Issue 6.1: exporting merges the LoRA into a copy, never into the student's base (the teacher): every
     export leaves the base bitwise unchanged, a run with --save-every 1 ends bitwise equal to one with
     --save-every 100, and a run killed after any step and re-run ends bitwise equal too."""
-    export = train.Phase.export
+    export = files.export
 
-    def checked_export(self, states):
-        before = {k: v.clone() for k, v in lora.base_state_dict(self.student).items()}
-        export(self, states)
-        assert all(torch.equal(v, before[k]) for k, v in lora.base_state_dict(self.student).items())
+    def checked_export(folder, student, *rest):
+        before = {k: v.clone() for k, v in lora.base_state_dict(student).items()}
+        export(folder, student, *rest)
+        assert all(torch.equal(v, before[k]) for k, v in lora.base_state_dict(student).items())
         checked_export.calls += 1
     checked_export.calls = 0
-    monkeypatch.setattr(train.Phase, "export", checked_export)
+    monkeypatch.setattr(files, "export", checked_export)
     every1 = _cond_run(env, tmp_path / "every1", "--max-steps", 3, "--save-every", 1)
     assert checked_export.calls == 3
     every100 = _cond_run(env, tmp_path / "every100", "--max-steps", 3, "--save-every", 100)
@@ -466,7 +469,13 @@ def test_time_ids_stay_float32_in_training_conditioning():
         def encode(self, captions):
             return torch.randn(len(captions), 77, 16), torch.randn(len(captions), 8)
     ids = torch.tensor([[1365.0, 2999.0, 0, 0, 1024, 1024]])
-    context, pooled, got = train.conditioning(Text(), ["a"], ids, torch.device("cpu"), torch.bfloat16)
+    class VAE:  # data.encode's interface: config.scaling_factor, encode(x) -> mean, logvar
+        config = type("Config", (), {"scaling_factor": 0.5})
+
+        def encode(self, x):
+            return x[:, :4, ::8, ::8], x[:, :4, ::8, ::8]
+    _, _, context, pooled = data.encode(VAE(), Text(), torch.zeros(1, 4, 16, 16), ["a"], autocast=True)
+    context, pooled, got = train.conditioning(context, pooled, ids, torch.device("cpu"), torch.bfloat16)
     assert context.dtype == pooled.dtype == torch.bfloat16 and got.dtype == torch.float32 and torch.equal(got, ids)
 
 
@@ -478,9 +487,9 @@ def test_disc_input_renoised_only_where_on():
     g = torch.Generator().manual_seed(0)
     x, eps2 = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     for on in (True, False):
-        b = train.Batch(x0=None, cond=None, eps=None, eps2=eps2, t=torch.tensor([500, 250]),
-                        t_star=torch.tensor([10, 750]), renoise=on, t_tgt=torch.tensor([0, 125]))
-        train.disc_logits(disc, x, b)
+        b = lm.Batch(x0=None, cond=None, eps=None, eps2=eps2, t=torch.tensor([500, 250]),
+                     t_star=torch.tensor([10, 750]), renoise=on, t_tgt=torch.tensor([0, 125]))
+        lm.disc_logits(disc, x, b)
     (x_on, t_on), (x_off, t_off) = seen
     assert t_on.tolist() == [10, 125] and t_off.tolist() == [0, 125]
     assert_close(x_on[0], lm.forward(x[:1], eps2[:1], torch.tensor([10]))[0])
@@ -489,8 +498,8 @@ def test_disc_input_renoised_only_where_on():
     from types import SimpleNamespace
     for stage, flag, want in (("8to4", None, False), ("8to4", "on", True), ("4to2", None, True),
                               ("2to1", "off", False)):
-        fake = SimpleNamespace(args=SimpleNamespace(renoise=flag), spec=lm.phase_spec(stage, "uncond"))
-        assert train.Phase.renoise.fget(fake) == want, (stage, flag)
+        spec = lm.phase_spec(stage, "uncond")
+        assert train.renoise_on(SimpleNamespace(renoise=flag), spec) == want, (stage, flag)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -760,22 +769,21 @@ def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch)
 
 def test_fsdp_bf16_policy_keeps_time_ids_float32():
     """Issue 10.2 / 7.4: on GPU, FSDP2 computes in bf16 from fp32 masters; its default policy also casts every
-    float input of the model to bf16, which would round the time ids (1365 -> 1368). shard.py's policy leaves
-    inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo process,
-    the GPU policy on the CPU; FSDP's default policy as the counter-example."""
+    float input of the model to bf16, which would round the time ids (1365 -> 1368). parallel.py's policy
+    leaves inputs alone (bf16 autocast casts the activations): the UNet still sees float32 time ids. One gloo
+    process, the GPU policy on the CPU; FSDP's default policy as the counter-example."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    import shard
     import unet as unet_lib
     from tools.tiny import TINY_UNET
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         seen = {}
-        for name in ("shard.py", "FSDP default"):
+        for name in ("parallel.py", "FSDP default"):
             torch.manual_seed(0)
             m = unet_lib.UNet(TINY_UNET)
-            if name == "shard.py":
-                shard.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (only the device type)
+            if name == "parallel.py":
+                parallel.shard_model(m, torch.device("cuda"), trained=True)  # the GPU policy (by device type)
             else:
                 fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
             embed = m.embed
@@ -787,7 +795,7 @@ def test_fsdp_bf16_policy_keeps_time_ids_float32():
             out.sum().backward()
             assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters())  # fp32 masters
         print(f"time ids dtype inside the UNet: {seen}")
-        assert seen == {"shard.py": torch.float32, "FSDP default": torch.bfloat16}
+        assert seen == {"parallel.py": torch.float32, "FSDP default": torch.bfloat16}
     finally:
         dist.destroy_process_group()
 

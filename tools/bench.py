@@ -412,7 +412,7 @@ def print_train_table(rows):
 #                                 weight + fp32 grad (6 B)
 #   frozen teacher (bf16): 2; FSDP2: 2 / N + the same gathered parts at 2 B
 #   LoRA phase student: the base stays an fp32 replica (4, frozen) and the LoRA is trained (16; its Adam is
-#   not ZeRO'd): --shard fsdp keeps it under DDP (shard.py)
+#   not ZeRO'd): --shard fsdp keeps it under DDP (parallel.py)
 #   text encoders + VAE (bf16, 2): loaded when --data is images, not with a prepare.py cache
 
 GB = 1e9

@@ -273,6 +273,7 @@ def parse_row(spec):
 
 def generate_row(row, base, prompts, out, batch, seed, width, height, device, dtype, cache):
     """Images for every prompt (OUT/NAME/00000.png ...), generated in batches; existing batches are kept."""
+    import files
     import sample as sample_mod
     import lightning_min as lm
     folder = Path(out) / row.name
@@ -291,7 +292,7 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
         for b in todo:
             imgs = sample_mod.generate(text, unet, vae, prompts[b:b + batch], row.steps, seed + b // batch,
                                        width, height, pred, row.guidance, dtype)
-            for p, im in zip(paths[b:b + batch], sample_mod.to_pil(imgs)):
+            for p, im in zip(paths[b:b + batch], files.to_pil(imgs)):
                 sample_mod.save_image(im, p)
             n += len(imgs)
     secs = time.time() - t0
