@@ -18,7 +18,8 @@ temp file written, not renamed), "exports" (exports written, progress.json not).
 LIGHTNING_CRASH_HARD=1 the process exits on the spot instead (os._exit(137), like kill -9: the lock stays
 behind, stale).
 
-Read top to bottom: crash points and errors, atomic writes, the lock, names, checkpoints, exports, the log.
+Read top to bottom: crash points and errors, atomic writes, the lock, names, checkpoints, where UNets come
+from, exports, the log.
 """
 import errno
 import json
@@ -34,8 +35,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+import lightning_min as lm
 import lora
 import unet as unet_lib
+import weights
 
 CHECKPOINT_KEYS = {"stage", "phase", "step", "args", "init", "student", "disc", "opt_g", "opt_d", "rng"}
 
@@ -296,6 +299,42 @@ def check_resume(out, stage, phases, args, may_change):
             if k not in may_change and k in saved and saved[k] != v:
                 raise RunError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, this run has "
                                f"{v}: resume with the same value, or use another --out")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where a phase's UNets come from: the base, a file, or an earlier phase of this run folder
+
+def default_teacher(out, steps):
+    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it, else the
+    official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
+    if steps == 128:
+        return "base"
+    for st in lm.STAGES.values():
+        if st.student_steps == steps:
+            last = phase_dir(out, st.name, st.phases[-1])
+            if progress_step(last) > 0 and (last / "checkpoint.pt").exists():
+                return str(last / "checkpoint.pt")
+    if steps in weights.LIGHTNING_UNETS and steps != 1:
+        return str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
+    raise ValueError(f"no {steps}-step teacher: run the stage that makes it with this --out, or pass --teacher")
+
+
+def load_unet(src, base, cfg, base_sd=None):
+    """A UNet with the base's architecture `cfg`, fp32 on the CPU: "base" (the base's own; base_sd: its
+    tensors when it is a single file), a UNet .safetensors (either layout), or a whole-UNet phase's
+    checkpoint.pt (a LoRA phase's checkpoint holds no whole UNet: refused)."""
+    if src == "base":
+        return weights.load_unet(base, cfg, "cpu", torch.float32, sd=base_sd)
+    if src.endswith("checkpoint.pt"):
+        ck = read_checkpoint(src)
+        if lm.phase_spec(ck["stage"], ck["phase"]).lora:
+            raise RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
+        sd = {k: v.clone() for k, v in ck["student"].items()}  # out of the memory map
+        return weights.build_strict(unet_lib.UNet, cfg, sd, src)
+    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
+    if unet.config != cfg:
+        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
+    return unet
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from discriminator import Discriminator, unconditional_from
 
 SAMPLE_PROMPTS = ["a photo of a cat wearing a spacesuit", "a watercolor painting of a lighthouse at dawn",
                   "portrait of an old fisherman, dramatic light", "a bowl of ramen, studio photograph"]
-unet_filename = files.unet_filename  # toy.py names exports through train.unet_filename (moving to tools/)
 # what stops a run with one line, 'error: ...' (every rank, when rank 0 meets it in parallel.on_master)
 ERRORS = (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSError)
 
@@ -207,21 +206,6 @@ def load_frozen(args, ranks, renoise_late):
 # --- The models of a phase: where they start from (the hand-offs of lightning_min.PHASE_TABLE), set up ------
 
 
-def default_teacher(args, steps):
-    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it, else the
-    official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
-    if steps == 128:
-        return "base"
-    for st in lm.STAGES.values():
-        if st.student_steps == steps:
-            last = files.phase_dir(args.out, st.name, st.phases[-1])
-            if files.progress_step(last) > 0 and (last / "checkpoint.pt").exists():
-                return str(last / "checkpoint.pt")
-    if steps in weights.LIGHTNING_UNETS and steps != 1:
-        return str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
-    raise ValueError(f"no {steps}-step teacher: run the stage that makes it with this --out, or pass --teacher")
-
-
 def plan_phase(args, stage, phase):
     """Where the phase's student, LoRA, discriminator and teacher start from: the stage's init, or the fp32
     checkpoint of the phase it comes after (spec.after), never the fp16 release files. A LoRA carried on
@@ -232,7 +216,7 @@ def plan_phase(args, stage, phase):
         if args.phase is None:
             raise files.RunError(f"{prev.parent} has no checkpoint")
         prev = None  # a phase run alone without its predecessor starts from the stage's init
-    init = args.init or args.teacher or default_teacher(args, st.teacher_steps)
+    init = args.init or args.teacher or files.default_teacher(args.out, st.teacher_steps)
     plan = {"init": init, "lora_from": None, "disc_from": None}
     if prev is not None:
         ck = files.read_checkpoint(prev, stage, spec.after)
@@ -243,25 +227,13 @@ def plan_phase(args, stage, phase):
         plan["disc_from"] = str(prev) if spec.carry_disc else None
     skip_level = spec.teacher_steps != st.teacher_steps
     plan["teacher"] = (args.skip_level_teacher if skip_level else args.teacher) or \
-        default_teacher(args, spec.teacher_steps)
+        files.default_teacher(args.out, spec.teacher_steps)
     return plan
 
 
 def load_unet(run, src):
-    """fp32 on the CPU: "base", a UNet .safetensors (either layout), or a whole-UNet phase's checkpoint.pt."""
-    cfg = run.unet_config
-    if src == "base":
-        return weights.load_unet(run.args.base, cfg, "cpu", torch.float32, sd=run.base_sd)
-    if src.endswith("checkpoint.pt"):
-        ck = files.read_checkpoint(src)
-        if lm.phase_spec(ck["stage"], ck["phase"]).lora:
-            raise files.RunError(f"{src}: the checkpoint of a LoRA phase, not of a whole UNet")
-        sd = {k: v.clone() for k, v in ck["student"].items()}  # out of the memory map
-        return weights.build_strict(unet_lib.UNet, cfg, sd, src)
-    unet = weights.load_unet(src, cfg, "cpu", torch.float32)
-    if unet.config != cfg:
-        raise weights.CheckpointError(f"{src}: architecture {unet.config} differs from the base's {cfg}")
-    return unet
+    """fp32 on the CPU, with the base's architecture: "base", a UNet file, or a phase's checkpoint.pt."""
+    return files.load_unet(src, run.args.base, run.unet_config, run.base_sd)
 
 
 @dataclass
@@ -515,8 +487,8 @@ def write_meta(run, ph, m):
 @torch.no_grad()
 def sample_grid(run, ph, m):
     """A 2x2 grid of SAMPLE_PROMPTS from the student through the one sampler (lm.sample), with the noise
-    sample.py draws for seed 0 (one CPU generator for the batch), so `sample.py --seed 0` shows the same images;
-    written by rank 0. A sharded student needs every rank in its forward, so all of them sample."""
+    sample.py draws for seed 0 (one CPU generator for the batch), so `sample.py --seed 0` gives the same
+    images; written by rank 0. A sharded student needs every rank in its forward, so all of them sample."""
     res, sharded, dev = run.args.resolution, parallel.is_sharded(m.student), run.ranks.device
     if not (run.ranks.master or sharded):
         return
@@ -580,7 +552,8 @@ def train_phase(run, stage, name):
         if args.sample_every and ph.step % args.sample_every == 0:
             sample_grid(run, ph, m)
     bar.close()
-    log(run, ph, f"done: {ph.dir / unet_filename(lm.STAGES[stage].student_steps, ph.spec.student_prediction)}")
+    steps = lm.STAGES[stage].student_steps
+    log(run, ph, f"done: {ph.dir / files.unet_filename(steps, ph.spec.student_prediction)}")
 
 
 # --- Main: checks before any work, the ranks, the lock, the shared frozen parts, then the phases in order ---
