@@ -212,6 +212,10 @@ def main(argv=None):
                                  f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
+        if rank == 0:  # temp files of a killed run (files.atomic_write's *.tmp): the shards they were are redone
+            files.remove_temp_files(args.out)
+        if ddp:
+            dist.barrier()  # no rank writes a temp file before they are gone
         if rank == 0:
             print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); "
                   f"{device}")
