@@ -140,6 +140,8 @@ def read_header(path) -> dict:
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of float dtypes
+INT_DTYPES = {"BOOL": "bool", "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
+              "U32": "uint32", "I64": "int64", "U64": "uint64"}  # the others, as torch names them
 
 
 def check_unet_file(path) -> None:
@@ -149,8 +151,8 @@ def check_unet_file(path) -> None:
     layout = detect_layout(header, str(path))
     for k, dtype in header.items():
         if (layout == "diffusers" or k.startswith(SGM_UNET)) and dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: {k} is {dtype}, not a floating-point tensor (model weights are "
-                                  "floats)")
+            raise CheckpointError(f"{path}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point tensor "
+                                  "(model weights are floats)")
 
 
 def read_json(path) -> dict:
@@ -606,8 +608,9 @@ def check_float(want: dict, sd: dict, source: str, key_prefix=""):
     torch's load_state_dict would say so in hundreds of lines."""
     for k, v in sd.items():
         if k in want and want[k].is_floating_point() and not v.is_floating_point():
-            raise CheckpointError(f"{source}: {key_prefix}{k} is {str(v.dtype).removeprefix('torch.')}, not a "
-                                  "floating-point tensor (model weights are floats)")
+            dtype = str(v.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: {key_prefix}{k} is {dtype}, not a floating-point tensor (model "
+                                  "weights are floats)")
 
 
 def build_strict(cls, cfg, sd: dict, source: str, device="cpu", dtype=torch.float32):
@@ -827,8 +830,8 @@ def text_from_folder(folder, dtype=torch.float32, device="cpu", variant=None):
                              "tokenizer/ tokenizer_2/ text_encoder/ text_encoder_2/)")
     tokenizer, tokenizer_2 = load_tokenizers(folder)
     text_encoder = encoder_from_folder(CLIPTextModel, folder / "text_encoder", dtype, device, variant)
-    text_encoder_2 = encoder_from_folder(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype, device,
-                                         variant)
+    text_encoder_2 = encoder_from_folder(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype,
+                                         device, variant)
     return text_mod.TextEncoders(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
 
 

@@ -212,7 +212,7 @@ def main(argv=None):
                                  f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
-        if rank == 0:  # temp files of a killed run (files.atomic_write's *.tmp): the shards they were are redone
+        if rank == 0:  # a killed run's temp files (files.atomic_write's *.tmp); their shards are redone
             files.remove_temp_files(args.out)
         if ddp:
             dist.barrier()  # no rank writes a temp file before they are gone
