@@ -172,8 +172,8 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
               "misshaped": "conv_in.weight (file (64, 4, 1, 1), model (64, 4, 3, 3))",
               "sd15": "not an SDXL-architecture",
               "pickle": "pickled checkpoints are not loaded", "lora_as_unet": "LoRA file",
-              "int8_unet": "u.safetensors: conv_in.weight is int8, not a floating-point tensor",
-              "bool_unet": "u.safetensors: conv_in.weight is bool, not a floating-point tensor",
+              "int8_unet": "u.safetensors: conv_in.bias is int8, not a floating-point tensor",
+              "bool_unet": "u.safetensors: conv_in.bias is bool, not a floating-point tensor",
               "unet_folder": "runs: is a folder; expected a UNet .safetensors file"}[case]
     print(case, "->", r.stderr.strip())
     assert r.returncode != 0
