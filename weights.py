@@ -151,8 +151,8 @@ def check_unet_file(path) -> None:
     layout = detect_layout(header, str(path))
     for k, dtype in header.items():
         if (layout == "diffusers" or k.startswith(SGM_UNET)) and dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{path}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point tensor "
-                                  "(model weights are floats)")
+            raise CheckpointError(f"{path}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point "
+                                  "tensor (model weights are floats)")
 
 
 def read_json(path) -> dict:
