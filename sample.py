@@ -16,7 +16,9 @@ weights; each `--lora` is fused into that UNet in order. Weights come from the H
 diffusers folder or a single .safetensors file (see weights.py).
 
 Image i of a run (over --num copies of each prompt of --prompts) uses seed --seed + i, so any image comes
-back alone with `sample.py PROMPT --seed S` (prompts.jsonl lists prompt, seed and file of each).
+back alone with `sample.py PROMPT --seed S` (prompts.jsonl lists prompt, seed and file of each). A re-run of
+an interrupted --prompts job keeps the images on disk that prompts.jsonl lists with the same prompt, seed and
+settings, and makes the rest.
 img2img noises the encoded image to the time the strength selects (Eq. 1) and runs the rest of the
 model's steps; the 1- and 2-step models were trained at t = 250, 500, 750, 1000 (Sec. 3.7.1), an N-step
 model on its N trailing timesteps, so those strengths are the valid ones (--force for others).
@@ -363,8 +365,9 @@ def build_parser():
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; "
-                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per "
-                        "image)")
+                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file, "
+                        "settings per image); re-run the same command to resume: images on disk and listed "
+                        "with the same prompt, seed and settings are kept")
     p.add_argument("--negative", default=None, metavar="TEXT",
                    help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's "
                         "all-zero input (diffusers' negative_prompt); needs --guidance > 1")
