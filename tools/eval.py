@@ -293,16 +293,21 @@ def row_settings(row, base, prompts, batch, seed, width, height, dtype):
             "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
 
 
+def recorded_settings(folder):
+    """OUT/NAME/settings.json, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_row_folder(folder, settings):
     """Refuse a row folder whose images were made with other settings (or with none recorded): its images
     would be reported as this row's numbers. Checked for every row before any image is generated."""
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.glob("*.png")):
         return
-    try:
-        old = json.loads((folder / SETTINGS).read_text())
-    except (OSError, ValueError):
-        old = None
+    old = recorded_settings(folder)
     if old == settings:
         return
     what = "no settings.json records how they were made" if not isinstance(old, dict) else \
@@ -334,7 +339,7 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
     settings = row_settings(row, base, prompts, batch, seed, width, height, dtype)
     check_row_folder(folder, settings)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / SETTINGS).is_file() or json.loads((folder / SETTINGS).read_text()) != settings:
+    if recorded_settings(folder) != settings:
         files.save_json(settings, folder / SETTINGS)  # before any image: an image never outlives its record
     paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
     todo = [b for b in range(0, len(prompts), batch) if not all(p.exists() for p in paths[b:b + batch])]
