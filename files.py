@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import lightning_min as lm
@@ -80,13 +81,15 @@ def atomic_write(path, write):
         if path.suffix in (".pt", ".safetensors"):
             crash_point("checkpoint.tmp" if path.suffix == ".pt" else "export.tmp")
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save: RuntimeError; safetensors: its own
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-            (isinstance(e, RuntimeError) and shutil.disk_usage(path.parent).free < 1 << 20)
+            (not isinstance(e, OSError) and (f"os error {errno.ENOSPC})" in str(e) or
+                                             f"os error {errno.EDQUOT})" in str(e) or
+                                             shutil.disk_usage(path.parent).free < 1 << 20))
         if full:
             raise RunError(f"{path}: the disk is full (writing it failed: {e}); the previous file, if any, "
                            f"is unchanged; free some space and re-run the same command to resume") from None

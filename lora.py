@@ -95,6 +95,11 @@ def _group(lora_sd, table, modules, source):
     incomplete = [n for n, p in layers.items() if "lora_down.weight" not in p or "lora_up.weight" not in p]
     if incomplete:
         raise ValueError(f"{source}: layers without both lora_down and lora_up weights: {_few(incomplete)}")
+    # int8 / bool tensors would fuse as garbage (Inf, then NaN images): weights and alphas are floats
+    not_float = [f"{k} ({str(lora_sd[k].dtype).removeprefix('torch.')})" for k in lora_sd
+                 if k.partition(".")[0] in layers and not lora_sd[k].is_floating_point()]
+    if not_float:
+        raise ValueError(f"{source}: LoRA tensors that are not floating point: {_few(not_float)}")
     empty = [n for n, p in layers.items() if p["lora_down.weight"].shape[0] == 0]
     if empty:  # alpha / rank would divide by zero
         raise ValueError(f"{source}: LoRA layers of rank 0 (empty lora_down/lora_up): {_few(empty)}")

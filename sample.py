@@ -16,12 +16,15 @@ weights; each `--lora` is fused into that UNet in order. Weights come from the H
 diffusers folder or a single .safetensors file (see weights.py).
 
 Image i of a run (over --num copies of each prompt of --prompts) uses seed --seed + i, so any image comes
-back alone with `sample.py PROMPT --seed S` (prompts.jsonl lists prompt, seed and file of each).
+back alone with `sample.py PROMPT --seed S` (prompts.jsonl lists prompt, seed and file of each). A re-run of
+an interrupted --prompts job keeps the images on disk that prompts.jsonl lists with the same prompt, seed and
+settings, and makes the rest.
 img2img noises the encoded image to the time the strength selects (Eq. 1) and runs the rest of the
 model's steps; the 1- and 2-step models were trained at t = 250, 500, 750, 1000 (Sec. 3.7.1), an N-step
 model on its N trailing timesteps, so those strengths are the valid ones (--force for others).
 """
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -83,6 +86,9 @@ def load_image(path, width=None, height=None, resize="stretch"):
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
+    except Image.DecompressionBombError as e:  # a few KB of PNG can claim gigapixels
+        raise ValueError(f"--image {path}: too many pixels, refused as a possible decompression bomb "
+                         f"({e})") from None
     except (OSError, UnidentifiedImageError) as e:
         raise ValueError(f"--image {path}: not a readable image ({e})") from None
     width = width or im.width - im.width % 8
@@ -279,6 +285,54 @@ def save_image(img, path):
     files.atomic_write(path, lambda tmp: img.save(tmp, format=IMAGE_EXTENSIONS[Path(path).suffix.lower()]))
 
 
+def identity(source):
+    """What names an input for the manifest's settings: a local file or folder by its real path, size and
+    modification time (a file rewritten in place is another input), anything else (a hub id) by its name."""
+    if source is None or not Path(source).exists():
+        return source
+    st = Path(source).stat()
+    return f"{Path(source).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def settings_of(args, prediction, dtype):
+    """A short fingerprint of everything but the prompt and seed that makes an image: the manifest records it
+    per image, so a re-run with other settings redoes the image instead of keeping a stale one."""
+    record = {"base": identity(args.base), "unet": identity(args.unet), "steps": args.steps,
+              "loras": [(identity(f), scale) for f, scale in map(weights.parse_lora_spec, args.lora)],
+              "prediction": prediction, "guidance": args.guidance, "negative": args.negative,
+              "width": args.width, "height": args.height, "image": identity(args.image),
+              "strength": args.strength, "resize": args.resize, "dtype": str(dtype)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def done_images(paths, jobs, settings):
+    """{index: manifest entry} of the images of this job list already made: the file is on disk and the
+    manifest lists it with the same prompt, seed and settings. Anything else is (re)done."""
+    listed = {}
+    try:
+        lines = (paths[0].parent / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            listed[entry["file"]] = entry
+        except (ValueError, KeyError, TypeError):
+            continue  # not a line we wrote: its image is redone
+    done = {}
+    for i, ((prompt, seed, _), path) in enumerate(zip(jobs, paths)):
+        entry = {"prompt": prompt, "seed": seed, "file": path.name, "settings": settings}
+        if listed.get(path.name) == entry and path.is_file():
+            done[i] = entry
+    return done
+
+
+def write_manifest(folder, entries):
+    """prompts.jsonl, atomically (files.atomic_write), one JSON line per image in index order."""
+    text_out = "".join(json.dumps(entries[i], ensure_ascii=False) + "\n" for i in sorted(entries))
+    files.atomic_write(Path(folder) / MANIFEST, lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
+
+
 def read_prompts(path):
     """One prompt per line of a UTF-8 file, blank lines skipped. -> [(line number, prompt)]"""
     try:
@@ -305,8 +359,9 @@ def build_parser():
     p.add_argument("prompt", nargs="?", help="the text prompt (or give --prompts)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="a UTF-8 text file with one prompt per line (blank lines skipped) instead of PROMPT; "
-                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file per "
-                        "image)")
+                        f"writes OUT_00000.png, OUT_00001.png, ... and {MANIFEST} (prompt, seed, file, "
+                        "settings per image); re-run the same command to resume: images on disk and listed "
+                        "with the same prompt, seed and settings are kept")
     p.add_argument("--negative", default=None, metavar="TEXT",
                    help="negative prompt: encoded as the unconditional input of CFG instead of SDXL's "
                         "all-zero input (diffusers' negative_prompt); needs --guidance > 1")
@@ -405,9 +460,16 @@ def check_args(args):
     if args.prompts and manifest == Path(args.prompts).resolve():
         raise ValueError(f"--prompts {args.prompts} would be overwritten by the manifest; move it or change "
                          "--out")
+    if args.unet not in (None, "base") and Path(args.unet).is_dir():
+        raise ValueError(f"--unet {args.unet}: is a folder; expected a UNet .safetensors file (a diffusers "
+                         f"folder's own UNet: --base {args.unet} --unet base)")
+    if args.unet not in (None, "base") and (weights.is_file(args.unet) or Path(args.unet).exists()):
+        weights.check_unet_file(args.unet)  # the header only: a missing or foreign file before any loading
     for spec in args.lora:
         path = weights.parse_lora_spec(spec)[0]
-        if not Path(path).is_file() and path not in weights.LIGHTNING_LORAS.values():
+        if Path(path).exists():
+            weights.check_lora_file(path)
+        elif path not in weights.LIGHTNING_LORAS.values():
             raise ValueError(f"--lora {path}: no such file (official names, fetched from the hub: "
                              f"{', '.join(weights.LIGHTNING_LORAS.values())})")
     jobs = []
@@ -433,28 +495,38 @@ def run(args):
             image, size = load_image(args.image, args.width, args.height, args.resize)
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
+        indexed = len(jobs) > 1 or args.prompts is not None
+        paths = output_paths(args.out, len(jobs), indexed)
+        settings = settings_of(args, prediction, dtype)
+        manifest = done_images(paths, jobs, settings) if indexed else {}  # resume: kept, not redone
+        todo = [i for i in range(len(jobs)) if i not in manifest]
+        if not todo:
+            print(f"all {len(jobs)} images are on disk already ({paths[0].parent / MANIFEST}); nothing to do")
+            return
+        if manifest:
+            print(f"resuming: {len(manifest)} of {len(jobs)} images are on disk already")
         t0 = time.time()
         text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora],
                                args.steps, device, dtype)
         if args.compile:
             unet.compile()
         t1 = time.time()
-        indexed = len(jobs) > 1 or args.prompts is not None
-        paths = output_paths(args.out, len(jobs), indexed)
-        manifest = []
-        for b in range(0, len(jobs), args.batch_size):
-            batch, outs = jobs[b:b + args.batch_size], paths[b:b + args.batch_size]
+        if indexed:  # before any image is replaced: it lists only images that are on disk and still true
+            Path(paths[0].parent).mkdir(parents=True, exist_ok=True)
+            write_manifest(paths[0].parent, manifest)
+        for b in range(0, len(todo), args.batch_size):
+            batch = [jobs[i] for i in todo[b:b + args.batch_size]]
+            outs = [paths[i] for i in todo[b:b + args.batch_size]]
             images = generate(text, unet, vae, [p for p, _, _ in batch], args.steps, [s for _, s, _ in batch],
                               *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
                               negative=args.negative, image=image, strength=args.strength or 1.0,
                               names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, outs)])
-            for img, (prompt, seed, _), path in zip(files.to_pil(images), batch, outs):
-                save_image(img, path)
-                manifest.append({"prompt": prompt, "seed": seed, "file": path.name})
-            if indexed:  # rewritten after each batch: it always lists exactly the images on disk
-                text_out = "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in manifest)
-                files.atomic_write(paths[0].parent / MANIFEST,
-                                   lambda tmp: tmp.write_text(text_out, encoding="utf-8"))
+            for img, i in zip(files.to_pil(images), todo[b:b + args.batch_size]):
+                save_image(img, paths[i])
+                manifest[i] = {"prompt": jobs[i][0], "seed": jobs[i][1], "file": paths[i].name,
+                               "settings": settings}
+            if indexed:  # rewritten after each batch: it lists exactly this job list's images on disk
+                write_manifest(paths[0].parent, manifest)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t2 = time.time()

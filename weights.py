@@ -30,9 +30,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import lora as lora_mod
 import text as text_mod
@@ -104,17 +104,55 @@ def fetch_folder(source: str, patterns: list) -> Path:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def read_safetensors(path, device="cpu") -> dict:
-    path = Path(path)
-    if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+PICKLED = (".ckpt", ".bin", ".pt", ".pth")
+
+
+def _check_path(path: Path):
+    """A pickled checkpoint, a folder or a missing path, refused in one line naming it."""
+    if path.suffix in PICKLED:
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (unsafe); convert it to "
                               ".safetensors")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+
+
+def read_safetensors(path, device="cpu") -> dict:
+    path = Path(path)
+    _check_path(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+def read_header(path) -> dict:
+    """{key: safetensors dtype name ("F16", "I8", "BOOL", ...)} from the file's header alone, no tensor read:
+    the cheap check of an input before anything is loaded."""
+    path = Path(path)
+    _check_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' names of float dtypes
+INT_DTYPES = {"BOOL": "bool", "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
+              "U32": "uint32", "I64": "int64", "U64": "uint64"}  # the others, as torch names them
+
+
+def check_unet_file(path) -> None:
+    """A UNet file (either layout, or a whole single file) checked by its header: readable, a UNet, every
+    UNet tensor floating point. Cheap, so commands run it before loading anything else."""
+    header = read_header(path)
+    layout = detect_layout(header, str(path))
+    for k, dtype in header.items():
+        if (layout == "diffusers" or k.startswith(SGM_UNET)) and dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point "
+                                  "tensor (model weights are floats)")
 
 
 def read_json(path) -> dict:
@@ -552,6 +590,7 @@ def to_single_file(unet_sd, unet_cfg, vae_sd, vae_cfg, clip_l_sd, bigg_sd) -> di
 def check_keys(model: torch.nn.Module, sd: dict, source: str):
     """Raise naming the file and the missing, unexpected and mis-shaped keys; do nothing if all match."""
     want = model.state_dict()
+    check_float(want, sd, source)
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
     shapes = [f"{k} (file {tuple(sd[k].shape)}, model {tuple(want[k].shape)})"
@@ -562,6 +601,16 @@ def check_keys(model: torch.nn.Module, sd: dict, source: str):
             if ks:
                 parts.append(f"{len(ks)} {what} keys ({', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})")
         raise CheckpointError(f"{source}: does not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+def check_float(want: dict, sd: dict, source: str, key_prefix=""):
+    """Refuse, naming the first, a tensor that is not floating point (int8, bool, ...) where the model's is:
+    torch's load_state_dict would say so in hundreds of lines."""
+    for k, v in sd.items():
+        if k in want and want[k].is_floating_point() and not v.is_floating_point():
+            dtype = str(v.dtype).removeprefix("torch.")
+            raise CheckpointError(f"{source}: {key_prefix}{k} is {dtype}, not a floating-point tensor (model "
+                                  "weights are floats)")
 
 
 def build_strict(cls, cfg, sd: dict, source: str, device="cpu", dtype=torch.float32):
@@ -669,7 +718,7 @@ def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, toke
         return text_mod.TextEncoders(tok, tok2, *load_text_encoders(source, device, dtype, sd))
     v = "" if variant is None else f".{variant}"
     folder = fetch_folder(source, [p.format(v=v) for p in TEXT_FILES])
-    return text_from_folder(folder, dtype=dtype, device=device)
+    return text_from_folder(folder, dtype=dtype, device=device, variant=variant)
 
 
 def load_text_encoders(source: str, device="cpu", dtype=torch.float32, sd=None) -> tuple:
@@ -704,33 +753,19 @@ def load_tokenizers(folder):
     return tuple(CLIPTokenizer.from_pretrained(folder / sub) for sub in ("tokenizer", "tokenizer_2"))
 
 
-def _from_pretrained(model_cls, path):
-    """transformers' from_pretrained, refusing missing / unexpected / mismatched tensors (it would
-    re-initialize)."""
-    model, info = model_cls.from_pretrained(path, output_loading_info=True)
-    bad = {}
-    for kind, keys in info.items():
-        # old hub files still carry the position_ids buffer, which transformers drops silently
-        keys = sorted(str(k) for k in keys if not str(k).endswith("position_ids"))
-        if keys:
-            bad[kind] = keys
-    if bad:
-        raise ValueError(f"{path} does not fit {model_cls.__name__}: {bad}")
-    return model
-
-
 def _build(model_cls, config, sd, name, dtype, device, key_prefix=""):
     """Build on the meta device (no random init of ~800M parameters), then load strictly.
 
     key_prefix only makes the error name the keys as the file does."""
     with torch.device("meta"):
         model = model_cls(config)
-    expected = set(canonical_state_dict(model))
-    missing = sorted(key_prefix + k for k in expected - set(sd))
-    unexpected = sorted(key_prefix + k for k in set(sd) - expected)
+    want = canonical_state_dict(model)
+    missing = sorted(key_prefix + k for k in set(want) - set(sd))
+    unexpected = sorted(key_prefix + k for k in set(sd) - set(want))
     if missing or unexpected:
-        raise ValueError(f"{name} in the single file does not fit the model its shapes describe: "
+        raise ValueError(f"{name} does not fit the model its config describes: "
                          f"missing {missing}, unexpected {unexpected}")
+    check_float(want, sd, name, key_prefix)
     model.load_state_dict(model_keys(sd, model), strict=True, assign=True)
     for buf_name, buf in model.named_buffers():  # non-persistent buffers are not in any file
         if buf.is_meta and buf_name.endswith("position_ids"):
@@ -745,10 +780,11 @@ def encoders_from_single_file(sd, dtype=torch.float32, device="cpu", head_dim=64
     """(CLIP-L, bigG) from an SGM single-file state dict (other keys, e.g. the UNet's, are ignored);
     the configs come from the shapes (text_from_sgm; head_dim cannot be read from them)."""
     (clip_l, config), (bigg, config_2) = text_from_sgm(sd, head_dim)
-    text_encoder = _build(CLIPTextModel, config, clip_l, "CLIP-L", dtype, device, key_prefix=SGM_CLIP_L)
+    text_encoder = _build(CLIPTextModel, config, clip_l, "CLIP-L in the single file", dtype, device,
+                          key_prefix=SGM_CLIP_L)
     # bigG's keys are already converted: the error names them as transformers does
-    text_encoder_2 = _build(CLIPTextModelWithProjection, config_2, bigg, "OpenCLIP bigG (transformers names)",
-                            dtype, device)
+    text_encoder_2 = _build(CLIPTextModelWithProjection, config_2, bigg,
+                            "OpenCLIP bigG in the single file (transformers names)", dtype, device)
     return text_encoder, text_encoder_2
 
 
@@ -758,18 +794,45 @@ def text_from_single_file(sd, tokenizer, tokenizer_2, dtype=torch.float32, devic
                                  *encoders_from_single_file(sd, dtype, device, head_dim))
 
 
-def text_from_folder(folder, dtype=torch.float32, device="cpu"):
-    """From a local diffusers-layout folder (fetch_folder resolves hub ids to such folders)."""
+def encoder_from_folder(model_cls, folder, dtype=torch.float32, device="cpu", variant=None):
+    """One CLIP text encoder of a diffusers folder (text_encoder/ or text_encoder_2/) from its config.json and
+    model[.variant].safetensors only: built on the meta device and loaded strictly, as a single file's are.
+    Never through torch.load: a folder with only pytorch_model.bin is refused by name."""
+    folder = Path(folder)
+    names = ([f"model.{variant}.safetensors"] if variant else []) + ["model.safetensors"]
+    path = next((folder / n for n in names if (folder / n).is_file()), None)
+    if path is None:
+        pickled = sorted(folder.glob("*.bin"))
+        if pickled:
+            raise CheckpointError(f"{pickled[0]}: pickled weights are not loaded (unsafe); {folder} needs a "
+                                  "model.safetensors (convert it once where you trust the file)")
+        raise CheckpointError(f"{folder / names[-1]}: no such file")
+    try:
+        config = CLIPTextConfig.from_json_file(str(folder / "config.json"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: cannot read config ({e})") from None
+    # hub files spell every key but text_projection under text_model.; old ones carry position_ids (a buffer)
+    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+          for k, v in read_safetensors(path).items() if not k.endswith("position_ids")}
+    try:
+        return _build(model_cls, config, sd, str(path), dtype, device)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def text_from_folder(folder, dtype=torch.float32, device="cpu", variant=None):
+    """From a local diffusers-layout folder (fetch_folder resolves hub ids to such folders); safetensors
+    only (encoder_from_folder)."""
     folder = Path(folder)
     for sub in ("text_encoder", "text_encoder_2"):
         if not (folder / sub).is_dir():
             raise ValueError(f"text.py: {folder} has no {sub}/ folder (a diffusers SDXL folder has "
                              "tokenizer/ tokenizer_2/ text_encoder/ text_encoder_2/)")
     tokenizer, tokenizer_2 = load_tokenizers(folder)
-    text_encoder = _from_pretrained(CLIPTextModel, folder / "text_encoder")
-    text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
-    return text_mod.TextEncoders(tokenizer, tokenizer_2,
-                                 text_encoder, text_encoder_2).to(device=device, dtype=dtype)
+    text_encoder = encoder_from_folder(CLIPTextModel, folder / "text_encoder", dtype, device, variant)
+    text_encoder_2 = encoder_from_folder(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype,
+                                         device, variant)
+    return text_mod.TextEncoders(tokenizer, tokenizer_2, text_encoder, text_encoder_2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -795,16 +858,18 @@ def read_lora(path, cfg=None) -> dict:
     """A kohya-format LoRA `.safetensors` -> its state dict (tensors on the CPU), in the diffusers spelling
     that lora.merge_lora reads: with the UNet's config, names in the SGM spelling are respelled."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    try:
-        sd = load_file(path, device="cpu")
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from None
-    if not any(k.endswith(".lora_down.weight") for k in sd):
-        raise ValueError(f"{path}: not a kohya LoRA (no '*.lora_down.weight' tensors; {len(sd)} tensors, "
-                         f"first {sorted(sd)[:3]})")
+    check_lora_file(path)
+    sd = read_safetensors(path)
     return sd if cfg is None else lora_diffusers_spelling(sd, cfg, path)
+
+
+def check_lora_file(path) -> None:
+    """A LoRA file checked by its header (no tensor read): a readable .safetensors holding kohya LoRA tensors.
+    Commands run it before loading anything; lora.merge_lora checks every key, shape and dtype."""
+    header = read_header(path)
+    if not any(k.endswith(".lora_down.weight") for k in header):
+        raise CheckpointError(f"{path}: not a kohya LoRA (no '*.lora_down.weight' tensors; {len(header)} "
+                              f"tensors, first {sorted(header)[:3]})")
 
 
 def lora_diffusers_spelling(lora_sd: dict, cfg, source) -> dict:

@@ -460,3 +460,99 @@ def test_readme_recipe_finetune_to_lightning(base, single, tmp_path):
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(tmp_path / "car.png").size == (W, H)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issues 18, 19.8: non-float LoRAs, a real full disk, stale temp files, OUT that is an input
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_non_float_lora_refused_before_writing(single, tmp_path, dtype):
+    """Issue 18: an int8 LoRA was fused (Inf tensors in OUT, exit 0)."""
+    sd = _random_lora(1)
+    k = sorted(k for k in sd if k.endswith("lora_down.weight"))[0]
+    save_file({**sd, k: sd[k].to(dtype)}, tmp_path / "q.safetensors")
+    out = tmp_path / "o.safetensors"
+    _assert_refused([str(single), str(out), "--to", "single-file", "--lora", str(tmp_path / "q.safetensors")],
+                    f"not floating point: {k} ({str(dtype).removeprefix('torch.')})", out)
+
+
+def test_full_disk_for_real_keeps_the_previous_file(single, small_disk):
+    """Issue 18: safetensors' SafetensorError on a full disk (a real 256 KiB tmpfs) is the one line, the
+    previous OUT untouched, no temp file."""
+    disk = small_disk.path
+    out = disk / "o.safetensors"
+    out.write_bytes(b"the previous file")
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(single), str(out), "--to", "single-file", "--overwrite"])
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith(f"error: {out}: the disk is full") and "\n" not in msg
+    assert out.read_bytes() == b"the previous file" and sorted(p.name for p in disk.iterdir()) == [out.name]
+
+
+@pytest.mark.parametrize("kind", ["single-file", "diffusers"])
+def test_stale_temp_of_a_killed_run_is_removed(base, single, tmp_path, kind):
+    """Issue 19.8: kill -9 left OUT.tmp (~177 MB on SDXL) that nothing removed; a stale OUT.tmp folder
+    even made the next --to diffusers run fail."""
+    root, _ = base
+    out = tmp_path / ("o.safetensors" if kind == "single-file" else "o")
+    tmp = out.with_name(out.name + ".tmp")
+    if kind == "diffusers":
+        (tmp / "unet").mkdir(parents=True)
+        (tmp / "unet" / "half.safetensors").write_bytes(b"half")
+    else:
+        tmp.write_bytes(b"half a file")
+    src = single if kind == "single-file" else root
+    convert.main([str(src), str(out), "--to", kind])
+    assert out.exists() and not tmp.exists()
+    # a refused run (a bad LoRA found at load time) also leaves no stale temp file behind
+    tmp.mkdir() if kind == "diffusers" else tmp.write_bytes(b"half")
+    sd = _random_lora(1)
+    k = next(k for k in sd if k.endswith("lora_down.weight") and sd[k].ndim == 2)
+    save_file({**sd, k: torch.zeros(4, 7)}, tmp_path / "bad.safetensors")
+    with pytest.raises(SystemExit, match="do not fit this UNet"):
+        convert.main([str(src), str(out), "--to", kind, "--overwrite", "--lora",
+                      str(tmp_path / "bad.safetensors")])
+    assert not tmp.exists()
+
+
+@pytest.mark.parametrize("case", ["dot", "out_is_base", "out_is_lora", "out_holds_in", "junk_lora"])
+def test_out_that_is_an_input_is_refused(base, single, tmp_path, monkeypatch, case):
+    """Issue 19.8: `convert IN .` was a traceback; OUT equal to --base or a --lora file (with --overwrite)
+    replaced its own input (only OUT == IN was refused). Refused before anything is loaded."""
+    root, _ = base
+    monkeypatch.chdir(tmp_path)
+    unet_file = tmp_path / "u.safetensors"
+    save_file({k: v.contiguous() for k, v in diffusers_unet(seed=3).state_dict().items()}, unet_file)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_UNET.to_diffusers()))
+    lora_file = tmp_path / "l.safetensors"
+    save_file(_random_lora(1), lora_file)
+    base_copy = tmp_path / "base"
+    import shutil
+    shutil.copytree(root, base_copy)
+    argv = {"dot": [str(single), ".", "--to", "diffusers", "--overwrite"],
+            "out_is_base": [str(unet_file), str(base_copy), "--to", "diffusers", "--base", str(base_copy),
+                            "--overwrite"],
+            "out_is_lora": [str(unet_file), str(lora_file), "--to", "single-file", "--base", str(base_copy),
+                            "--lora", str(lora_file), "--overwrite"],
+            "out_holds_in": [str(base_copy / "unet" / "diffusion_pytorch_model.safetensors"), str(base_copy),
+                             "--to", "diffusers", "--overwrite"],
+            "junk_lora": [str(unet_file), str(tmp_path / "o.safetensors"), "--to", "single-file", "--base",
+                          str(base_copy), "--lora", str(tmp_path / "junk.safetensors")]}[case]
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded before checking the inputs")
+    monkeypatch.setattr(weights, "load_vae", no_loading)
+    monkeypatch.setattr(weights, "load_unet", no_loading)
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith("error: ") and "\n" not in msg
+    assert {"dot": "is the current folder", "out_is_base": "is --base", "out_is_lora": "is --lora",
+            "out_holds_in": "holds IN",
+            "junk_lora": "junk.safetensors: not a readable .safetensors"}[case] in msg
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

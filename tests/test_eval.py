@@ -209,3 +209,112 @@ def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, case, match):
     print(msg)
     assert msg.startswith("error: ") and match in msg and "\n" not in msg
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issues 18, 19.2, 19.6: stale rows, many references, decompression bombs, a real full disk
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tools.tiny import make_tiny_base
+    root = tmp_path_factory.mktemp("eval_tiny")
+    make_tiny_base(root / "base")
+    torch.manual_seed(0)
+    torch.jit.script(_TinyInception()).save(str(root / "inception.pt"))
+    (root / "prompts.txt").write_text("a photo of a cat\na dog in the snow\na red car\n")
+    return root
+
+
+def _eval(tiny, out, *extra):
+    argv = ["--prompts", tiny / "prompts.txt", "--out", out, "--base", tiny / "base", "--width", 32,
+            "--height", 32, "--batch", 2, *extra]
+    return eval_mod.main([str(a) for a in argv])
+
+
+def _eval_error(tiny, out, *extra):
+    with pytest.raises(SystemExit) as e:
+        _eval(tiny, out, *extra)
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith("error: ") and "\n" not in msg
+    return msg
+
+
+def test_rerun_with_other_settings_is_refused_same_settings_kept(tiny, tmp_path):
+    """Issue 19.2: a re-run with the same --out and row name but another UNet, steps, guidance, prediction,
+    size or seed reported the old images as the new row's numbers. Each row folder records its settings
+    (settings.json, with a hash of the prompts); the same settings keep the images, other ones are refused,
+    naming what differs, before anything is generated."""
+    out = tmp_path / "out"
+    _eval(tiny, out, "--row", "a:base:2")
+    row = out / "a"
+    assert json.loads((row / "settings.json").read_text())["steps"] == 2
+    stamps = {p.name: p.stat().st_mtime_ns for p in row.glob("*.png")}
+    _eval(tiny, out, "--row", "a:base:2")  # the same settings: kept, not generated again
+    assert {p.name: p.stat().st_mtime_ns for p in row.glob("*.png")} == stamps
+    unet = tmp_path / "u.safetensors"
+    from safetensors.torch import save_file
+    from tools.tiny import diffusers_unet
+    save_file({k: v.contiguous() for k, v in diffusers_unet(seed=4).state_dict().items()}, unet)
+    for extra, what in [(["--row", "a:base:4"], "steps"), (["--row", "a:base:2:3"], "guidance"),
+                        (["--row", "a:base:2:0:sample"], "prediction"), (["--row", f"a:{unet}:2"], "unet"),
+                        (["--row", "a:base:2", "--seed", 1], "seed"),
+                        (["--row", "a:base:2", "--width", 48], "width")]:
+        msg = _eval_error(tiny, out, *extra)
+        assert f"{row}: holds images made with other settings (other {what}" in msg
+    (tiny / "p2.txt").write_text("a photo of a cat\na dog in the snow\nthe snow\n")
+    msg = _eval_error(tiny, out, "--row", "a:base:2", "--prompts", tiny / "p2.txt")
+    assert "prompts_sha256" in msg
+    assert {p.name: p.stat().st_mtime_ns for p in row.glob("*.png")} == stamps  # nothing was touched
+    (row / "settings.json").unlink()  # images of an older eval.py: no record, refused too
+    assert "no settings.json" in _eval_error(tiny, out, "--row", "a:base:2")
+
+
+def test_many_reference_images_within_the_open_file_limit(tiny, tmp_path):
+    """Issue 19.6: every reference image was opened at once ('Too many open files' from ~1,020 images). With
+    the open-file limit lowered to 64 more than are open now, 200 references are read in bounded batches."""
+    import os
+    import resource
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(ref / f"{i:03d}.png")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+    try:
+        results = _eval(tiny, tmp_path / "out", "--row", "a:base:1", "--ref-images", ref, "--fid-model",
+                        tiny / "inception.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert results[0]["fid_whole"] > 0
+
+
+@pytest.mark.parametrize("case", ["bomb", "corrupt"])
+def test_unreadable_reference_refused_by_name(tiny, tmp_path, monkeypatch, case):
+    """Issue 19.6: a decompression-bomb PNG among the references was a traceback; it (or a corrupt file) is
+    refused naming the file (not skipped: FID against a silently smaller reference set is another number)."""
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(ref / f"{i}.png")
+    if case == "bomb":
+        Image.new("RGB", (64, 64)).save(ref / "1.png")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit
+    else:
+        (ref / "1.png").write_bytes(b"\x89PNG not really")
+    msg = _eval_error(tiny, tmp_path / "out", "--row", "a:base:1", "--ref-images", ref, "--fid-model",
+                      tiny / "inception.pt")
+    assert f"--ref-images {ref / '1.png'}: " + {"bomb": "too many pixels, refused as a possible "
+                                                        "decompression bomb",
+                                                "corrupt": "not a readable image"}[case] in msg
+
+
+def test_full_disk_for_real_is_one_line(tiny, small_disk):
+    """Issue 18: eval.py on a full disk (a real 256 KiB tmpfs): the one line naming the file, no temp file."""
+    out = small_disk.path / "out"
+    small_disk(free=0)
+    msg = _eval_error(tiny, out, "--row", "a:base:1")
+    assert "the disk is full" in msg and str(out) in msg
+    assert not [p for p in small_disk.path.rglob("*") if ".tmp" in p.name]

@@ -299,7 +299,7 @@ def test_bad_lora_files(tmp_path):
     _merge_fails({k_: v for k_, v in good.items() if k_ != k}, "without both lora_down and lora_up")
     _merge_fails({}, "no LoRA layers")
 
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(ValueError, match="nope.safetensors: no such file"):
         weights.read_lora(tmp_path / "nope.safetensors")
     save_file({"conv_in.weight": torch.zeros(2, 2)}, tmp_path / "unet.safetensors")
     with pytest.raises(ValueError, match="not a kohya LoRA"):
@@ -314,3 +314,14 @@ def test_bad_lora_files(tmp_path):
     lora.add_lora(m, RANK, ALPHA)
     with pytest.raises(ValueError, match="already has LoRA"):
         lora.add_lora(m)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_non_float_lora_tensors_refused_by_name(dtype):
+    """Issue 18: an int8 or bool LoRA is refused naming its tensors (it fused as garbage, then NaN)."""
+    good = _random_lora(_ours())
+    k = sorted(k for k in good if k.endswith("lora_up.weight"))[3]
+    _merge_fails({**good, k: good[k].to(dtype)},
+                 f"not floating point: {k} \\({str(dtype).removeprefix('torch.')}\\) \\(1 in all\\)")
+    a = sorted(k for k in good if k.endswith(".alpha"))[0]
+    _merge_fails({**good, a: good[a].to(dtype)}, f"not floating point: {a} ")

@@ -272,3 +272,33 @@ def test_disk_full_names_the_shard_and_leaves_no_temp_file(env, tmp_path, monkey
     with pytest.raises(SystemExit, match=r"shard_000000.safetensors: the disk is full"):
         prepare.main(args(env, tmp_path / "out"))
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(env, tmp_path):
+    """Issue 19.8: a kill -9 inside a save left shard_*.safetensors.tmp / cache_index.json.tmp that nothing
+    removed when the shard was not redone (a finished shard, another shard size); the next run removes
+    them."""
+    out = tmp_path / "cache"
+    shutil.copytree(env["cache"], out)
+    for name in ("shard_000001.safetensors.tmp", "shard_000007.safetensors.tmp", data.CACHE_INDEX + ".tmp"):
+        (out / name).write_bytes(b"half a file")
+    prepare.main(args(env, out))
+    assert not list(out.glob("*.tmp"))
+    assert_same_cache(env["cache"], out)
+
+
+def test_full_disk_for_real_is_one_line(env, small_disk, capsys):
+    """Issue 18: on a real full disk (a 256 KiB tmpfs) safetensors raises SafetensorError ('No space left on
+    device'), which was a traceback: now the one line naming the shard, no temp file, earlier shards kept."""
+    out = small_disk.path / "cache"
+    out.mkdir()
+    shutil.copy(env["cache"] / "shard_000000.safetensors", out)  # a finished shard of an earlier run
+    kept = (out / "shard_000000.safetensors").read_bytes()
+    small_disk(free=0)
+    with pytest.raises(SystemExit) as e:
+        prepare.main(args(env, out))
+    msg = str(e.value.code)
+    print(msg)
+    assert msg.startswith(f"error: {out / 'shard_000001.safetensors'}: the disk is full") and "\n" not in msg
+    assert sorted(p.name for p in out.iterdir()) == ["shard_000000.safetensors"]
+    assert (out / "shard_000000.safetensors").read_bytes() == kept

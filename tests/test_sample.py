@@ -142,8 +142,7 @@ def test_single_file_base_equals_diffusers_folder(base, tmp_path):
 
 @pytest.mark.parametrize("case",
                          ["steps", "size", "missing_base", "missing_unet", "missing_keys", "misshaped",
-                          "sd15",
-                                  "pickle", "lora_as_unet"])
+                          "sd15", "pickle", "lora_as_unet", "int8_unet", "bool_unet", "unet_folder"])
 def test_bad_input_is_one_clear_line(base, tmp_path, case):
     root, pipe = base
     common = ["--base", str(root), "--width", str(W), "--height", str(H), "--out", str(tmp_path / "x.png")]
@@ -157,8 +156,13 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
                    "cond_stage_model.transformer.x": torch.zeros(1)}, tmp_path / "u.safetensors")
     if case == "lora_as_unet":
         save_file({"lora_unet_conv.lora_down.weight": torch.zeros(1)}, tmp_path / "u.safetensors")
-    unet_arg = {"missing_unet": str(tmp_path / "nope.safetensors"), "pickle": str(tmp_path / "u.ckpt")}.get(
-        case, str(tmp_path / "u.safetensors"))
+    if case in ("int8_unet", "bool_unet"):  # issue 18: was hundreds of lines of load_state_dict errors
+        dtype = torch.int8 if case == "int8_unet" else torch.bool
+        save_file({k: v.to(dtype) if "conv" in k else v for k, v in good.items()}, tmp_path / "u.safetensors")
+    if case == "unet_folder":  # issue 18: was "no such file"
+        (tmp_path / "runs").mkdir()
+    unet_arg = {"missing_unet": str(tmp_path / "nope.safetensors"), "pickle": str(tmp_path / "u.ckpt"),
+                "unet_folder": str(tmp_path / "runs")}.get(case, str(tmp_path / "u.safetensors"))
     args = {"steps": ["--steps", "3"], "size": ["--width", "50", "--unet", "base"],
             "missing_base": ["--base", str(tmp_path / "nowhere")], "pickle": ["--unet", unet_arg]}.get(
         case, ["--unet", unet_arg])
@@ -168,10 +172,13 @@ def test_bad_input_is_one_clear_line(base, tmp_path, case):
               "missing_keys": "2 missing keys (conv_out.weight",
               "misshaped": "conv_in.weight (file (64, 4, 1, 1), model (64, 4, 3, 3))",
               "sd15": "not an SDXL-architecture",
-              "pickle": "pickled checkpoints are not loaded", "lora_as_unet": "LoRA file"}[case]
+              "pickle": "pickled checkpoints are not loaded", "lora_as_unet": "LoRA file",
+              "int8_unet": "u.safetensors: conv_in.bias is int8, not a floating-point tensor",
+              "bool_unet": "u.safetensors: conv_in.bias is bool, not a floating-point tensor",
+              "unet_folder": "runs: is a folder; expected a UNet .safetensors file"}[case]
     print(case, "->", r.stderr.strip())
     assert r.returncode != 0
-    assert expect in r.stderr
+    assert expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -469,7 +476,7 @@ def test_stacked_loras_equal_diffusers_set_adapters(base, tmp_path):
     assert np.abs(_png(tmp_path / "zero.png") - np.asarray(plain).astype(np.int16)).max() <= 1
 
 
-@pytest.mark.parametrize("case", ["rank0", "sd15", "nan", "scale_inf", "missing"])
+@pytest.mark.parametrize("case", ["rank0", "sd15", "nan", "scale_inf", "missing", "int8", "bool"])
 def test_bad_lora_is_one_clear_line(base, tmp_path, case):
     root, _ = base
     path = tmp_path / "l.safetensors"
@@ -484,14 +491,20 @@ def test_bad_lora_is_one_clear_line(base, tmp_path, case):
         k = sorted(sd)[5]
         sd[k] = sd[k].clone().fill_(float("nan"))
         save_file(sd, path)
+    if case in ("int8", "bool"):  # issue 18: was fused, then a misleading NaN message
+        k = sorted(sd)[5]
+        sd[k] = sd[k].to(getattr(torch, case))
+        save_file(sd, path)
     spec = {"scale_inf": f"{path}:inf",
             "missing": str(tmp_path / "nope.safetensors")}.get(case, f"{path}:0.5")
     msg = _main_error("a cat", "--base", root, "--unet", "base", "--lora", spec, "--width", W, "--height", H,
                       "--out", tmp_path / "x.png")
     expect = {"rank0": "rank 0", "sd15": "unknown LoRA keys", "nan": "NaN or Inf values in " + sorted(sd)[5],
-              "scale_inf": "finite", "missing": "nope.safetensors: no such file"}[case]
+              "scale_inf": "finite", "missing": "nope.safetensors: no such file",
+              "int8": f"not floating point: {sorted(sd)[5]} (int8)",
+              "bool": f"not floating point: {sorted(sd)[5]} (bool)"}[case]
     assert expect in msg
-    if case in ("rank0", "sd15", "nan"):
+    if case in ("rank0", "sd15", "nan", "int8", "bool"):
         assert str(path) in msg
     if case == "sd15":
         assert "lora_unet_input_blocks_1_1_proj_in" in msg
@@ -508,7 +521,7 @@ def test_prompts_file_batches_manifest_and_regeneration(base, tmp_path):
               "--height", H, "--steps", 2]
     _main("--prompts", prompts, *common, "--batch-size", 2, "--seed", 10, "--out",
           tmp_path / "b2" / "img.png")
-    lines = [json.loads(s)
+    lines = [{k: v for k, v in json.loads(s).items() if k != "settings"}  # settings: test_resume_...
              for s in (tmp_path / "b2" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
     assert lines == [{"prompt": "a red car", "seed": 10, "file": "img_00000.png"},
                      {"prompt": "a dog in the snow", "seed": 11, "file": "img_00001.png"},
@@ -781,3 +794,133 @@ def test_help_explains_every_flag():
         assert action.help and len(action.help) > 10, action.dest
         for flag in action.option_strings:
             assert flag in parser_help.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issues 18, 19: inputs checked before loading, decompression bombs, resuming --prompts, a real full disk
+
+
+@pytest.mark.parametrize("case", ["missing_unet", "junk_unet", "unet_folder", "junk_lora", "unet_as_lora",
+                                  "lora_folder"])
+def test_unet_and_lora_files_checked_before_anything_is_loaded(base, tmp_path, monkeypatch, case):
+    """Issue 19.8: a missing or foreign --unet / --lora was refused only after the text encoders and VAE had
+    loaded; now by its header (no tensor read) before anything is loaded."""
+    root, _ = base
+
+    def no_loading(*a, **k):
+        raise AssertionError("loaded the text encoders before checking --unet / --lora")
+    monkeypatch.setattr(weights, "load_text", no_loading)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (tmp_path / "dir").mkdir()
+    unet, lora = {"missing_unet": (tmp_path / "nope.safetensors", None),
+                  "junk_unet": (tmp_path / "junk.safetensors", None),
+                  "unet_folder": (tmp_path / "dir", None),
+                  "junk_lora": ("base", tmp_path / "junk.safetensors"),
+                  "unet_as_lora": ("base", root / "student_unet.safetensors"),
+                  "lora_folder": ("base", tmp_path / "dir")}[case]
+    msg = _main_error("a cat", "--base", root, "--unet", unet, *(["--lora", lora] if lora else []),
+                      "--width", W, "--height", H, "--out", tmp_path / "x.png")
+    assert {"missing_unet": "nope.safetensors: no such file", "junk_unet": "not a readable .safetensors",
+            "unet_folder": "is a folder", "junk_lora": "not a readable .safetensors",
+            "unet_as_lora": "not a kohya LoRA", "lora_folder": "dir: is a folder"}[case] in msg
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_decompression_bomb_image_is_one_line(base, tmp_path, monkeypatch):
+    """Issue 19.6: Pillow's DecompressionBombError for --image was a traceback."""
+    root, _ = base
+    photo = _photo(tmp_path / "bomb.png")  # 61 x 45 = 2745 pixels, over twice the limit below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    msg = _main_error("a cat", "--base", root, "--unet", "base", "--image", photo, "--strength", 0.5,
+                      "--out", tmp_path / "x.png")
+    assert f"--image {photo}: too many pixels, refused as a possible decompression bomb" in msg
+    assert not (tmp_path / "x.png").exists()
+
+
+class _Killed(BaseException):
+    """A kill -9 stand-in: nothing catches it, nothing cleans up."""
+
+
+def test_resume_prompts_run_and_manifest_stays_true(base, tmp_path, monkeypatch):
+    """Issue 19.7: an interrupted --prompts run restarted from image 0, and after a second kill the manifest
+    listed fewer images than were on disk. Now: an image on disk listed with the same prompt, seed and
+    settings is kept; the manifest lists exactly this job list's images on disk after every kill."""
+    root, _ = base
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\na red car\nthe snow\n")
+    folder = tmp_path / "o"
+
+    def run(out=folder / "img.png", steps=2):
+        _main("--prompts", prompts, "--base", root, "--unet", root / "student_unet.safetensors", "--width", W,
+              "--height", H, "--steps", steps, "--seed", 5, "--out", out)
+    run(tmp_path / "ref" / "img.png")  # uninterrupted
+    generated, real_generate, real_save = [], sample.generate, sample.save_image
+
+    def counting(*a, **k):
+        generated.extend(a[3])
+        return real_generate(*a, **k)
+    monkeypatch.setattr(sample, "generate", counting)
+
+    def killed_at(n):  # the n-th save (0-based) is killed before its file is written
+        saved = []
+
+        def save(img, path):
+            if len(saved) == n:
+                raise _Killed
+            saved.append(path)
+            real_save(img, path)
+        return save
+
+    def listed():
+        files_listed = [json.loads(s)["file"] for s in (folder / "prompts.jsonl").read_text().splitlines()]
+        assert files_listed == sorted(p.name for p in folder.glob("*.png"))  # exactly the images on disk
+        return files_listed
+    monkeypatch.setattr(sample, "save_image", killed_at(2))
+    with pytest.raises(_Killed):
+        run()
+    assert listed() == ["img_00000.png", "img_00001.png"]
+    generated.clear()
+    monkeypatch.setattr(sample, "save_image", killed_at(1))
+    with pytest.raises(_Killed):
+        run()  # a second kill
+    assert generated == ["a red car", "the snow"]  # resumed at image 2, not 0
+    assert listed() == ["img_00000.png", "img_00001.png", "img_00002.png"]
+    generated.clear()
+    monkeypatch.setattr(sample, "save_image", real_save)
+    run()
+    assert generated == ["the snow"]
+    assert listed() == [f"img_{i:05d}.png" for i in range(4)]
+    for i in range(4):  # the same images as the uninterrupted run
+        assert np.array_equal(_png(folder / f"img_{i:05d}.png"), _png(tmp_path / "ref" / f"img_{i:05d}.png"))
+    # everything done: nothing is loaded
+    monkeypatch.setattr(weights, "load_text", lambda *a, **k: (_ for _ in ()).throw(AssertionError("load")))
+    run()
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "generate", counting)
+    # an image whose manifest line has another prompt, or whose file is gone, is redone; other settings
+    # (here --steps) redo every image instead of keeping stale ones
+    lines = (folder / "prompts.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace("a dog", "a doge")
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "img_00003.png").unlink()
+    generated.clear()
+    run()
+    assert generated == ["a dog", "the snow"]
+    generated.clear()
+    run(steps=4)
+    assert generated == ["a cat", "a dog", "a red car", "the snow"]
+    assert listed() == [f"img_{i:05d}.png" for i in range(4)]
+
+
+def test_full_disk_for_real_is_one_line_and_keeps_the_old_file(base, small_disk):
+    """Issue 18: a real full disk (a tiny tmpfs): one line naming the file, the previous file untouched, no
+    temp file."""
+    root, _ = base
+    disk = small_disk.path
+    (disk / "x.png").write_bytes(b"the previous image")
+    small_disk(free=0)
+    msg = _main_error("a cat", "--base", root, "--unet", "base", "--width", W, "--height", H,
+                      "--out", disk / "x.png")
+    assert f"{disk / 'x.png'}: the disk is full" in msg
+    assert (disk / "x.png").read_bytes() == b"the previous image"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "x.png"]

@@ -242,3 +242,41 @@ def test_from_diffusers_hub_layout_dtype_and_errors(te, root, tmp_path):
     shutil.rmtree(hub / "tokenizer_2")
     with pytest.raises(ValueError, match="tokenizer_2"):
         weights.text_from_folder(hub)
+
+
+class _Payload:
+    """Unpickling this runs code: it would write a file named by the test."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_folder_text_encoders_are_safetensors_only(te, root, tmp_path):
+    """Issue 19.4: a text encoder with only pytorch_model.bin went through transformers' torch.load (a payload
+    stopped by weights_only alone, with a traceback). Now the folder's encoders are built from config.json on
+    the meta device and load model.safetensors strictly; a .bin-only part is refused by name, never opened."""
+    import pickle
+    import shutil
+    hub = tmp_path / "hub"
+    shutil.copytree(root, hub)
+    (hub / "text_encoder_2" / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (hub / "text_encoder_2" / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(str(marker))))
+    with pytest.raises(weights.CheckpointError) as e:
+        weights.text_from_folder(hub)
+    print(e.value)
+    assert str(e.value).startswith(f"{hub / 'text_encoder_2' / 'pytorch_model.bin'}: pickled weights are "
+                                   "not loaded") and "\n" not in str(e.value)
+    assert not marker.exists()
+    # a non-float tensor in a folder's encoder: one line naming the file and the key
+    path = hub / "text_encoder" / "model.safetensors"
+    sd = load_file(path)
+    k = sorted(sd)[4]
+    save_file({**sd, k: sd[k].to(torch.int8)}, path)
+    shutil.copy(root / "text_encoder_2" / "model.safetensors", hub / "text_encoder_2")
+    with pytest.raises(weights.CheckpointError, match=re.escape(f"{path}: ") + ".*" +
+                       re.escape(f"{k.removeprefix('text_model.')} is int8, not a floating-point tensor")):
+        weights.text_from_folder(hub)

@@ -114,3 +114,49 @@ def test_bench_runs_and_compares_the_same_computation(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert res["max_abs_diff"] < 1e-4 and res["ours_ms"] > 0 and res["diffusers_ms"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_non_float_unet_vae_text_tensors_are_one_line(tmp_path, dtype):
+    """Issue 18: a UNet or VAE file (or a single file's UNet, VAE, text encoder part) with int8 / bool tensors
+    is one line naming the file, the first such key and its dtype, not torch's hundreds of lines."""
+    import json
+    from safetensors.torch import save_file
+    import weights
+    from tools.tiny import tiny_text_models
+    name = str(dtype).removeprefix("torch.")
+    unet_sd = {k: v.contiguous() for k, v in diffusers_unet().state_dict().items()}
+    vae_sd = {k: v.contiguous() for k, v in diffusers_vae().state_dict().items()}
+
+    def refused(load, path, key):
+        with pytest.raises(weights.CheckpointError) as e:
+            load()
+        msg = str(e.value)
+        print(msg)
+        assert "\n" not in msg and len(msg) < 300
+        assert msg.startswith(f"{path}: ") and f" {key} is {name}, not a floating-point tensor" in msg, msg
+
+    key = "down_blocks.1.attentions.0.proj_in.weight"
+    save_file({**unet_sd, key: unet_sd[key].to(dtype)}, tmp_path / "u.safetensors")
+    refused(lambda: weights.load_unet(str(tmp_path / "u.safetensors"), TINY_UNET), tmp_path / "u.safetensors",
+            key)
+    refused(lambda: weights.check_unet_file(tmp_path / "u.safetensors"), tmp_path / "u.safetensors", key)
+    (tmp_path / "base" / "vae").mkdir(parents=True)
+    (tmp_path / "base" / "vae" / "config.json").write_text(json.dumps(TINY_VAE.to_diffusers()))
+    vkey = "decoder.up_blocks.0.resnets.0.conv1.weight"
+    vae_file = tmp_path / "base" / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({**vae_sd, vkey: vae_sd[vkey].to(dtype)}, vae_file)
+    refused(lambda: weights.load_vae(str(tmp_path / "base")), vae_file, vkey)
+    te, te2 = tiny_text_models()
+    single = weights.to_single_file(unet_sd, TINY_UNET, vae_sd, TINY_VAE, weights.canonical_state_dict(te),
+                                    weights.canonical_state_dict(te2))
+    for part in ("model.diffusion_model.", "first_stage_model.", weights.SGM_CLIP_L):
+        k = sorted(k for k in single if k.startswith(part) and k.endswith("weight"))[2]
+        path = tmp_path / "single.safetensors"
+        save_file({**single, k: single[k].to(dtype)}, path)
+        load = {"model.diffusion_model.": lambda: weights.load_unet(str(path)),
+                "first_stage_model.": lambda: weights.load_vae(str(path)),
+                weights.SGM_CLIP_L: lambda: weights.load_text_encoders(str(path))}[part]
+        shown = weights.unet_from_sgm({k: single[k]}, TINY_UNET) if part == "model.diffusion_model." else \
+            weights.vae_from_sgm({k: single[k]}, TINY_VAE) if part == "first_stage_model." else {k: 0}
+        refused(load, path, next(iter(shown)))

@@ -12,6 +12,7 @@ parts with strict loads, fuses LoRAs and writes (run from the repository root):
 """
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def load_parts(args):
         path, scale = weights.parse_lora_spec(spec)
         try:
             lora_mod.merge_lora(unet, weights.read_lora(path, unet.config), scale=scale, source=path)
-        except (FileNotFoundError, ValueError) as e:
+        except ValueError as e:
             raise weights.CheckpointError(str(e)) from None
     vae = weights.load_vae(base, dtype=None, sd=base_sd)
     if base_single and args.to == "single-file":  # no tokenizers needed
@@ -149,20 +150,38 @@ def check_args(args):
         raise ValueError(f"OUT {out} must end in .safetensors for --to single-file")
     if args.to == "diffusers" and out.suffix:
         raise ValueError(f"OUT {out} names a file; --to diffusers writes a folder")
+    here = Path.cwd()
+    if not out.name or out.resolve() == here or out.resolve() in here.parents:
+        raise ValueError(f"OUT {out} is the current folder or one above it; name a new file or folder")
     if out.exists() and not args.overwrite:
         raise ValueError(f"OUT {out} exists (pass --overwrite to replace it)")
-    if out.resolve() == Path(args.input).resolve():
-        raise ValueError(f"OUT {out} is IN")
+    inputs = [("IN", args.input), ("--base", args.base), ("--tokenizers", args.tokenizers)]
+    inputs += [("--lora", weights.parse_lora_spec(spec)[0]) for spec in args.lora]
+    for flag, path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        path = Path(path).resolve()
+        if path == out.resolve() or out.resolve() in path.parents:  # replacing OUT would destroy the input
+            raise ValueError(f"OUT {out} is {flag} {path}" if path == out.resolve() else
+                             f"OUT {out} holds {flag} {path}; replacing OUT would delete it")
+        if out.exists() and path in out.resolve().parents:
+            raise ValueError(f"OUT {out} is inside {flag} {path}; replacing it would change that input")
     if not out.parent.resolve().is_dir():  # convert makes no folders but OUT itself
         raise ValueError(f"OUT's folder {out.parent} does not exist")
     try:
         files.check_writable_folder(out.parent)
     except files.RunError as e:  # its message says --out; this command's output is OUT
         raise ValueError(f"OUT {out}: {e}") from None
+    # every input file by its header (no tensor read), before gigabytes are loaded
+    if weights.is_file(args.input):
+        weights.check_unet_file(args.input)
+    if args.base is not None and weights.is_file(args.base):
+        weights.read_header(args.base)
     for spec in args.lora:
         path, _ = weights.parse_lora_spec(spec)
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise ValueError(f"--lora {spec}: no such file {path}")
+        weights.check_lora_file(path)
 
 
 def main(argv=None):
@@ -178,6 +197,11 @@ def main(argv=None):
             shutil.rmtree(out)
     try:
         check_args(args)
+        stale = out.with_name(out.name + ".tmp")  # files.atomic_write's temp file of a killed run
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
         unet, vae, encoders, text = load_parts(args)
         files.atomic_write(out, write)
     except (ValueError, files.RunError) as e:  # weights.CheckpointError is a ValueError; a full disk RunError

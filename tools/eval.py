@@ -16,7 +16,11 @@ A row is NAME:UNET:STEPS[:GUIDANCE[:PREDICTION]]: UNET as `sample.py --unet` tak
 empty for the official Lightning UNet of STEPS), GUIDANCE <= 1 is off, PREDICTION epsilon or sample (x0;
 default sample for a 1-step x0 file, by its name). Image i of the prompt file is drawn in batch i // --batch
 with seed --seed + i // --batch, so every row sees the same noise for the same prompt. Images are written
-as OUT/NAME/00000.png ...; a row whose images all exist is not generated again.
+as OUT/NAME/00000.png ... with OUT/NAME/settings.json (base, UNet file, steps, guidance, prediction, size,
+seed, batch, dtype, a hash of the prompts); a re-run keeps the batches whose images all exist, and refuses
+a row whose folder holds images made with other settings (another name or --out, or delete the folder).
+Images are read a batch at a time (never all files open at once); a reference image that cannot be read
+(corrupt, or past Pillow's decompression-bomb limit) is refused by name.
 
 The rules that move FID by points, written here once (and next to every number):
 - FID-Whole: the whole image resized to 299x299, bicubic, per channel in float (clean-fid's "clean" mode:
@@ -271,13 +275,72 @@ def parse_row(spec):
     return Row(parts[0], parts[1] or None, int(parts[2]), guidance, prediction)
 
 
+SETTINGS = "settings.json"
+
+
+def row_prediction(row):
+    return row.prediction or ("sample" if row.unet and "_x0" in Path(row.unet).name else "epsilon")
+
+
+def row_settings(row, base, prompts, batch, seed, width, height, dtype):
+    """Everything a row's images depend on (files by path, size and time: sample.identity), recorded in
+    OUT/NAME/settings.json."""
+    import hashlib
+    import sample as sample_mod
+    return {"base": sample_mod.identity(base), "unet": sample_mod.identity(row.unet), "steps": row.steps,
+            "guidance": row.guidance, "prediction": row_prediction(row), "width": width, "height": height,
+            "seed": seed, "batch": batch, "dtype": str(dtype), "prompts": len(prompts),
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()}
+
+
+def recorded_settings(folder):
+    """OUT/NAME/settings.json, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(folder) / SETTINGS).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_row_folder(folder, settings):
+    """Refuse a row folder whose images were made with other settings (or with none recorded): its images
+    would be reported as this row's numbers. Checked for every row before any image is generated."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.glob("*.png")):
+        return
+    old = recorded_settings(folder)
+    if old == settings:
+        return
+    what = "no settings.json records how they were made" if not isinstance(old, dict) else \
+        "other " + ", ".join(k for k in settings if old.get(k) != settings[k])
+    raise ValueError(f"{folder}: holds images made with other settings ({what}); use another row name or "
+                     f"--out, or delete {folder}")
+
+
+def read_image(path, what="image"):
+    """One image file, read whole and closed -> RGB PIL image; unreadable or a decompression bomb: one line
+    naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{what} {path}: too many pixels, refused as a possible decompression bomb "
+                         f"({e})") from None
+    except OSError as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{what} {path}: not a readable image ({e})") from None
+
+
 def generate_row(row, base, prompts, out, batch, seed, width, height, device, dtype, cache):
-    """Images for every prompt (OUT/NAME/00000.png ...), generated in batches; existing batches are kept."""
+    """Images for every prompt (OUT/NAME/00000.png ...), generated in batches; existing batches are kept
+    when OUT/NAME/settings.json matches (check_row_folder). -> (the image paths, seconds per image)"""
     import files
     import sample as sample_mod
     import lightning_min as lm
     folder = Path(out) / row.name
+    settings = row_settings(row, base, prompts, batch, seed, width, height, dtype)
+    check_row_folder(folder, settings)
     folder.mkdir(parents=True, exist_ok=True)
+    if recorded_settings(folder) != settings:
+        files.save_json(settings, folder / SETTINGS)  # before any image: an image never outlives its record
     paths = [folder / f"{i:05d}.png" for i in range(len(prompts))]
     todo = [b for b in range(0, len(prompts), batch) if not all(p.exists() for p in paths[b:b + batch])]
     t0, n = time.time(), 0
@@ -288,7 +351,7 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
             cache.clear()  # one UNet in memory at a time
             cache[key] = sample_mod.load(base, row.unet, None, row.steps, device, dtype)
         text, unet, vae = cache[key]
-        pred = row.prediction or ("sample" if row.unet and "_x0" in Path(row.unet).name else "epsilon")
+        pred = row_prediction(row)
         for b in todo:
             imgs = sample_mod.generate(text, unet, vae, prompts[b:b + batch], row.steps, seed + b // batch,
                                        width, height, pred, row.guidance, dtype)
@@ -296,7 +359,7 @@ def generate_row(row, base, prompts, out, batch, seed, width, height, device, dt
                 sample_mod.save_image(im, p)
             n += len(imgs)
     secs = time.time() - t0
-    return [Image.open(p).convert("RGB") for p in paths], (secs / n if n else None)
+    return paths, (secs / n if n else None)
 
 
 def read_prompts(path):
@@ -404,12 +467,17 @@ def run_toy(args, rows, out, device, dtype):
         toy.parse_caption(p)  # refuse a non-toy prompt before generating anything
     w, h = args.width or toy.RES, args.height or toy.RES
     out.mkdir(parents=True, exist_ok=True)
+    teacher_row = Row("_teacher32", "base", 32, 6.0)
+    for r in [teacher_row, *rows]:  # every row's folder before anything is generated
+        check_row_folder(out / r.name, row_settings(r, base, prompts, args.batch, args.seed, w, h, dtype))
     judge, cache = ToyJudge(toy_dir), {}
-    teacher, _ = generate_row(Row("_teacher32", "base", 32, 6.0), base, prompts, out, args.batch, args.seed,
+    teacher, _ = generate_row(teacher_row, base, prompts, out, args.batch, args.seed,
                               w, h, device, dtype, cache)
+    teacher = [read_image(p) for p in teacher]  # 64 px toy images: all of them fit in memory
     results = []
     for r in rows:
-        imgs, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
+        paths, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
+        imgs = [read_image(p) for p in paths]
         m = judge.measure(imgs, prompts, teacher)
         if r.unet == "base" and r.steps == 32 and r.guidance == 6.0:
             m["psnr_vs_teacher"] = None  # the reference itself
@@ -447,27 +515,30 @@ def run_real(args, rows, out, device, dtype):
         refs = sorted(p for p in ref_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if len(refs) < 2:
             raise ValueError(f"--ref-images {ref_dir}: fewer than 2 images")
-    fe = feature_extractor(args.fid_model, device) if args.fid_model else None
-    clip = ClipScore(args.clip_model, device) if args.clip_model else None
     w, h = args.width or 1024, args.height or 1024
     base = args.base or weights.SDXL_BASE
+    for r in rows:  # every row's folder before anything is loaded, read or generated
+        check_row_folder(out / r.name, row_settings(r, base, prompts, args.batch, args.seed, w, h, dtype))
+    fe = feature_extractor(args.fid_model, device) if args.fid_model else None
+    clip = ClipScore(args.clip_model, device) if args.clip_model else None
     out.mkdir(parents=True, exist_ok=True)
     ref_whole = ref_patch = None
     if fe is not None:
-        ref_whole, ref_patch = image_features(fe, [Image.open(p) for p in refs])
+        ref_whole, ref_patch = image_features(fe, refs, what="--ref-images")
     results, cache = [], {}
     for r in rows:
-        imgs, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
+        paths, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
         res = {"row": r.name, "unet": r.unet, "steps": r.steps, "guidance": r.guidance, "s_per_image": spi,
-               "images": len(imgs)}
+               "images": len(paths)}
         if fe is not None:
-            whole, patch = image_features(fe, imgs)
+            whole, patch = image_features(fe, paths)
             res["fid_whole"] = fd_of(whole, ref_whole)
             both = patch is not None and ref_patch is not None
             res["fid_patch"] = fd_of(patch, ref_patch) if both else None
         if clip is not None:
-            res["clip_score"] = float(np.mean(np.concatenate([clip(imgs[i:i + 32], prompts[i:i + 32])
-                                                              for i in range(0, len(imgs), 32)])))
+            res["clip_score"] = float(np.mean(np.concatenate(
+                [clip([read_image(p) for p in paths[i:i + 32]], prompts[i:i + 32])
+                 for i in range(0, len(paths), 32)])))
         results.append(res)
     notes = (f"{len(prompts)} prompts, {w}x{h}; FID-Whole: whole image bicubic-resized to 299 (float, per "
              f"channel); FID-Patch: 299 px centre crop at full resolution; features: {args.fid_model}; CLIP "
@@ -477,15 +548,19 @@ def run_real(args, rows, out, device, dtype):
     return results
 
 
-def image_features(fe, images, batch=32):
-    """(whole features, patch features or None when an image is smaller than 299 px)."""
-    whole = np.concatenate([fe([resize_whole(im) for im in images[i:i + batch]])
-                            for i in range(0, len(images), batch)])
-    if min(min(im.size) for im in images) < FID_SIZE:
-        return whole, None
-    patch = np.concatenate([fe([center_patch(im) for im in images[i:i + batch]])
-                            for i in range(0, len(images), batch)])
-    return whole, patch
+def image_features(fe, images, batch=32, what="image"):
+    """(whole features, patch features or None when an image is smaller than 299 px). images: PIL images or
+    paths; paths are opened `batch` at a time, each read whole and closed (read_image), so 10K files never
+    stay open together (the open-file limit is about 1,024)."""
+    whole, patch = [], []
+    for i in range(0, len(images), batch):
+        chunk = [im if isinstance(im, Image.Image) else read_image(im, what) for im in images[i:i + batch]]
+        whole.append(fe([resize_whole(im) for im in chunk]))
+        if patch is not None and min(min(im.size) for im in chunk) >= FID_SIZE:
+            patch.append(fe([center_patch(im) for im in chunk]))
+        else:
+            patch = None  # one small image: no FID-Patch for the set
+    return np.concatenate(whole), (np.concatenate(patch) if patch is not None else None)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -212,6 +213,13 @@ def main(argv=None):
                                  f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
+        if rank == 0:  # a killed run's temp files (files.atomic_write's NAME.tmp): only the names it writes
+            out = Path(args.out)
+            for tmp in [*out.glob("shard_*.safetensors.tmp"), out / (data.CACHE_INDEX + ".tmp")]:
+                if tmp.is_file():
+                    tmp.unlink()
+        if ddp:
+            dist.barrier()  # no rank writes a temp file before they are gone
         if rank == 0:
             print(f"data: {len(ds)} indexed {ds.stats}; {K} shards of {args.shard_size} on {world} rank(s); "
                   f"{device}")
