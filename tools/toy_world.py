@@ -45,6 +45,7 @@ import text as text_mod
 import unet as unet_mod
 import vae as vae_mod
 import weights
+from tools.convert import PIPELINE_INDEX, SDXL_SCHEDULER
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,21 +409,11 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
 # The diffusers base folder
 
 
-SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-             "steps_offset": 1, "timestep_spacing": "leading", "interpolation_type": "linear",
-             "use_karras_sigmas": False, "clip_sample": False, "sample_max_value": 1.0,
-             "set_alpha_to_one": False,
-             "skip_prk_steps": True, "trained_betas": None}  # SDXL base's scheduler_config.json
-MODEL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-               "force_zeros_for_empty_prompt": True, "add_watermarker": None,
-               "feature_extractor": [None, None], "image_encoder": [None, None],
-               "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-               "text_encoder": ["transformers", "CLIPTextModel"],
-               "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-               "tokenizer": ["transformers", "CLIPTokenizer"],
-               "tokenizer_2": ["transformers", "CLIPTokenizer"],
-               "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+# SDXL base's scheduler and pipeline index (tools/convert.py writes the same for a converted folder), plus the
+# keys diffusers 0.42 writes for a pipeline without a watermarker, feature extractor or image encoder
+SCHEDULER = SDXL_SCHEDULER
+MODEL_INDEX = {**PIPELINE_INDEX, "_diffusers_version": "0.42.1", "add_watermarker": None,
+               "feature_extractor": [None, None], "image_encoder": [None, None]}
 
 
 def write_json(path, obj):
