@@ -289,34 +289,66 @@ def save_checkpoint(folder, state):
     crash_point("checkpoint")
 
 
-def check_resume(out, stage, phases, args, may_change):
-    """Each phase's checkpoint, if any, is ours and was trained with the same arguments (`may_change` aside).
+def check_resume(out, stage, phases, args, may_change, planned=()):
+    """Each phase's checkpoint, if any, is ours and was trained with the same arguments (`may_change` aside;
+    `planned` too where the checkpoint records its teacher: check_resume_plan compares what they name).
     Run on rank 0 under the lock, before any work; leftover temp files of an interrupted save go first."""
     remove_temp_files(Path(out) / stage)
     for phase in phases:
         path = phase_dir(out, stage, phase) / "checkpoint.pt"
         if not path.exists():
             continue
-        saved = read_checkpoint(path, stage, phase)["args"]
+        state = read_checkpoint(path, stage, phase)
+        saved, skip = state["args"], set(may_change) | (set(planned) if "teacher" in state else set())
         for k, v in vars(args).items():
-            if k not in may_change and k in saved and saved[k] != v:
+            if k not in skip and k in saved and saved[k] != v:
                 raise RunError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, this run has "
                                f"{v}: resume with the same value, or use another --out")
+
+
+def _source(src, out):
+    """A UNet source as a resume compares it: "base", a file inside the run folder relative to it (the
+    folder may have moved), else the absolute path (a hub id's cached file included)."""
+    if src in (None, "base"):
+        return src
+    p, o = os.path.abspath(src), os.path.abspath(out)
+    return "OUT/" + os.path.relpath(p, o) if p.startswith(o + os.sep) else os.path.realpath(p)
+
+
+def check_resume_plan(path, plan, out):
+    """A resumed phase keeps the init (the student's base) and the teacher it was trained with: refused when
+    this run's plan (plan_phase) names others, e.g. a finished earlier stage that appeared in OUT since."""
+    state = read_checkpoint(path)
+    saved_out = state["args"].get("out", out)
+    was = {k: _source(state.get(k), saved_out) for k in ("init", "teacher")}
+    now = {k: _source(plan[k], out) for k in ("init", "teacher")}
+    if was["init"] != now["init"] or (was["teacher"] is not None and was["teacher"] != now["teacher"]):
+        raise RunError(f"{path} was trained with init {state['init']} and teacher {state.get('teacher')}, "
+                       f"this run would resume it with init {plan['init']} and teacher {plan['teacher']}: "
+                       f"pass the same --init/--teacher, or use another --out")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Where a phase's UNets come from: the base, a file, or an earlier phase of this run folder
 
+def stage_finished(out, stage):
+    """The stage's last phase is finished: its checkpoint reached that run's --max-steps and progress.json
+    says its exports are of that step (a stage stopped or crashed half-way is not a teacher)."""
+    last = phase_dir(out, stage, lm.STAGES[stage].phases[-1])
+    if not (last / "checkpoint.pt").exists():
+        return False
+    ck = read_checkpoint(last / "checkpoint.pt", stage, lm.STAGES[stage].phases[-1])
+    return ck["step"] >= int(ck["args"].get("max_steps", 0)) > 0 and progress_step(last) >= ck["step"]
+
+
 def default_teacher(out, steps):
-    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it, else the
-    official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
+    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it finished,
+    else the official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
     if steps == 128:
         return "base"
     for st in lm.STAGES.values():
-        if st.student_steps == steps:
-            last = phase_dir(out, st.name, st.phases[-1])
-            if progress_step(last) > 0 and (last / "checkpoint.pt").exists():
-                return str(last / "checkpoint.pt")
+        if st.student_steps == steps and stage_finished(out, st.name):
+            return str(phase_dir(out, st.name, st.phases[-1]) / "checkpoint.pt")
     if steps in weights.LIGHTNING_UNETS and steps != 1:
         return str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
     raise ValueError(f"no {steps}-step teacher: run the stage that makes it with this --out, or pass --teacher")

@@ -55,6 +55,7 @@ ERRORS = (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSE
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpointing", "vae_slice",
                      "max_bad_steps", "device", "micro_batch_size", "lr", "renoise_switch_step", "phase",
                      "out", "shard", "compile", "tensorboard"}
+PLANNED = {"init", "teacher", "skip_level_teacher"}  # may be spelled otherwise if they name the same UNets
 
 
 def parse_args(argv=None):
@@ -229,6 +230,14 @@ def plan_phase(args, stage, phase):
     plan["teacher"] = (args.skip_level_teacher if skip_level else args.teacher) or \
         files.default_teacher(args.out, spec.teacher_steps)
     return plan
+
+
+def check_plans(args, phases):
+    """Before any work: each phase with a checkpoint resumes on the init and teacher it was trained with."""
+    for phase in phases:
+        path = files.phase_dir(args.out, args.stage, phase) / "checkpoint.pt"
+        if path.exists():
+            files.check_resume_plan(path, plan_phase(args, args.stage, phase), args.out)
 
 
 def load_unet(run, src):
@@ -447,7 +456,8 @@ def save(run, ph, m, checkpoint=True):
         if checkpoint:
             files.save_checkpoint(ph.dir, {
                 "stage": ph.stage, "phase": ph.name, "step": ph.step, "bad_total": ph.bad_total,
-                "args": vars(run.args), "init": m.plan["init"], "renoise_switch_step": ph.switch_step,
+                "args": vars(run.args), "init": m.plan["init"], "teacher": m.plan["teacher"],
+                "renoise_switch_step": ph.switch_step,
                 "student": {k: v.detach().cpu() for k, v in st["student"].items()}, "disc": st["disc"],
                 "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
         files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
@@ -570,7 +580,8 @@ def main(argv=None):
     lock, error, run = files.OutputLock(args.out), None, None
     try:
         parallel.on_master(ranks, lambda: (lock.acquire(), files.check_resume(
-            args.out, args.stage, phases, args, RESUME_MAY_CHANGE)), ERRORS)
+            args.out, args.stage, phases, args, RESUME_MAY_CHANGE, PLANNED), check_plans(args, phases)),
+            ERRORS)
         run = load_frozen(args, ranks, renoise_late)
         for phase in phases:
             if files.progress_step(files.phase_dir(args.out, args.stage, phase)) >= args.max_steps:

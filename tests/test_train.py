@@ -340,6 +340,46 @@ def test_resume_is_exact(env, tmp_path):
     assert len((tmp_path / "a/8to4/full/log.jsonl").read_text().splitlines()) == 4
 
 
+def _fake_finished(out, stage, step, max_steps):
+    """A stage's last phase as a run leaves it after `step` of `max_steps` (checkpoint and progress.json)."""
+    phase = lm.STAGES[stage].phases[-1]
+    d = files.phase_dir(out, stage, phase)
+    d.mkdir(parents=True)
+    ck = {k: {} for k in files.CHECKPOINT_KEYS}
+    ck.update(stage=stage, phase=phase, step=step, args={"max_steps": max_steps}, init="x", teacher="y")
+    torch.save(ck, d / "checkpoint.pt")
+    (d / "progress.json").write_text(json.dumps({"step": step}))
+    return str(d / "checkpoint.pt")
+
+
+def test_resume_keeps_its_teacher_and_base(env, tmp_path, capsys, monkeypatch):
+    """Issue 19.1: a finished 8to4 appearing in OUT after 4to2/cond started (the official 4-step UNet as its
+    teacher and base) makes the resume refuse, naming both, instead of training on another base; an
+    unfinished earlier stage is never a default teacher."""
+    official = {4: env["teachers"][4], 8: env["teachers"][8]}
+    fetch = weights.fetch
+    monkeypatch.setattr(weights, "fetch", lambda repo, name: official[int(name.split("step")[0][-1])]
+                        if repo == weights.LIGHTNING_REPO else fetch(repo, name))
+    out = tmp_path / "x"
+    argv = ["--stage", "4to2", "--phase", "cond", *common(env, out)]
+    run([*argv, "--max-steps", 1])
+    ck = _state(out / "4to2/cond/checkpoint.pt")
+    assert ck["init"] == ck["teacher"] == str(env["teachers"][4])
+    unfinished = _fake_finished(tmp_path / "u", "8to4", 1, 2)
+    assert files.default_teacher(tmp_path / "u", 4) == str(env["teachers"][4])  # step 1 of 2: not a teacher
+    finished = _fake_finished(out, "8to4", 1, 1)
+    assert files.default_teacher(out, 4) == finished and unfinished != finished
+    before = (out / "4to2/cond/checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run([*argv, "--max-steps", 2])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and str(env["teachers"][4]) in msg and finished in msg
+    assert "\n" not in msg
+    assert (out / "4to2/cond/checkpoint.pt").read_bytes() == before
+    run([*argv, "--max-steps", 2, "--teacher", env["teachers"][4]])  # the same plan, named: resumes
+    assert _state(out / "4to2/cond/checkpoint.pt")["step"] == 2
+
+
 def _cond_run(env, out, *extra):
     """8to4 cond (a LoRA phase: export merges, the teacher is the student with LoRA off) at a large lr."""
     run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
