@@ -22,6 +22,7 @@ Read top to bottom: crash points and errors, atomic writes, the lock, names, che
 from, exports, the log.
 """
 import errno
+import fcntl
 import json
 import os
 import pickle
@@ -163,11 +164,17 @@ def _alive(pid):
 
 
 class OutputLock:
-    """OUT/train.lock holds the pid and host of the run using OUT; a second run is refused. A lock whose
-    process is gone (same host, pid not alive) is stale and taken over. Created with O_EXCL: atomic."""
+    """OUT/train.lock holds the pid and host of the run using OUT; a second run is refused. The run holds an
+    flock on the file for its lifetime (the kernel drops it when the process dies, kill -9 included), so
+    taking over a stale lock is atomic: only the one process holding the flock reads and rewrites the file.
+    A file naming a live process (or one on another host, where flock may not reach) is refused as well."""
 
     def __init__(self, out):
-        self.out, self.path, self.made, self.held = Path(out), Path(out) / "train.lock", [], False
+        self.out, self.path, self.made, self.fd = Path(out), Path(out) / "train.lock", [], None
+
+    @property
+    def held(self):
+        return self.fd is not None
 
     def acquire(self):
         check_writable_folder(self.out)
@@ -177,32 +184,57 @@ class OutputLock:
             p = p.parent
         self.out.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text())
-                    pid, host = int(other["pid"]), other["host"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other "
-                                   f"run uses {self.out}, delete it") from None
-                if host == me["host"] and not _alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise RunError(f"{self.out} is in use by another train.py run (pid {pid} on {host}, since "
-                               f"{other.get('since')}); wait for it or use another --out (if that run is "
-                               f"gone, delete {self.path})") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RunError(f"could not take the lock {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse(self._holder() or {})
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder released (unlinked) it between our open and flock: open it again
+                break
+            os.close(fd)
+        other = self._holder(fd)
+        if other is not None and (other["host"] != me["host"] or _alive(other["pid"])):
+            os.close(fd)
+            self._refuse(other)
+        os.ftruncate(fd, 0)  # empty (just made) or stale: its process is gone
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
+
+    def _holder(self, fd=None):
+        """The lock's {"pid", "host", "since"}; None when empty; a file this program did not write is refused."""
+        try:
+            text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text()
+        except (OSError, UnicodeDecodeError):
+            text = "?"
+        if not text.strip():
+            return None
+        try:
+            other = json.loads(text)
+            other["pid"], other["host"] = int(other["pid"]), str(other["host"])
+            return other
+        except (ValueError, KeyError, TypeError):
+            if fd is not None:
+                os.close(fd)
+            raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other "
+                           f"run uses {self.out}, delete it") from None
+
+    def _refuse(self, other):
+        raise RunError(f"{self.out} is in use by another train.py run (pid {other.get('pid', '?')} on "
+                       f"{other.get('host', '?')}, since {other.get('since')}); wait for it or use another "
+                       f"--out (if that run is gone, delete {self.path})")
 
     def release(self):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding the flock: see acquire's inode check
+            os.close(self.fd)
+            self.fd = None
         for p in self.made:  # folders this run created and left empty (refused before any work)
             try:
                 p.rmdir()

@@ -503,6 +503,42 @@ def test_output_lock_refuses_a_second_run_and_takes_a_stale_one(env, tmp_path, c
     assert files.progress_step(out / "8to4" / "cond") == 1 and not lock.exists()
 
 
+def _contend(out, start, done, won):
+    """One of many runs starting at once on --out: takes the lock if it can, holds it until all have tried."""
+    lock = files.OutputLock(out)
+    start.wait()
+    try:
+        lock.acquire()
+        with won.get_lock():
+            won.value += 1
+    except files.RunError:
+        pass
+    done.wait()
+    lock.release()
+
+
+def test_stale_lock_taken_over_by_exactly_one_of_many(tmp_path):
+    """Issue 19.3: runs starting at once on one --out whose lock is stale: exactly one takes it, 40 times."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    n = 6
+    for trial in range(40):
+        out = tmp_path / str(trial)
+        out.mkdir()
+        (out / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+        start, done, won = ctx.Barrier(n), ctx.Barrier(n), ctx.Value("i", 0)
+        procs = [ctx.Process(target=_contend, args=(out, start, done, won)) for _ in range(n)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * n
+        assert won.value == 1, f"trial {trial}: {won.value} runs took the lock"
+        assert not (out / "train.lock").exists()
+
+
 def test_time_ids_stay_float32_in_training_conditioning():
     """Issue 7.4: the batch's conditioning keeps the 6 time ids float32 while text runs in the compute dtype."""
     class Text:
