@@ -208,7 +208,8 @@ class OutputLock:
         return self
 
     def _holder(self, fd=None):
-        """The lock's {"pid", "host", "since"}; None when empty; a file this program did not write is refused."""
+        """The lock's {"pid", "host", "since"}; None when empty; a file this program did not write is
+        refused."""
         try:
             text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text()
         except (OSError, UnicodeDecodeError):

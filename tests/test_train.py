@@ -527,7 +527,8 @@ def test_stale_lock_taken_over_by_exactly_one_of_many(tmp_path):
     for trial in range(40):
         out = tmp_path / str(trial)
         out.mkdir()
-        (out / "train.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "x"}))
+        stale = {"pid": dead.pid, "host": socket.gethostname(), "since": "x"}
+        (out / "train.lock").write_text(json.dumps(stale))
         start, done, won = ctx.Barrier(n), ctx.Barrier(n), ctx.Value("i", 0)
         procs = [ctx.Process(target=_contend, args=(out, start, done, won)) for _ in range(n)]
         for p in procs:
