@@ -131,6 +131,15 @@ def check_args(args, world):
         raise files.RunError("--sample-every and --renoise-switch-step must be >= 0")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise files.RunError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise files.RunError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if not 0 <= args.seed < 2 ** 63 - world:  # torch.manual_seed(seed + rank) takes 64 bits
+        raise files.RunError(f"--seed must be between 0 and 2**63 - {world + 1}, got {args.seed}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise files.RunError(f"--device {args.device}: cpu or cuda (each rank takes the GPU of its "
+                             f"LOCAL_RANK)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise files.RunError("--device cuda: no GPU is available here (torch.cuda.is_available() is False)")
     try:
         late = tuple(float(x) for x in args.renoise_weights_late.split(","))
     except ValueError:
@@ -153,7 +162,7 @@ def check_args(args, world):
     files.check_writable_folder(args.out)
     if args.tensorboard is not None:
         try:
-            import torch.utils.tensorboard  # noqa: F401 -- only when asked; it needs the tensorboard package
+            from torch.utils import tensorboard  # noqa: F401 -- only when asked: needs the package
         except ImportError:
             raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") \
                 from None

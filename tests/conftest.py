@@ -17,7 +17,8 @@ def small_disk(tmp_path, request):
     disk.mkdir()
     marker = request.node.get_closest_marker("disk_size")
     size = marker.args[0] if marker else "256k"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                       capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()[:80]})")
 

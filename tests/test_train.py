@@ -511,7 +511,8 @@ def test_disk_full_for_real_is_one_line_on_every_rank(env, tmp_path, small_disk,
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
             ours = r.stdout + r.stderr.split("torch.distributed.elastic")[0]  # torchrun's own report aside
-            assert r.returncode != 0 and "Connection closed" not in r.stderr and "train.py\", line" not in ours
+            assert r.returncode != 0 and "Connection closed" not in r.stderr
+            assert "train.py\", line" not in ours
             lines = [ln[ln.index("error: "):] for ln in ours.splitlines() if "error: " in ln]
             assert len(lines) == 2 and lines[0] == lines[1], ours[-3000:]
         assert lines[0].startswith("error: ") and where in lines[0] and "the disk is full" in lines[0], msg
@@ -709,7 +710,15 @@ def test_bad_arguments_refused_before_any_work(env, tmp_path, capsys, monkeypatc
              (["--renoise-weights-late", "0,0,0,0"], "--renoise-weights-late must be 4"),
              (["--renoise-weights-late", "5,1,1,nan"], "--renoise-weights-late must be 4"),
              (["--prediction", "epsilon"], "--prediction applies to stage 2to1 only"),
-             (["--phase", "convert"], "stage 8to4 has no phase 'convert'; its phases: cond, uncond, full, mse")]
+             (["--phase", "convert"], "stage 8to4 has no phase 'convert'; its phases: cond, uncond, full, mse"),
+             (["--lora-alpha", "nan"], "--lora-alpha must be a positive number"),  # issue 19.8
+             (["--lora-alpha", "inf"], "--lora-alpha must be a positive number"),
+             (["--lora-alpha", 0], "--lora-alpha must be a positive number"),
+             (["--lora-alpha", -8], "--lora-alpha must be a positive number"),
+             (["--seed", 10 ** 20], "--seed must be"), (["--seed", -1], "--seed must be"),
+             (["--device", "foo"], "--device foo"), (["--device", "cuda:0"], "--device cuda:0")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no GPU"))
     for extra, want in cases:
         msg = _fails([*base, *common(env, out), *map(str, extra)], capsys)
         assert msg.startswith("error: ") and want in msg and "\n" not in msg.strip(), (extra, msg)
