@@ -250,27 +250,91 @@ def _same_training(a, b, what, steps, lr=DDP_LR):
         assert worst <= 2 * lr * steps and close / total > 0.999
 
 
+def _tensors(obj, prefix=""):
+    """Every tensor of a checkpoint part (nested dicts and lists), by a dotted name."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def _differences(a, b):
+    """{name: max abs difference} over every tensor of every export and of checkpoint.pt (student, D, both
+    Adam states) of two phase folders; empty when they are bitwise equal."""
+    diff = {}
+    names = sorted(p.name for p in a.glob("*.safetensors"))
+    assert names == sorted(p.name for p in b.glob("*.safetensors")) and names
+    pairs = [(n, load_file(a / n), load_file(b / n)) for n in names]
+    ca, cb = _state(a / "checkpoint.pt"), _state(b / "checkpoint.pt")
+    pairs += [(part, dict(_tensors(ca[part])), dict(_tensors(cb[part])))
+              for part in ("student", "disc", "opt_g", "opt_d")]
+    for what, ta, tb in pairs:
+        assert ta.keys() == tb.keys(), what
+        for k, v in ta.items():
+            if not torch.equal(v, tb[k]):
+                name = f"{what}{'' if k.startswith('.') else ':'}{k}"
+                diff[name] = (v.double() - tb[k].double()).abs().max().item()
+    return diff
+
+
+def _single(env, out, argv):
+    """train.py in one process with one thread: the reference that 2 ranks (one thread each) equal bitwise."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, argv), *common(env, out)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank_accumulated(env, tmp_path_factory):
+    """Whole stages on 1 rank, 1 thread, batch 2 as 2 accumulated micro-batches of 1, one step per phase."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            argv = ["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR]
+            runs[stage] = _single(env, tmp_path_factory.mktemp(f"acc_{stage}"), argv)
+        return runs[stage]
+    return get
+
+
 @pytest.mark.parametrize("shard", ["zero", "fsdp"])
 @pytest.mark.parametrize("stage", ["8to4", "2to1"])
-def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank, tmp_path, stage, shard):
-    """Issue 6.2: `torchrun --nproc_per_node 2 train.py --stage S` runs every phase of the stage end to end (8to4:
-    cond -> uncond -> full, LoRA then ZeRO; 2to1: convert -> cond -> uncond, whole UNet), each phase starting from
-    the previous one's checkpoint once every rank may read it, and equals 1 rank x micro-batch 2 phase by phase.
-    Issue 10.2: the same with --shard fsdp (FSDP2 on the teacher, the discriminator and the whole-UNet student;
-    the LoRA student stays DDP), whose checkpoints are the same plain format as 1 rank's."""
+def test_ddp_two_ranks_whole_stage_equals_one_rank(env, one_rank_accumulated, tmp_path, stage, shard):
+    """Issue 6.2: `torchrun --nproc_per_node 2 train.py --stage S` runs every phase of the stage end to end
+    (8to4: cond -> uncond -> full, LoRA then ZeRO; 2to1: convert -> cond -> uncond, whole UNet), each phase
+    starting from the previous one's checkpoint once every rank may read it. Issue 10.2: the same with
+    --shard fsdp (FSDP2 on the teacher, the discriminator and the whole-UNet student; the LoRA student stays
+    DDP), whose checkpoints are the same plain format as 1 rank's. Issue 18: 2 ranks x 1 micro-batch equal
+    1 rank accumulating the same 2 micro-batches BITWISE, phase by phase: every tensor of every export and of
+    checkpoint.pt (student, D, Adam states), one thread per process in both (OMP_NUM_THREADS=1); an
+    FSDP2-sharded whole-UNet student is not bitwise (measured below) and checked to tolerance."""
     _torchrun(["--stage", stage, *stage_args(env, stage), "--max-steps", 1, "--lr", DDP_LR, "--shard", shard,
                *common(env, tmp_path / "two")], 2)
-    steps = 0
     for phase in lm.STAGES[stage].phases:
-        a = _state(one_rank(stage) / stage / phase / "checkpoint.pt")
-        b = _state(tmp_path / "two" / stage / phase / "checkpoint.pt")
-        meta = json.loads((tmp_path / "two" / stage / phase / "phase.json").read_text())
-        assert b["step"] == 1 and meta["world_size"] == 2 and meta["fsdp"] == (shard == "fsdp")
-        steps += 1
-        _same_training(a, b, f"{shard} {stage}/{phase}", steps)
-        if phase == "cond" and stage == "8to4":  # LoRA up weights start at zero
-            moved = max(v.abs().max().item() for k, v in a["student"].items() if "lora_up" in k)
-            print(f"DDP {stage}/{phase}: LoRA up weights moved up to {moved:.3e}")
+        one, two = one_rank_accumulated(stage) / stage / phase, tmp_path / "two" / stage / phase
+        meta = json.loads((two / "phase.json").read_text())
+        assert _state(two / "checkpoint.pt")["step"] == 1 and meta["world_size"] == 2
+        assert meta["fsdp"] == (shard == "fsdp")
+        diff = _differences(one, two)
+        print(f"{shard} {stage}/{phase}: {len(diff)} tensors differ, max {max(diff.values(), default=0):.3e}")
+        if shard == "fsdp" and not lm.phase_spec(stage, phase).lora:
+            # an FSDP2-sharded student (whole UNet) is not bitwise: measured (lr 1e-6, one step a phase)
+            # weights up to 1.9e-8 apart in 8to4/full, 7.2e-8 in 2to1/convert, 2.6e-7 in 2to1/cond, 9.7e-7
+            # in 2to1/uncond (D: 4.1e-7); the fp16 exports by an ulp. Checked to two Adam steps a step so far:
+            steps = lm.STAGES[stage].phases.index(phase) + 1
+            _same_training(_state(one / "checkpoint.pt"), _state(two / "checkpoint.pt"), f"fsdp {phase}",
+                           steps)
+        else:
+            assert not diff, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+        if phase == "cond" and stage == "8to4":  # LoRA up weights start at zero: the step did something
+            moved = max(v.abs().max().item() for k, v in _state(two / "checkpoint.pt")["student"].items()
+                        if "lora_up" in k)
             assert moved > 0.5 * DDP_LR
     assert not (tmp_path / "two" / "train.lock").exists()
 
