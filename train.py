@@ -21,6 +21,7 @@ lightning_min's; the distributed side (DDP, ZeRO, FSDP2, compile, the NaN vote) 
 folder (atomic writes, the lock, checkpoints, exports, resume checks) is files.py.
 """
 import argparse
+import importlib
 import math
 import os
 import time
@@ -162,7 +163,7 @@ def check_args(args, world):
     files.check_writable_folder(args.out)
     if args.tensorboard is not None:
         try:
-            from torch.utils import tensorboard  # noqa: F401 -- only when asked: needs the package
+            importlib.import_module("torch.utils.tensorboard")  # only when asked: it needs the package
         except ImportError:
             raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") \
                 from None
