@@ -31,4 +31,5 @@ def small_disk(tmp_path, request):
     try:
         yield fill
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # busy: detach it now
