@@ -577,7 +577,7 @@ def test_disk_full_for_real_is_one_line_on_every_rank(env, tmp_path, small_disk,
             ours = r.stdout + r.stderr.split("torch.distributed.elastic")[0]  # torchrun's own report aside
             assert r.returncode != 0 and "Connection closed" not in r.stderr
             assert "train.py\", line" not in ours
-            lines = ["error: " + part.splitlines()[0] for part in ours.split("error: ")[1:]  # may share a line
+            lines = ["error: " + part.splitlines()[0] for part in ours.split("error: ")[1:]  # may share one
                      if "disk is full" in part.splitlines()[0]]
             assert len(lines) == 2 and lines[0] == lines[1], ours[-3000:]
         assert lines[0].startswith("error: ") and where in lines[0] and "the disk is full" in lines[0], msg
