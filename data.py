@@ -13,6 +13,7 @@ with the same order, so `open_data` hands train.py either reader.
 Plain Python + Pillow + numpy + torch; tar members are read by offset, never extracted.
 """
 
+import codecs
 import contextlib
 import glob
 import hashlib
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tarfile
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from PIL import Image
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_EXT = ".txt"
 MAX_ATTEMPTS = 100  # replacement picks tried by `get` before we call the dataset broken
+MAX_CAPTION_CHARS = 2000  # a caption is cut here at read time: CLIP sees 77 tokens (~300 characters)
 HEADER_BYTES = 1 << 16  # enough for the size header of almost every JPEG/PNG/WebP; else read it all
 # Sec. 3.6 sharpness filter, on by default: the variance of the Laplacian of the R x R training crop (grayscale
 # 0..255) must reach this. 100 is the usual OpenCV blur-detection cut on the same 3x3 kernel. On scikit-image's
@@ -225,6 +228,24 @@ def _walk(folder, stats):
         yield root, names
 
 
+def _regular(path):
+    """A regular file (through symlinks); a broken link counts as one (reading it fails: corrupt)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
+
+
+def _read_caption(file, offset, size):
+    """The caption's text, cut at MAX_CAPTION_CHARS without reading the rest of the file (a 10 MB caption
+    once made a step take minutes): -> (text, cut). Raises UnicodeDecodeError, OSError."""
+    limit = 4 * MAX_CAPTION_CHARS + 4  # UTF-8: at most 4 bytes a character, and a byte-order mark
+    raw = _read(file, offset, limit if size < 0 else min(size, limit + 1))
+    more = len(raw) > limit
+    text = codecs.getincrementaldecoder("utf-8-sig")().decode(raw[:limit], final=not more).strip()
+    return text[:MAX_CAPTION_CHARS], more or len(text) > MAX_CAPTION_CHARS
+
+
 def _dir_id(path):
     try:
         st = os.stat(path)
@@ -251,7 +272,13 @@ def _expand(path, stats):
         if os.path.isdir(p):
             for root, names in _walk(p, stats):
                 for n in names:
-                    (shards if n.lower().endswith(".tar") else files).append(os.path.join(root, n))
+                    f, tar = os.path.join(root, n), n.lower().endswith(".tar")
+                    if not (tar or _split_ext(n)[1] in IMAGE_EXTS):
+                        continue
+                    if not _regular(f):  # a FIFO named x.png would block the header read forever
+                        stats["not_regular"] += 1
+                        continue
+                    (shards if tar else files).append(f)
         elif os.path.isfile(p):
             if p.lower().endswith(".tar"):
                 shards.append(p)
@@ -326,8 +353,10 @@ class ImageCaptionData(_Ordered):
     original size) >= sharpness. clean_captions applies clean_caption (URLs, HTML entities, whitespace).
     self.stats counts: images (found), no_caption, no_aesthetic (no score or no .json), low_aesthetic,
     too_small, corrupt (header at init or decode at load), bad_caption (not UTF-8), blurry, cleaned (captions
-    changed by the clean-up), bad_shards, repeated_dirs (folders reached again through a symlink: indexed
-    once), usable (the index size), skipped (bad picks that `get` replaced). Load-time counts are per bad
+    changed by the clean-up), long_caption (cut at MAX_CAPTION_CHARS at read time, then trained on),
+    not_regular (a FIFO, socket or device named like an image or shard: skipped at indexing), bad_shards,
+    repeated_dirs (folders reached again through a symlink: indexed once), usable (the index size),
+    skipped (bad picks that `get` replaced). Load-time counts are per bad
     index, once; later picks of it are only skipped."""
 
     def __init__(self, path, resolution=1024, min_size=1024, sharpness=DEFAULT_SHARPNESS, seed=0,
@@ -343,7 +372,7 @@ class ImageCaptionData(_Ordered):
         keys = AESTHETIC_KEYS if aesthetic_key is None else (aesthetic_key,)
         self.stats = dict(images=0, no_caption=0, no_aesthetic=0, low_aesthetic=0, too_small=0, corrupt=0,
                           bad_caption=0, blurry=0, cleaned=0, bad_shards=0, repeated_dirs=0, usable=0,
-                          skipped=0)
+                          skipped=0, long_caption=0, not_regular=0)
         self._bad = set()  # indices known to fail: a deterministic property of the file, so caching it
         self._cleaned = set()  # indices whose caption the clean-up changed (counted once)
         self._perm_cache = (None, None)  # (epoch, permutation): one randperm per epoch, not per sample
@@ -387,18 +416,15 @@ class ImageCaptionData(_Ordered):
         return len(self.items)
 
     def read(self, i: int):
-        """(Sample, "ok" | "cleaned") or (None, "corrupt" | "bad_caption" | "blurry"), counting nothing:
+        """(Sample, "ok" | "cleaned" | "long_caption") or (None, "corrupt" | "bad_caption" | "blurry"),
+        counting nothing (a cut caption is not counted as cleaned too):
         safe to call from threads (prepare.py)."""
         if not 0 <= i < len(self.items):
             raise IndexError(f"data.py: index {i} out of range for {len(self.items)} samples")
         img_file, img_off, img_size, txt_file, txt_off, txt_size = self.items[i]
-        try:
-            raw = _read(txt_file, txt_off, txt_size)
-        except OSError:
-            return None, "bad_caption"
-        try:  # strict: replacement characters would train the model on mojibake
-            caption = raw.decode("utf-8-sig").strip()  # -sig: a byte-order mark is not part of the text
-        except UnicodeDecodeError:
+        try:  # strict UTF-8: replacement characters would train the model on mojibake; -sig: no BOM
+            caption, cut = _read_caption(txt_file, txt_off, txt_size)
+        except (OSError, UnicodeDecodeError):
             return None, "bad_caption"
         try:
             with Image.open(io.BytesIO(_read(img_file, img_off, img_size))) as im:
@@ -411,10 +437,10 @@ class ImageCaptionData(_Ordered):
         img, top, left = resize_center_crop(img, R)
         if self.sharpness > 0 and laplacian_variance(np.asarray(img.convert("L"))) < self.sharpness:
             return None, "blurry"
-        status = "ok"
+        status = "long_caption" if cut else "ok"
         if self.clean_captions:
             cleaned = clean_caption(caption)
-            status, caption = ("cleaned" if cleaned != caption else "ok"), cleaned
+            status, caption = ("cleaned" if cleaned != caption and not cut else status), cleaned
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, R, R)
         pixels = pixels.float() / 255.0 * 2.0 - 1.0
         time_ids = torch.tensor([orig_h, orig_w, top, left, R, R], dtype=torch.float32)
@@ -428,8 +454,8 @@ class ImageCaptionData(_Ordered):
         if sample is None:
             self.stats[status] += 1
             self._bad.add(i)
-        elif status == "cleaned" and i not in self._cleaned:
-            self.stats["cleaned"] += 1
+        elif status != "ok" and i not in self._cleaned:  # cleaned or long_caption: counted once
+            self.stats[status] += 1
             self._cleaned.add(i)
         return sample
 

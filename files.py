@@ -22,6 +22,7 @@ Read top to bottom: crash points and errors, atomic writes, the lock, names, che
 from, exports, the log.
 """
 import errno
+import fcntl
 import json
 import os
 import pickle
@@ -163,11 +164,17 @@ def _alive(pid):
 
 
 class OutputLock:
-    """OUT/train.lock holds the pid and host of the run using OUT; a second run is refused. A lock whose
-    process is gone (same host, pid not alive) is stale and taken over. Created with O_EXCL: atomic."""
+    """OUT/train.lock holds the pid and host of the run using OUT; a second run is refused. The run holds an
+    flock on the file for its lifetime (the kernel drops it when the process dies, kill -9 included), so
+    taking over a stale lock is atomic: only the one process holding the flock reads and rewrites the file.
+    A file naming a live process (or one on another host, where flock may not reach) is refused as well."""
 
     def __init__(self, out):
-        self.out, self.path, self.made, self.held = Path(out), Path(out) / "train.lock", [], False
+        self.out, self.path, self.made, self.fd = Path(out), Path(out) / "train.lock", [], None
+
+    @property
+    def held(self):
+        return self.fd is not None
 
     def acquire(self):
         check_writable_folder(self.out)
@@ -177,32 +184,58 @@ class OutputLock:
             p = p.parent
         self.out.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    other = json.loads(self.path.read_text())
-                    pid, host = int(other["pid"]), other["host"]
-                except (OSError, ValueError, KeyError, TypeError):
-                    raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other "
-                                   f"run uses {self.out}, delete it") from None
-                if host == me["host"] and not _alive(pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise RunError(f"{self.out} is in use by another train.py run (pid {pid} on {host}, since "
-                               f"{other.get('since')}); wait for it or use another --out (if that run is "
-                               f"gone, delete {self.path})") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RunError(f"could not take the lock {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._refuse(self._holder() or {})
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else its holder released (unlinked) it between our open and flock: open it again
+                break
+            os.close(fd)
+        other = self._holder(fd)
+        if other is not None and (other["host"] != me["host"] or _alive(other["pid"])):
+            os.close(fd)
+            self._refuse(other)
+        os.ftruncate(fd, 0)  # empty (just made) or stale: its process is gone
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
+
+    def _holder(self, fd=None):
+        """The lock's {"pid", "host", "since"}; None when empty; a file this program did not write is
+        refused."""
+        try:
+            text = os.pread(fd, 1 << 16, 0).decode() if fd is not None else self.path.read_text()
+        except (OSError, UnicodeDecodeError):
+            text = "?"
+        if not text.strip():
+            return None
+        try:
+            other = json.loads(text)
+            other["pid"], other["host"] = int(other["pid"]), str(other["host"])
+            return other
+        except (ValueError, KeyError, TypeError):
+            if fd is not None:
+                os.close(fd)
+            raise RunError(f"{self.path} exists but is not a lock this program wrote; if no other "
+                           f"run uses {self.out}, delete it") from None
+
+    def _refuse(self, other):
+        raise RunError(f"{self.out} is in use by another train.py run (pid {other.get('pid', '?')} on "
+                       f"{other.get('host', '?')}, since {other.get('since')}); wait for it or use another "
+                       f"--out (if that run is gone, delete {self.path})")
 
     def release(self):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still holding the flock: see acquire's inode check
+            os.close(self.fd)
+            self.fd = None
         for p in self.made:  # folders this run created and left empty (refused before any work)
             try:
                 p.rmdir()
@@ -289,34 +322,66 @@ def save_checkpoint(folder, state):
     crash_point("checkpoint")
 
 
-def check_resume(out, stage, phases, args, may_change):
-    """Each phase's checkpoint, if any, is ours and was trained with the same arguments (`may_change` aside).
+def check_resume(out, stage, phases, args, may_change, planned=()):
+    """Each phase's checkpoint, if any, is ours and was trained with the same arguments (`may_change` aside;
+    `planned` too where the checkpoint records its teacher: check_resume_plan compares what they name).
     Run on rank 0 under the lock, before any work; leftover temp files of an interrupted save go first."""
     remove_temp_files(Path(out) / stage)
     for phase in phases:
         path = phase_dir(out, stage, phase) / "checkpoint.pt"
         if not path.exists():
             continue
-        saved = read_checkpoint(path, stage, phase)["args"]
+        state = read_checkpoint(path, stage, phase)
+        saved, skip = state["args"], set(may_change) | (set(planned) if "teacher" in state else set())
         for k, v in vars(args).items():
-            if k not in may_change and k in saved and saved[k] != v:
+            if k not in skip and k in saved and saved[k] != v:
                 raise RunError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, this run has "
                                f"{v}: resume with the same value, or use another --out")
+
+
+def _source(src, out):
+    """A UNet source as a resume compares it: "base", a file inside the run folder relative to it (the
+    folder may have moved), else the absolute path (a hub id's cached file included)."""
+    if src in (None, "base"):
+        return src
+    p, o = os.path.abspath(src), os.path.abspath(out)
+    return "OUT/" + os.path.relpath(p, o) if p.startswith(o + os.sep) else os.path.realpath(p)
+
+
+def check_resume_plan(path, plan, out):
+    """A resumed phase keeps the init (the student's base) and the teacher it was trained with: refused when
+    this run's plan (plan_phase) names others, e.g. a finished earlier stage that appeared in OUT since."""
+    state = read_checkpoint(path)
+    saved_out = state["args"].get("out", out)
+    was = {k: _source(state.get(k), saved_out) for k in ("init", "teacher")}
+    now = {k: _source(plan[k], out) for k in ("init", "teacher")}
+    if was["init"] != now["init"] or (was["teacher"] is not None and was["teacher"] != now["teacher"]):
+        raise RunError(f"{path} was trained with init {state['init']} and teacher {state.get('teacher')}, "
+                       f"this run would resume it with init {plan['init']} and teacher {plan['teacher']}: "
+                       f"pass the same --init/--teacher, or use another --out")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Where a phase's UNets come from: the base, a file, or an earlier phase of this run folder
 
+def stage_finished(out, stage):
+    """The stage's last phase is finished: its checkpoint reached that run's --max-steps and progress.json
+    says its exports are of that step (a stage stopped or crashed half-way is not a teacher)."""
+    last = phase_dir(out, stage, lm.STAGES[stage].phases[-1])
+    if not (last / "checkpoint.pt").exists():
+        return False
+    ck = read_checkpoint(last / "checkpoint.pt", stage, lm.STAGES[stage].phases[-1])
+    return ck["step"] >= int(ck["args"].get("max_steps", 0)) > 0 and progress_step(last) >= ck["step"]
+
+
 def default_teacher(out, steps):
-    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it, else the
-    official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
+    """The fp32 checkpoint of our own earlier stage that made `steps`-step models when OUT has it finished,
+    else the official Lightning UNet (8, 4, 2 steps), else the SDXL base for 128 steps."""
     if steps == 128:
         return "base"
     for st in lm.STAGES.values():
-        if st.student_steps == steps:
-            last = phase_dir(out, st.name, st.phases[-1])
-            if progress_step(last) > 0 and (last / "checkpoint.pt").exists():
-                return str(last / "checkpoint.pt")
+        if st.student_steps == steps and stage_finished(out, st.name):
+            return str(phase_dir(out, st.name, st.phases[-1]) / "checkpoint.pt")
     if steps in weights.LIGHTNING_UNETS and steps != 1:
         return str(weights.fetch(weights.LIGHTNING_REPO, weights.lightning_unet_file(steps)))
     raise ValueError(f"no {steps}-step teacher: run the stage that makes it with this --out, or pass --teacher")

@@ -21,6 +21,7 @@ lightning_min's; the distributed side (DDP, ZeRO, FSDP2, compile, the NaN vote) 
 folder (atomic writes, the lock, checkpoints, exports, resume checks) is files.py.
 """
 import argparse
+import importlib
 import math
 import os
 import time
@@ -55,6 +56,7 @@ ERRORS = (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSE
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpointing", "vae_slice",
                      "max_bad_steps", "device", "micro_batch_size", "lr", "renoise_switch_step", "phase",
                      "out", "shard", "compile", "tensorboard"}
+PLANNED = {"init", "teacher", "skip_level_teacher"}  # may be spelled otherwise if they name the same UNets
 
 
 def parse_args(argv=None):
@@ -130,6 +132,15 @@ def check_args(args, world):
         raise files.RunError("--sample-every and --renoise-switch-step must be >= 0")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise files.RunError(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        raise files.RunError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
+    if not 0 <= args.seed < 2 ** 63 - world:  # torch.manual_seed(seed + rank) takes 64 bits
+        raise files.RunError(f"--seed must be between 0 and 2**63 - {world + 1}, got {args.seed}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise files.RunError(f"--device {args.device}: cpu or cuda (each rank takes the GPU of its "
+                             f"LOCAL_RANK)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise files.RunError("--device cuda: no GPU is available here (torch.cuda.is_available() is False)")
     try:
         late = tuple(float(x) for x in args.renoise_weights_late.split(","))
     except ValueError:
@@ -152,7 +163,7 @@ def check_args(args, world):
     files.check_writable_folder(args.out)
     if args.tensorboard is not None:
         try:
-            import torch.utils.tensorboard  # noqa: F401 -- only when asked; it needs the tensorboard package
+            importlib.import_module("torch.utils.tensorboard")  # only when asked: it needs the package
         except ImportError:
             raise files.RunError("--tensorboard needs the tensorboard package: pip install tensorboard") \
                 from None
@@ -229,6 +240,14 @@ def plan_phase(args, stage, phase):
     plan["teacher"] = (args.skip_level_teacher if skip_level else args.teacher) or \
         files.default_teacher(args.out, spec.teacher_steps)
     return plan
+
+
+def check_plans(args, phases):
+    """Before any work: each phase with a checkpoint resumes on the init and teacher it was trained with."""
+    for phase in phases:
+        path = files.phase_dir(args.out, args.stage, phase) / "checkpoint.pt"
+        if path.exists():
+            files.check_resume_plan(path, plan_phase(args, args.stage, phase), args.out)
 
 
 def load_unet(run, src):
@@ -447,7 +466,8 @@ def save(run, ph, m, checkpoint=True):
         if checkpoint:
             files.save_checkpoint(ph.dir, {
                 "stage": ph.stage, "phase": ph.name, "step": ph.step, "bad_total": ph.bad_total,
-                "args": vars(run.args), "init": m.plan["init"], "renoise_switch_step": ph.switch_step,
+                "args": vars(run.args), "init": m.plan["init"], "teacher": m.plan["teacher"],
+                "renoise_switch_step": ph.switch_step,
                 "student": {k: v.detach().cpu() for k, v in st["student"].items()}, "disc": st["disc"],
                 "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
         files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
@@ -570,7 +590,8 @@ def main(argv=None):
     lock, error, run = files.OutputLock(args.out), None, None
     try:
         parallel.on_master(ranks, lambda: (lock.acquire(), files.check_resume(
-            args.out, args.stage, phases, args, RESUME_MAY_CHANGE)), ERRORS)
+            args.out, args.stage, phases, args, RESUME_MAY_CHANGE, PLANNED), check_plans(args, phases)),
+            ERRORS)
         run = load_frozen(args, ranks, renoise_late)
         for phase in phases:
             if files.progress_step(files.phase_dir(args.out, args.stage, phase)) >= args.max_steps:

@@ -352,6 +352,29 @@ def test_caption_not_utf8_is_skipped_and_counted(tmp_path):
     assert ds.stats["bad_caption"] == 1 and ds.stats["skipped"] >= 1 and ds.stats["corrupt"] == 0
 
 
+def test_long_caption_cut_at_read_time_and_fifo_skipped(tmp_path):
+    """Issue 19.6: a 10 MB caption is read only up to data.MAX_CAPTION_CHARS (cut, trained on, counted as
+    long_caption), also in a shard and with a multi-byte character at the cut; a FIFO named like an image
+    is skipped at indexing (counted as not_regular), where reading it would block forever."""
+    import time
+    import data
+    n = data.MAX_CAPTION_CHARS
+    write_pair(tmp_path, "good.png", encode(noise_image(40, 40, 0), "PNG"), "good")
+    write_pair(tmp_path, "long.png", encode(noise_image(40, 40, 1), "PNG"), "\u00e9" * (5 << 20))  # 10 MB
+    write_pair(tmp_path, "edge.png", encode(noise_image(40, 40, 2), "PNG"), "a" * n)  # exactly the cap
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "fifo.txt").write_text("a fifo")
+    write_tar(tmp_path / "s.tar", [("t.png", encode(noise_image(40, 40, 3), "PNG")),
+                                   ("t.txt", ("x" * (3 * n)).encode())])
+    t0 = time.time()
+    ds = ImageCaptionData(tmp_path, resolution=R, min_size=32)
+    caps = {ds.load(i).caption for i in range(len(ds))}
+    assert time.time() - t0 < 10
+    assert caps == {"good", "\u00e9" * n, "a" * n, "x" * n}
+    assert ds.stats["not_regular"] == 1 and ds.stats["usable"] == 4 and ds.stats["long_caption"] == 2
+    assert ds.stats["bad_caption"] == 0 and ds.stats["cleaned"] == 0
+
+
 # -----------------------------------------------------------------------------
 # issue 7.7: the paper's filters (Sec. 3.6), on by default where the paper is explicit
 

@@ -67,7 +67,7 @@ def shard_range(k, header):
 def encode_shard(k, ds, vae, text, header, args, device):
     """The tensors and load-time counts of shard k. Batches are cut inside the shard, so the result does not
     depend on the number of ranks; decoding runs in threads, one chunk ahead of the encoder."""
-    counts = dict(corrupt=0, bad_caption=0, blurry=0, cleaned=0, cached=0)
+    counts = dict(corrupt=0, bad_caption=0, blurry=0, cleaned=0, long_caption=0, cached=0)
     out = {name: [] for name in data.CACHE_TENSORS}
     idx = list(shard_range(k, header))
     chunks = [idx[i:i + args.batch_size] for i in range(0, len(idx), args.batch_size)]
