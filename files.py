@@ -64,13 +64,20 @@ class RunError(Exception):
 # Atomic writes
 
 
+def temp_path(path):
+    """Where atomic_write writes `path` before the rename; a killed run leaves it behind for a re-run to
+    remove."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 def atomic_write(path, write):
     """write(tmp) fills a temp file (or folder) next to `path`; it is flushed to disk and renamed over `path`,
     so `path` is always either the old file or the whole new one. A full disk says so and names the file.
     A folder's regular files are flushed one by one; write() must clear an old folder at `path` itself
     (os.replace cannot replace a non-empty one)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path(path)
     try:
         write(tmp)
         for f in [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else [tmp]:

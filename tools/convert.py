@@ -197,7 +197,7 @@ def main(argv=None):
             shutil.rmtree(out)
     try:
         check_args(args)
-        stale = out.with_name(out.name + ".tmp")  # files.atomic_write's temp file of a killed run
+        stale = files.temp_path(out)  # files.atomic_write's temp file of a killed run
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():

@@ -213,9 +213,10 @@ def main(argv=None):
                                  f"dtype or filters); choose another --out or delete it")
         K = -(-len(ds) // args.shard_size)
         mine = list(range(rank, K, world))
-        if rank == 0:  # a killed run's temp files (files.atomic_write's NAME.tmp): only the names it writes
+        if rank == 0:  # a killed run's temp files (files.temp_path): only the names this program writes
             out = Path(args.out)
-            for tmp in [*out.glob("shard_*.safetensors.tmp"), out / (data.CACHE_INDEX + ".tmp")]:
+            shards = out.glob(files.temp_path("shard_*.safetensors").name)
+            for tmp in [*shards, files.temp_path(out / data.CACHE_INDEX)]:
                 if tmp.is_file():
                     tmp.unlink()
         if ddp:
