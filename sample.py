@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import files
 import lightning_min as lm
 import text as text_mod
+import unet as unet_mod
 import weights
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,22 +80,24 @@ def check_strength(steps, strength, force=False):
         raise ValueError(f"--strength: {e}") from None
 
 
-def load_image(path, width=None, height=None, resize="stretch"):
+def load_image(path, width=None, height=None, resize="stretch", flag="--image", normalize=True):
     """An image file -> ((1, 3, H, W) in [-1, 1], float32; W, H) as diffusers' load_image + VaeImageProcessor:
     EXIF rotation, RGB, Lanczos resize to width x height (default: its own size, rounded down to a multiple
-    of 8); "stretch" ignores the aspect ratio (diffusers' default), "crop" keeps it and cuts the centre."""
+    of 8); "stretch" ignores the aspect ratio (diffusers' default), "crop" keeps it and cuts the centre.
+    normalize=False: in [0, 1], as diffusers' control image processor (do_normalize=False); flag names the
+    option in errors."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
     except Image.DecompressionBombError as e:  # a few KB of PNG can claim gigapixels
-        raise ValueError(f"--image {path}: too many pixels, refused as a possible decompression bomb "
+        raise ValueError(f"{flag} {path}: too many pixels, refused as a possible decompression bomb "
                          f"({e})") from None
     except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({e})") from None
+        raise ValueError(f"{flag} {path}: not a readable image ({e})") from None
     width = width or im.width - im.width % 8
     height = height or im.height - im.height % 8
     if width < 8 or height < 8:
-        raise ValueError(f"--image {path}: {im.width}x{im.height} is too small")
+        raise ValueError(f"{flag} {path}: {im.width}x{im.height} is too small")
     if resize == "crop":  # diffusers' resize_mode="crop": scale to cover, paste centred
         w = width if width / height > im.width / im.height else im.width * height // im.height
         h = height if width / height <= im.width / im.height else im.height * width // im.width
@@ -105,7 +108,7 @@ def load_image(path, width=None, height=None, resize="stretch"):
     else:
         im = im.resize((width, height), resample=Image.LANCZOS)
     x = torch.from_numpy(np.asarray(im).astype(np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    return 2 * x - 1, (width, height)
+    return (2 * x - 1 if normalize else x), (width, height)
 
 
 def _randn(shape, gens, dtype):
@@ -154,7 +157,7 @@ def _diagnose(unet, guidance, error):
 @torch.no_grad()
 def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, prediction="epsilon",
              guidance=0.0, dtype=torch.float32, progress=False, decode=True, *, negative=None, image=None,
-             strength=1.0, names=None):
+             strength=1.0, names=None, controls=None):
     """prompts (list of B str) -> images (B, 3, H, W) in [-1, 1], float32 (or the latents if not decode).
 
     seed: an int (one CPU generator draws the batch, as diffusers' `generator=`) or B ints (one generator per
@@ -162,7 +165,9 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
     negative: a negative prompt encoded as CFG's unconditional input (diffusers' negative_prompt); needs
     guidance > 1. image: (1, 3, H, W) in [-1, 1] for img2img (SDEdit): its latent, noised to
     round(strength * T) by Eq. (1), is denoised by the rest of the model's steps (lm.timesteps).
-    names: what warnings call each prompt (e.g. the file it will be written to)."""
+    names: what warnings call each prompt (e.g. the file it will be written to).
+    controls: ControlNets (Sec. 5.3), [(unet.ControlNet, control image (1, 3, H, W) in [0, 1], scale)], their
+    residuals summed into the UNet at every step, under CFG for both halves (diffusers' pipeline)."""
     f = vae.config.downscale
     if width % f or height % f:
         raise ValueError(f"--width/--height must be multiples of {f} (the VAE's factor), got "
@@ -188,8 +193,15 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
             raise ValueError(f"the image is {image.shape[-1]}x{image.shape[-2]}, not {width}x{height}")
         z0 = encode_image(vae, image, gens, len(prompts), dtype).to(device)  # first draw of each generator
     noise = _randn(shape, gens, dtype).to(device)  # img2img: the second draw
+    steered = unet
+    if controls:
+        for _, control, _ in controls:
+            if tuple(control.shape[-2:]) != (height, width):
+                raise ValueError(f"a control image is {control.shape[-1]}x{control.shape[-2]}, not "
+                                 f"{width}x{height}")
+        steered = unet_mod.ControlledUNet(unet, [(net, c.to(device), s) for net, c, s in controls])
     try:
-        latents = lm.sample(lm.unet_model(unet, cond, guidance, uncond), noise, steps, prediction, progress,
+        latents = lm.sample(lm.unet_model(steered, cond, guidance, uncond), noise, steps, prediction, progress,
                             x0=z0, strength=strength if image is not None else 1.0, callback=_check_step)
     except NonFiniteError as e:
         raise _diagnose(unet, guidance, e) from None
@@ -302,6 +314,9 @@ def settings_of(args, prediction, dtype):
               "prediction": prediction, "guidance": args.guidance, "negative": args.negative,
               "width": args.width, "height": args.height, "image": identity(args.image),
               "strength": args.strength, "resize": args.resize, "dtype": str(dtype)}
+    if args.controlnet:  # only then, so the fingerprints of runs without ControlNets stay as they were
+        record["controlnets"] = [(identity(c), identity(i), s) for c, i, s in zip(
+            args.controlnet, args.control_image, args.control_scale or [1.0] * len(args.controlnet))]
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -411,6 +426,18 @@ def build_parser():
     p.add_argument("--resize", choices=["stretch", "crop"], default="stretch",
                    help="how --image is fit to --width x --height: 'stretch' (diffusers' default) or 'crop' "
                         "(keep the aspect ratio, cut the centre)")
+    g = p.add_argument_group("ControlNet (Sec. 5.3)", "repeat the three flags for several ControlNets: the "
+                             "k-th --controlnet takes the k-th --control-image and --control-scale")
+    g.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="an SDXL ControlNet: a hub id (diffusers/controlnet-canny-sdxl-1.0), a diffusers folder "
+                        "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the control image (canny edges, depth map, ...) of each --controlnet, as given: no "
+                        "edge or depth detector is run; resized to --width x --height as --image (--resize); "
+                        "without --width/--height/--image it sets the size")
+    g.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                   help="each --controlnet's residual scale (diffusers' controlnet_conditioning_scale), default "
+                        "1; give none or one per --controlnet")
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
@@ -451,6 +478,7 @@ def check_args(args):
             raise ValueError(f"--image needs --strength; the {args.steps}-step model was trained for "
                              f"{', '.join(f'{s:.3g}' for s in lm.trained_strengths(args.steps))}")
         check_strength(args.steps, args.strength, args.force)
+    check_controls(args)
     lines = read_prompts(args.prompts) if args.prompts else [(None, args.prompt)]
     n = len(lines) * args.num
     if args.seed < 0 or args.seed + n - 1 >= 2**64:
@@ -480,6 +508,34 @@ def check_args(args):
     return jobs
 
 
+def check_controls(args):
+    """The ControlNet flags paired in order, each source checked as far as it can be without loading it."""
+    n = len(args.controlnet)
+    if len(args.control_image) != n or len(args.control_scale) not in (0, n):
+        raise ValueError(f"{n} --controlnet, {len(args.control_image)} --control-image and "
+                         f"{len(args.control_scale)} --control-scale: give one image per ControlNet, and no "
+                         "scale or one per ControlNet (paired in order)")
+    for s in args.control_scale:
+        if not math.isfinite(s):
+            raise ValueError(f"--control-scale must be a finite number, got {s}")
+    for source in args.controlnet:
+        weights.check_controlnet_source(source)
+
+
+def load_controls(args, size, unet, device, dtype):
+    """[(ControlNet, control image (1, 3, H, W) in [0, 1], scale)] of the command line, each ControlNet checked
+    against the UNet."""
+    variant = "fp16" if dtype == torch.float16 else None
+    controls = []
+    for source, path, scale in zip(args.controlnet, args.control_image, args.control_scale or
+                                   [1.0] * len(args.controlnet)):
+        net = weights.load_controlnet(source, device, dtype, variant).eval()
+        weights.check_controlnet_fits(net, unet.config, f"--controlnet {source}")
+        image, _ = load_image(path, *size, args.resize, flag="--control-image", normalize=False)
+        controls.append((net, image, scale))
+    return controls
+
+
 def main(argv=None):
     args = parse_args(argv)
     with warnings.catch_warnings():
@@ -493,6 +549,9 @@ def run(args):
         image, size = None, (args.width or 1024, args.height or 1024)
         if args.image is not None:
             image, size = load_image(args.image, args.width, args.height, args.resize)
+        elif args.control_image:  # diffusers' ControlNet pipeline: the control image's own size by default
+            size = load_image(args.control_image[0], args.width, args.height, args.resize,
+                              flag="--control-image")[1]
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         indexed = len(jobs) > 1 or args.prompts is not None
@@ -510,6 +569,7 @@ def run(args):
                                args.steps, device, dtype)
         if args.compile:
             unet.compile()
+        controls = load_controls(args, size, unet, device, dtype) if args.controlnet else None
         t1 = time.time()
         if indexed:  # before any image is replaced: it lists only images that are on disk and still true
             Path(paths[0].parent).mkdir(parents=True, exist_ok=True)
@@ -520,6 +580,7 @@ def run(args):
             images = generate(text, unet, vae, [p for p, _, _ in batch], args.steps, [s for _, s, _ in batch],
                               *size, prediction, args.guidance, dtype, progress=len(jobs) == 1,
                               negative=args.negative, image=image, strength=args.strength or 1.0,
+                              controls=controls,
                               names=[f"{where} ({f.name})" for (_, _, where), f in zip(batch, outs)])
             for img, i in zip(files.to_pil(images), todo[b:b + args.batch_size]):
                 save_image(img, paths[i])

@@ -322,10 +322,15 @@ class UNet(nn.Module):
         h = self._run(self.mid_block.resnets[1], h, emb)
         return h, emb, skips
 
-    def forward(self, x, t, context, pooled, time_ids):
+    def forward(self, x, t, context, pooled, time_ids, down_block_additional_residuals=None,
+                mid_block_additional_residual=None):
         """x (B, 4, H, W); t UNet timestep (0..999) scalar or (B,); context (B, 77, 2048);
-        pooled (B, 1280); time_ids (B, 6). Returns eps (or x0 for an x0 model), (B, 4, H, W)."""
+        pooled (B, 1280); time_ids (B, 6). Returns eps (or x0 for an x0 model), (B, 4, H, W).
+        The residuals (a ControlNet's, Sec. 5.3; diffusers' names) are added to the skips and the mid block."""
         h, emb, skips = self.encode(x, t, context, pooled, time_ids)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+            h = h + mid_block_additional_residual
         for block in self.up_blocks:
             for i, resnet in enumerate(block.resnets):
                 h = torch.cat([h, skips.pop()], dim=1)         # pop: the matching down-path output
@@ -336,3 +341,150 @@ class UNet(nn.Module):
                 h = block.upsamplers[0](h, skips[-1].shape[-2:])
         assert not skips
         return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ControlNet (Sec. 5.3: the Lightning models keep working with the SDXL ControlNets)
+#
+# A copy of the UNet's encoder (conv_in, embeddings, down blocks, mid block) that also sees a control image
+# (canny edges, depth, ...) through a small conditioning embedding added after conv_in; a zero-initialised
+# 1x1 convolution per skip and one for the mid block turn its activations into residuals the UNet adds to
+# its own (UNet.forward). Names equal diffusers' `ControlNetModel` keys, so the official files
+# (diffusers/controlnet-canny-sdxl-1.0, ...-depth-sdxl-1.0) load strictly.
+
+@dataclass
+class ControlNetConfig(UNetConfig):
+    """The UNetConfig fields describe the copied encoder (SDXL's, as the official SDXL ControlNets);
+    out_channels is unused (there is no decoder)."""
+    conditioning_channels: int = 3                                    # control image channels (RGB)
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)    # hint encoder widths; 2x down per step
+
+    # diffusers ControlNetModel options we do not implement, with the only value we accept
+    UNSUPPORTED = {"global_pool_conditions": False, "controlnet_conditioning_channel_order": "rgb",
+                   "class_embed_type": None, "num_class_embeds": None, "encoder_hid_dim": None,
+                   "mid_block_type": "UNetMidBlock2DCrossAttn", "resnet_time_scale_shift": "default",
+                   "only_cross_attention": False, "act_fn": "silu", "flip_sin_to_cos": True, "freq_shift": 0,
+                   "mid_block_scale_factor": 1, "downsample_padding": 1}
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict, source="config.json"):
+        """Read a diffusers ControlNet config.json; refuse another architecture or an SD1.x/2.x ControlNet."""
+        name = cfg.get("_class_name", "ControlNetModel")
+        if name != "ControlNetModel":
+            raise ValueError(f"{source}: a {name}, not a ControlNetModel (only the SDXL ControlNet "
+                             "architecture is supported)")
+        if cfg.get("addition_embed_type") != "text_time":
+            raise ValueError(f"{source}: not an SDXL ControlNet (addition_embed_type="
+                             f"{cfg.get('addition_embed_type')!r}, SDXL has 'text_time'; cross_attention_dim "
+                             f"{cfg.get('cross_attention_dim')}: an SD1.x/2.x ControlNet?)")
+        for key, ok in cls.UNSUPPORTED.items():
+            v = cfg.get(key, ok)
+            if not (all(e == ok for e in v) if isinstance(v, list) else v == ok):  # lists: one per level
+                raise ValueError(f"{source}: {key}={v!r} is not supported (only {ok!r})")
+        base = UNetConfig.from_diffusers(cfg, source)
+        return cls(**{**base.__dict__, "conditioning_channels": cfg.get("conditioning_channels", 3),
+                      "conditioning_embedding_out_channels":
+                          tuple(cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256))})
+
+    def to_diffusers(self) -> dict:
+        cfg = super().to_diffusers()
+        for key in ("sample_size", "out_channels", "up_block_types", "center_input_sample"):
+            del cfg[key]
+        return {**cfg, "_class_name": "ControlNetModel", "conditioning_channels": self.conditioning_channels,
+                "conditioning_embedding_out_channels": list(self.conditioning_embedding_out_channels)}
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """The control image (B, 3, H, W) in [0, 1] -> (B, C0, H/8, W/8): conv, then (conv, strided conv) per
+    width step, SiLU after each, and a zero-initialised conv_out."""
+
+    def __init__(self, cin, cout, widths):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cin, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for a, b in zip(widths[:-1], widths[1:]):
+            self.blocks.extend([nn.Conv2d(a, a, 3, padding=1), nn.Conv2d(a, b, 3, padding=1, stride=2)])
+        self.conv_out = nn.Conv2d(widths[-1], cout, 3, padding=1)
+
+    def forward(self, x):
+        h = F.silu(self.conv_in(x))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)
+
+
+class ControlNet(nn.Module):
+    """Sec. 5.3: the UNet's encoder path on the same inputs plus a control image; returns the residuals the
+    UNet adds to its skips and mid block output, times `scale` (diffusers' conditioning_scale)."""
+    embed = UNet.embed  # the same time + micro-conditioning embedding, on this model's own weights
+    _run = UNet._run
+
+    def __init__(self, cfg: ControlNetConfig = None):
+        super().__init__()
+        cfg = cfg or ControlNetConfig()
+        assert len(cfg.block_out_channels) == len(cfg.transformer_depth) == len(cfg.num_heads)
+        if cfg.transformer_depth[-1] == 0:
+            raise ValueError("the last level needs attention: SDXL's mid block is a cross-attention block")
+        self.config = cfg
+        ch, L = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
+        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
+            cfg.conditioning_channels, ch[0], cfg.conditioning_embedding_out_channels)
+        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1)
+                                          for i in range(L)])
+        self.mid_block = MidBlock(ch[-1], cfg)
+        # one zero conv per skip the UNet pushes: conv_in's, every resnet's, every downsampler's
+        widths = [ch[0]] + [c for i, c in enumerate(ch) for _ in range(cfg.layers_per_block + (i < L - 1))]
+        self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(c, c, 1) for c in widths])
+        self.controlnet_mid_block = nn.Conv2d(ch[-1], ch[-1], 1)
+        for conv in [*self.controlnet_down_blocks, self.controlnet_mid_block,
+                     self.controlnet_cond_embedding.conv_out]:
+            nn.init.zeros_(conv.weight)  # zero convolutions: a new ControlNet starts as "no change"
+            nn.init.zeros_(conv.bias)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, t, context, pooled, time_ids, cond, scale=1.0):
+        """x, t, context, pooled, time_ids as UNet.forward; cond the control image (B, 3, 8h, 8w) in [0, 1].
+        -> ([one residual per UNet skip, each its shape], the mid block's residual)."""
+        emb = self.embed(t, pooled, time_ids, x.dtype)
+        h = self.conv_in(x) + self.controlnet_cond_embedding(cond.to(x.dtype))
+        skips = [h]
+        for block in self.down_blocks:  # UNet.encode's loop
+            for i, resnet in enumerate(block.resnets):
+                h = self._run(resnet, h, emb)
+                if hasattr(block, "attentions"):
+                    h = self._run(block.attentions[i], h, context)
+                skips.append(h)
+            if hasattr(block, "downsamplers"):
+                h = block.downsamplers[0](h)
+                skips.append(h)
+        h = self._run(self.mid_block.resnets[0], h, emb)
+        h = self._run(self.mid_block.attentions[0], h, context)
+        h = self._run(self.mid_block.resnets[1], h, emb)
+        down = [zero(s) * scale for zero, s in zip(self.controlnet_down_blocks, skips, strict=True)]
+        return down, self.controlnet_mid_block(h) * scale
+
+
+class ControlledUNet(nn.Module):
+    """Sec. 5.3: the UNet steered by ControlNets, with the UNet's call signature (what lightning_min's
+    unet_model calls). controls: [(ControlNet, control image (1 or B, 3, H, W) in [0, 1], scale)]; every
+    ControlNet sees the UNet's inputs, their residuals are summed (diffusers' MultiControlNetModel)."""
+
+    def __init__(self, unet, controls):
+        super().__init__()
+        self.unet = unet  # first, so .parameters() starts with the UNet's (its dtype is the run's)
+        self.controlnets = nn.ModuleList([c for c, _, _ in controls])
+        self.images = [image for _, image, _ in controls]
+        self.scales = [scale for _, _, scale in controls]
+        self.config = unet.config
+
+    def forward(self, x, t, context, pooled, time_ids):
+        down = mid = None
+        for net, image, scale in zip(self.controlnets, self.images, self.scales):
+            # the image repeated to the batch, twice under CFG (x is [uncond; cond] then), as diffusers
+            image = image.to(x.device).repeat(x.shape[0] // image.shape[0], 1, 1, 1)  # (B, 3, H, W)
+            d, m = net(x, t, context, pooled, time_ids, image, scale)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        return self.unet(x, t, context, pooled, time_ids, down, mid)

@@ -887,3 +887,106 @@ def lora_diffusers_spelling(lora_sd: dict, cfg, source) -> dict:
                                   "spelling)")
         out[new] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# ControlNets (Sec. 5.3): a diffusers folder or hub id, or one .safetensors file, loaded strictly
+
+CONTROLNET_FILE = "diffusion_pytorch_model{v}.safetensors"  # beside config.json, as the official repos
+
+
+def check_controlnet_keys(sd: dict, source: str) -> None:
+    """Refuse, in one line, what is not a diffusers-layout SDXL ControlNet: a LoRA, a UNet, an original-layout
+    (ldm) ControlNet, an SD1.x/2.x ControlNet (no add_embedding), anything else. `sd`: tensors or a header."""
+    if any(k.startswith("lora_unet_") or ".lora_down." in k or "lora_A" in k for k in sd):
+        raise CheckpointError(f"{source}: a LoRA file, not a ControlNet (pass it with --lora)")
+    if any(k.startswith(("control_model.", "input_hint_block.")) or ".input_hint_block." in k for k in sd):
+        raise CheckpointError(f"{source}: a ControlNet in the original (ldm) layout; only diffusers-layout "
+                              "ControlNets are read (diffusers' ControlNetModel.from_single_file + "
+                              "save_pretrained converts it)")
+    if "controlnet_cond_embedding.conv_in.weight" not in sd:
+        what = "a UNet" if "conv_in.weight" in sd or any(k.startswith(SGM_UNET) for k in sd) else "no ControlNet"
+        raise CheckpointError(f"{source}: {what}, not a ControlNet (no controlnet_cond_embedding.*; "
+                              f"{len(sd)} tensors, first {sorted(sd)[:3]})")
+    if "add_embedding.linear_1.weight" not in sd:
+        raise CheckpointError(f"{source}: not an SDXL ControlNet (no add_embedding.*: an SD1.x/2.x ControlNet?)")
+
+
+def controlnet_config_from_shapes(sd: dict, source="controlnet") -> unet_mod.ControlNetConfig:
+    """Derive the architecture of a ControlNet file that came without config.json from its tensor shapes
+    (head width 64 and 6 time ids of 256 channels, as SDXL; unet_config_from_sgm's rule)."""
+    def n(prefix):  # how many numbered children `prefix.N.` the file has
+        return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    try:
+        widths = [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(n("down_blocks."))]
+        depth = tuple(n(f"down_blocks.{i}.attentions.0.transformer_blocks.") for i in range(len(widths)))
+        to_k = [v for k, v in sd.items() if k.endswith("attn2.to_k.weight")]
+        emb = "controlnet_cond_embedding."
+        hint = [sd[emb + "conv_in.weight"].shape[0]] + [sd[f"{emb}blocks.{2 * i + 1}.weight"].shape[0]
+                                                        for i in range(n(emb + "blocks.") // 2)]
+        return unet_mod.ControlNetConfig(
+            in_channels=sd["conv_in.weight"].shape[1], block_out_channels=tuple(widths),
+            layers_per_block=n("down_blocks.0.resnets."), transformer_depth=depth,
+            num_heads=tuple(max(w // 64, 1) for w in widths),
+            cross_attention_dim=to_k[0].shape[1] if to_k else 2048,
+            pooled_dim=sd["add_embedding.linear_1.weight"].shape[1] - 6 * 256,
+            conditioning_channels=sd[emb + "conv_in.weight"].shape[1],
+            conditioning_embedding_out_channels=tuple(hint))
+    except KeyError as e:
+        raise CheckpointError(f"{source}: cannot derive the ControlNet's architecture: no {e.args[0]}") from None
+
+
+def controlnet_config(path) -> unet_mod.ControlNetConfig:
+    try:
+        return unet_mod.ControlNetConfig.from_diffusers(read_json(path), str(path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(str(e) if isinstance(e, ValueError) else f"{path}: not a ControlNet config "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def load_controlnet(source: str, device="cpu", dtype=torch.float32, variant=None) -> unet_mod.ControlNet:
+    """A ControlNet from a hub id or diffusers folder (config.json + diffusion_pytorch_model[.fp16]
+    .safetensors; hub files through `fetch`, like every other weight) or one .safetensors file: its
+    architecture from a ControlNet config.json beside it, else from its shapes."""
+    if is_file(source):
+        path = Path(source)
+        sd = read_safetensors(path)
+        check_controlnet_keys(sd, str(path))
+        beside = path.with_name("config.json")
+        if beside.is_file() and read_json(beside).get("_class_name") == "ControlNetModel":
+            cfg = controlnet_config(beside)
+        else:
+            cfg = controlnet_config_from_shapes(sd, str(path))
+    else:
+        cfg = controlnet_config(fetch(source, "config.json"))
+        path = fetch_variant(source, CONTROLNET_FILE, variant)
+        sd = read_safetensors(path)
+        check_controlnet_keys(sd, str(path))
+    return build_strict(unet_mod.ControlNet, cfg, sd, str(path), device, dtype)
+
+
+def check_controlnet_fits(net: unet_mod.ControlNet, unet_cfg: unet_mod.UNetConfig, source: str) -> None:
+    """Its residuals must have the UNet's skip shapes and it must read the same text and latents: refuse a
+    ControlNet made for another base in one line naming the first difference."""
+    c = net.config
+    for field in ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "pooled_dim",
+                  "addition_time_embed_dim"):
+        if getattr(c, field) != getattr(unet_cfg, field):
+            raise CheckpointError(f"{source}: a ControlNet for another base: its {field} is "
+                                  f"{getattr(c, field)}, the UNet's {getattr(unet_cfg, field)}")
+
+
+def check_controlnet_source(source: str) -> None:
+    """The cheap checks commands run before loading anything: a file by its header, a folder by its
+    config.json; a hub id is only checked when fetched."""
+    if is_file(source) or Path(source).is_file():
+        header = read_header(source)
+        check_controlnet_keys(header, str(source))
+        for k, dtype in header.items():
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"{source}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point "
+                                      "tensor (model weights are floats)")
+    elif Path(source).is_dir():
+        controlnet_config(fetch(source, "config.json"))
+    elif not is_hub_id(source):
+        raise CheckpointError(f"{source}: no such file or folder (and not a hub repo id like org/name)")
