@@ -201,8 +201,9 @@ def generate(text, unet, vae, prompts, steps, seed=0, width=1024, height=1024, p
                                  f"{width}x{height}")
         steered = unet_mod.ControlledUNet(unet, [(net, c.to(device), s) for net, c, s in controls])
     try:
-        latents = lm.sample(lm.unet_model(steered, cond, guidance, uncond), noise, steps, prediction, progress,
-                            x0=z0, strength=strength if image is not None else 1.0, callback=_check_step)
+        latents = lm.sample(lm.unet_model(steered, cond, guidance, uncond), noise, steps, prediction,
+                            progress, x0=z0, strength=strength if image is not None else 1.0,
+                            callback=_check_step)
     except NonFiniteError as e:
         raise _diagnose(unet, guidance, e) from None
     if not decode:
@@ -429,15 +430,15 @@ def build_parser():
     g = p.add_argument_group("ControlNet (Sec. 5.3)", "repeat the three flags for several ControlNets: the "
                              "k-th --controlnet takes the k-th --control-image and --control-scale")
     g.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                   help="an SDXL ControlNet: a hub id (diffusers/controlnet-canny-sdxl-1.0), a diffusers folder "
-                        "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file")
+                   help="an SDXL ControlNet: a hub id (diffusers/controlnet-canny-sdxl-1.0), a diffusers "
+                        "folder (config.json + diffusion_pytorch_model.safetensors) or a .safetensors file")
     g.add_argument("--control-image", action="append", default=[], metavar="FILE",
                    help="the control image (canny edges, depth map, ...) of each --controlnet, as given: no "
                         "edge or depth detector is run; resized to --width x --height as --image (--resize); "
                         "without --width/--height/--image it sets the size")
     g.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
-                   help="each --controlnet's residual scale (diffusers' controlnet_conditioning_scale), default "
-                        "1; give none or one per --controlnet")
+                   help="each --controlnet's residual scale (diffusers' controlnet_conditioning_scale), "
+                        "default 1; give none or one per --controlnet")
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
@@ -522,16 +523,14 @@ def check_controls(args):
         weights.check_controlnet_source(source)
 
 
-def load_controls(args, size, unet, device, dtype):
-    """[(ControlNet, control image (1, 3, H, W) in [0, 1], scale)] of the command line, each ControlNet checked
-    against the UNet."""
+def load_controls(args, images, unet, device, dtype):
+    """[(ControlNet, control image (1, 3, H, W) in [0, 1], scale)] of the command line (images: the control
+    images, loaded before the models), each ControlNet checked against the UNet."""
     variant = "fp16" if dtype == torch.float16 else None
     controls = []
-    for source, path, scale in zip(args.controlnet, args.control_image, args.control_scale or
-                                   [1.0] * len(args.controlnet)):
+    for source, image, scale in zip(args.controlnet, images, args.control_scale or [1.0] * len(images)):
         net = weights.load_controlnet(source, device, dtype, variant).eval()
         weights.check_controlnet_fits(net, unet.config, f"--controlnet {source}")
-        image, _ = load_image(path, *size, args.resize, flag="--control-image", normalize=False)
         controls.append((net, image, scale))
     return controls
 
@@ -552,6 +551,8 @@ def run(args):
         elif args.control_image:  # diffusers' ControlNet pipeline: the control image's own size by default
             size = load_image(args.control_image[0], args.width, args.height, args.resize,
                               flag="--control-image")[1]
+        control_images = [load_image(path, *size, args.resize, flag="--control-image", normalize=False)[0]
+                          for path in args.control_image]
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
         indexed = len(jobs) > 1 or args.prompts is not None
@@ -569,7 +570,7 @@ def run(args):
                                args.steps, device, dtype)
         if args.compile:
             unet.compile()
-        controls = load_controls(args, size, unet, device, dtype) if args.controlnet else None
+        controls = load_controls(args, control_images, unet, device, dtype) if args.controlnet else None
         t1 = time.time()
         if indexed:  # before any image is replaced: it lists only images that are on disk and still true
             Path(paths[0].parent).mkdir(parents=True, exist_ok=True)

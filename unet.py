@@ -326,7 +326,7 @@ class UNet(nn.Module):
                 mid_block_additional_residual=None):
         """x (B, 4, H, W); t UNet timestep (0..999) scalar or (B,); context (B, 77, 2048);
         pooled (B, 1280); time_ids (B, 6). Returns eps (or x0 for an x0 model), (B, 4, H, W).
-        The residuals (a ControlNet's, Sec. 5.3; diffusers' names) are added to the skips and the mid block."""
+        The residuals (a ControlNet's, Sec. 5.3; diffusers' names) are added to the skips and mid block."""
         h, emb, skips = self.encode(x, t, context, pooled, time_ids)
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
@@ -478,7 +478,6 @@ class ControlledUNet(nn.Module):
         self.controlnets = nn.ModuleList([c for c, _, _ in controls])
         self.images = [image for _, image, _ in controls]
         self.scales = [scale for _, _, scale in controls]
-        self.config = unet.config
 
     def forward(self, x, t, context, pooled, time_ids):
         down = mid = None

@@ -905,11 +905,13 @@ def check_controlnet_keys(sd: dict, source: str) -> None:
                               "ControlNets are read (diffusers' ControlNetModel.from_single_file + "
                               "save_pretrained converts it)")
     if "controlnet_cond_embedding.conv_in.weight" not in sd:
-        what = "a UNet" if "conv_in.weight" in sd or any(k.startswith(SGM_UNET) for k in sd) else "no ControlNet"
+        unet = "conv_in.weight" in sd or any(k.startswith(SGM_UNET) for k in sd)
+        what = "a UNet" if unet else "no ControlNet"
         raise CheckpointError(f"{source}: {what}, not a ControlNet (no controlnet_cond_embedding.*; "
                               f"{len(sd)} tensors, first {sorted(sd)[:3]})")
     if "add_embedding.linear_1.weight" not in sd:
-        raise CheckpointError(f"{source}: not an SDXL ControlNet (no add_embedding.*: an SD1.x/2.x ControlNet?)")
+        raise CheckpointError(f"{source}: not an SDXL ControlNet (no add_embedding.*: an SD1.x/2.x "
+                              "ControlNet?)")
 
 
 def controlnet_config_from_shapes(sd: dict, source="controlnet") -> unet_mod.ControlNetConfig:
@@ -933,7 +935,8 @@ def controlnet_config_from_shapes(sd: dict, source="controlnet") -> unet_mod.Con
             conditioning_channels=sd[emb + "conv_in.weight"].shape[1],
             conditioning_embedding_out_channels=tuple(hint))
     except KeyError as e:
-        raise CheckpointError(f"{source}: cannot derive the ControlNet's architecture: no {e.args[0]}") from None
+        raise CheckpointError(f"{source}: cannot derive the ControlNet's architecture: no "
+                              f"{e.args[0]}") from None
 
 
 def controlnet_config(path) -> unet_mod.ControlNetConfig:
@@ -969,8 +972,8 @@ def check_controlnet_fits(net: unet_mod.ControlNet, unet_cfg: unet_mod.UNetConfi
     """Its residuals must have the UNet's skip shapes and it must read the same text and latents: refuse a
     ControlNet made for another base in one line naming the first difference."""
     c = net.config
-    for field in ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim", "pooled_dim",
-                  "addition_time_embed_dim"):
+    for field in ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                  "pooled_dim", "addition_time_embed_dim"):
         if getattr(c, field) != getattr(unet_cfg, field):
             raise CheckpointError(f"{source}: a ControlNet for another base: its {field} is "
                                   f"{getattr(c, field)}, the UNet's {getattr(unet_cfg, field)}")
@@ -984,8 +987,8 @@ def check_controlnet_source(source: str) -> None:
         check_controlnet_keys(header, str(source))
         for k, dtype in header.items():
             if dtype not in FLOAT_DTYPES:
-                raise CheckpointError(f"{source}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a floating-point "
-                                      "tensor (model weights are floats)")
+                raise CheckpointError(f"{source}: {k} is {INT_DTYPES.get(dtype, dtype)}, not a "
+                                      "floating-point tensor (model weights are floats)")
     elif Path(source).is_dir():
         controlnet_config(fetch(source, "config.json"))
     elif not is_hub_id(source):

@@ -1,6 +1,6 @@
-"""ControlNet (Sec. 5.3): our SDXL ControlNet and `sample.py --controlnet` against diffusers' ControlNetModel and
-StableDiffusionXLControlNet(Img2Img)Pipeline with the Lightning scheduler, on tiny random weights; the official
-config's keys and shapes on the meta device; bad input named in one line."""
+"""ControlNet (Sec. 5.3): our SDXL ControlNet and `sample.py --controlnet` against diffusers' ControlNetModel
+and StableDiffusionXLControlNet(Img2Img)Pipeline with the Lightning scheduler, on tiny random weights; the
+official config's keys and shapes on the meta device; bad input named in one line."""
 import json
 
 import numpy as np
@@ -20,7 +20,8 @@ PROMPT = "a red car in the snow"
 
 # diffusers/controlnet-canny-sdxl-1.0's config.json (the depth one has the same architecture)
 OFFICIAL = {"_class_name": "ControlNetModel", "act_fn": "silu", "addition_embed_type": "text_time",
-            "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+            "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+            "attention_head_dim": [5, 10, 20],
             "block_out_channels": [320, 640, 1280], "class_embed_type": None, "conditioning_channels": 3,
             "conditioning_embedding_out_channels": [16, 32, 96, 256],
             "controlnet_conditioning_channel_order": "rgb", "cross_attention_dim": 2048,
@@ -30,7 +31,8 @@ OFFICIAL = {"_class_name": "ControlNetModel", "act_fn": "silu", "addition_embed_
             "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
             "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
             "projection_class_embeddings_input_dim": 2816, "resnet_time_scale_shift": "default",
-            "transformer_layers_per_block": [1, 2, 10], "upcast_attention": None, "use_linear_projection": True}
+            "transformer_layers_per_block": [1, 2, 10], "upcast_attention": None,
+            "use_linear_projection": True}
 # the same at tools/tiny.py's TINY_UNET size (written out, not derived from our config)
 TINY = {**OFFICIAL, "attention_head_dim": [1, 2], "block_out_channels": [64, 128],
         "conditioning_embedding_out_channels": [8, 16], "cross_attention_dim": 80,
@@ -52,8 +54,9 @@ def _photo(path, size, seed):
 
 
 def close_latents(name, ours, theirs):
-    """Latents of the tiny random base reach ~50-130, and the sampler alone (no ControlNet, test_sample) differs
-    from diffusers' Euler steps by ~3e-7 of that in float32; so the tolerance is relative to their scale."""
+    """Latents of the tiny random base reach ~50-130, and the sampler alone (no ControlNet, test_sample)
+    differs from diffusers' Euler steps by ~3e-7 of that in float32; so the tolerance is relative to their
+    scale."""
     report(name, ours, theirs)
     scale = theirs.abs().max().item()
     print(f"  max |latent| {scale:.1f}: max err / scale {(ours - theirs).abs().max().item() / scale:.2e}")
@@ -98,7 +101,8 @@ def _reference(setup, scales, steps, prediction="epsilon", guidance=0.0, num=1, 
         dict(control_image=controls[0] if len(nets) == 1 else controls, strength=strength,
              image=ref.image_processor.resize(Image.open(image), H, W))
     return ref(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=W, height=H,
-               controlnet_conditioning_scale=scales[0] if len(nets) == 1 else scales, num_images_per_prompt=num,
+               controlnet_conditioning_scale=scales[0] if len(nets) == 1 else scales,
+               num_images_per_prompt=num,
                generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type, **kw).images
 
 
@@ -106,7 +110,8 @@ def _reference(setup, scales, steps, prediction="epsilon", guidance=0.0, num=1, 
 def test_controlnet_sampling_equals_diffusers_pipeline(setup, steps, prediction):
     text, unet, vae = setup["models"]
     controls = _controls(setup, [0.7], k=1)
-    lat = sample.generate(text, unet, vae, [PROMPT], steps, 0, W, H, prediction, decode=False, controls=controls)
+    lat = sample.generate(text, unet, vae, [PROMPT], steps, 0, W, H, prediction, decode=False,
+                          controls=controls)
     lat_ref = _reference(setup, [0.7], steps, prediction, output_type="latent")
     close_latents(f"controlnet latents {steps} steps {prediction}", lat, lat_ref)
     plain = sample.generate(text, unet, vae, [PROMPT], steps, 0, W, H, prediction, decode=False)
@@ -134,7 +139,8 @@ def test_two_controlnets_cfg_batch_and_img2img_equal_diffusers(setup):
     image, _ = sample.load_image(setup["images"][1], W, H)
     lat = sample.generate(text, unet, vae, [PROMPT], 4, 5, W, H, decode=False, controls=controls,
                           image=image, strength=0.5)
-    ref = _reference(setup, [0.5, 1.3], 4, seed=5, output_type="latent", image=setup["images"][1], strength=0.5)
+    ref = _reference(setup, [0.5, 1.3], 4, seed=5, output_type="latent", image=setup["images"][1],
+                     strength=0.5)
     close_latents("2 controlnets, img2img strength 0.5", lat, ref)
 
 
@@ -150,15 +156,15 @@ def test_controlnet_forward_and_controlled_unet_equal_diffusers(setup):
     ctx, pooled = torch.randn(2, 77, 80, generator=g), torch.randn(2, 48, generator=g)
     ids, t = torch.tensor([[H, W, 0, 0, H, W]] * 2, dtype=torch.float32), torch.tensor([999, 249])
     with torch.no_grad():
-        down_ref, mid_ref = ref(x, t, ctx, cond, 0.6, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
-                                return_dict=False)
+        added = {"text_embeds": pooled, "time_ids": ids}
+        down_ref, mid_ref = ref(x, t, ctx, cond, 0.6, added_cond_kwargs=added, return_dict=False)
         down, mid = ours(x, t, ctx, pooled, ids, cond, 0.6)
         assert len(down) == len(down_ref) == 4
         for i, (a, b) in enumerate(zip(down + [mid], list(down_ref) + [mid_ref])):
             report(f"residual {i} {tuple(a.shape)}", a, b)
             assert_close(a, b, atol=1e-5, rtol=1e-5)
-        out_ref = ref_unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids},
-                           down_block_additional_residuals=down_ref, mid_block_additional_residual=mid_ref).sample
+        out_ref = ref_unet(x, t, ctx, added_cond_kwargs=added, down_block_additional_residuals=down_ref,
+                           mid_block_additional_residual=mid_ref).sample
         out = unet_mod.ControlledUNet(unet, [(ours, cond, 0.6)])(x, t, ctx, pooled, ids)
     report("UNet + residuals", out, out_ref)
     assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
@@ -224,7 +230,8 @@ def test_bad_controlnet_input_is_one_clear_line(setup, tmp_path, case):
         assert "SD1.x/2.x ControlNet" in _error(*base, "--controlnet", src, "--control-image", img1)
     elif case == "other-class":
         (tmp_path / "xs").mkdir()
-        (tmp_path / "xs" / "config.json").write_text(json.dumps({**TINY, "_class_name": "ControlNetXSAdapter"}))
+        (tmp_path / "xs" / "config.json").write_text(json.dumps({**TINY,
+                                                                 "_class_name": "ControlNetXSAdapter"}))
         assert "ControlNetXSAdapter, not a ControlNetModel" in \
             _error(*base, "--controlnet", tmp_path / "xs", "--control-image", img1)
     elif case == "other-base":  # an SDXL-architecture ControlNet of other widths than this UNet
@@ -242,13 +249,15 @@ def test_bad_controlnet_input_is_one_clear_line(setup, tmp_path, case):
         assert "1 --control-image" in _error(*base, "--controlnet", cn1, "--controlnet", cn2,
                                              "--control-image", img1)
     elif case == "scales":
-        assert "1 --control-scale" in _error(*base, "--controlnet", cn1, "--controlnet", cn2, "--control-image",
-                                             img1, "--control-image", img2, "--control-scale", "0.5")
+        assert "1 --control-scale" in _error(*base, "--controlnet", cn1, "--controlnet", cn2,
+                                             "--control-image", img1, "--control-image", img2,
+                                             "--control-scale", "0.5")
     elif case == "bad-image":
         (tmp_path / "x.png").write_text("not an image")
         assert "--control-image" in _error(*base, "--controlnet", cn1, "--control-image", tmp_path / "x.png")
     elif case == "inf-scale":
-        assert "finite" in _error(*base, "--controlnet", cn1, "--control-image", img1, "--control-scale", "inf")
+        assert "finite" in _error(*base, "--controlnet", cn1, "--control-image", img1,
+                                  "--control-scale", "inf")
     elif case == "missing":
         assert "no such file" in _error(*base, "--controlnet", tmp_path / "none.safetensors",
                                         "--control-image", img1)
