@@ -185,13 +185,18 @@ def test_official_config_keys_and_shapes_on_meta():
     assert weights.controlnet_config_from_shapes(theirs) == cfg  # a lone file's config, from its shapes
 
 
-def test_cli_equals_diffusers_png(setup, tmp_path):
-    """The documented command: two ControlNets (folder and file) at their scales, paired in order."""
-    root = setup["root"]
+def test_cli_equals_diffusers_png(setup, tmp_path, monkeypatch):
+    """The documented command: two ControlNets at their scales, paired in order; the first by its hub id from a
+    pre-filled offline cache (the same fetch as every other weight), the second a lone .safetensors file."""
+    import huggingface_hub.constants
+    from tools.tiny import fill_hub_cache
+    root, repo = setup["root"], "diffusers/controlnet-canny-sdxl-1.0"
+    fill_hub_cache(tmp_path / "hub", repo, {p.name: p for p in (root / "cn1").iterdir()})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out.png"
     sample.main(["a red car in the snow", "--base", str(root / "base"), "--unet", "base", "--steps", "4",
                  "--width", str(W), "--height", str(H), "--out", str(out),
-                 "--controlnet", setup["sources"][0], "--control-image", str(setup["images"][0]),
+                 "--controlnet", repo, "--control-image", str(setup["images"][0]),
                  "--control-scale", "0.5", "--controlnet", setup["sources"][1],
                  "--control-image", str(setup["images"][1]), "--control-scale", "1.3"])
     ref = _reference(setup, [0.5, 1.3], 4, output_type="pil")[0]
