@@ -7,7 +7,8 @@ official `sdxl_lightning_*_unet.safetensors` load with `load_state_dict(strict=T
 
 Top to bottom: the config, the pieces (time embedding, resnet, attention, transformer, samplers), the
 blocks of one resolution level, then the UNet, whose forward pushes a skip connection at every step
-of the down path and pops one at every step of the up path.
+of the down path and pops one at every step of the up path. Last, the ControlNet (Sec. 5.3): the encoder
+again, with a control image and zero convolutions whose residuals UNet.forward adds.
 """
 import math
 from dataclasses import dataclass
@@ -302,11 +303,11 @@ class UNet(nn.Module):
         ids = ids.reshape(pooled.shape[0], -1)  # (B, 6*256)
         return emb + self.add_embedding(torch.cat([pooled, ids.to(pooled.dtype)], dim=-1).to(dtype))
 
-    def encode(self, x, t, context, pooled, time_ids):
+    def encode(self, x, t, context, pooled, time_ids, hint=None):
         """conv_in .. mid_block. Returns (h, emb, skips); the discriminator backbone uses h (B, C, H/4,
-        W/4)."""
+        W/4). hint: a ControlNet's embedded control image, added to conv_in's output."""
         emb = self.embed(t, pooled, time_ids, x.dtype)
-        h = self.conv_in(x)
+        h = self.conv_in(x) if hint is None else self.conv_in(x) + hint
         skips = [h]                                            # push: conv_in output
         for block in self.down_blocks:
             for i, resnet in enumerate(block.resnets):
@@ -416,8 +417,7 @@ class ControlNetConditioningEmbedding(nn.Module):
 class ControlNet(nn.Module):
     """Sec. 5.3: the UNet's encoder path on the same inputs plus a control image; returns the residuals the
     UNet adds to its skips and mid block output, times `scale` (diffusers' conditioning_scale)."""
-    embed = UNet.embed  # the same time + micro-conditioning embedding, on this model's own weights
-    _run = UNet._run
+    embed, encode, _run = UNet.embed, UNet.encode, UNet._run  # the UNet's encoder path, on these weights
 
     def __init__(self, cfg: ControlNetConfig = None):
         super().__init__()
@@ -448,21 +448,8 @@ class ControlNet(nn.Module):
     def forward(self, x, t, context, pooled, time_ids, cond, scale=1.0):
         """x, t, context, pooled, time_ids as UNet.forward; cond the control image (B, 3, 8h, 8w) in [0, 1].
         -> ([one residual per UNet skip, each its shape], the mid block's residual)."""
-        emb = self.embed(t, pooled, time_ids, x.dtype)
-        h = self.conv_in(x) + self.controlnet_cond_embedding(cond.to(x.dtype))
-        skips = [h]
-        for block in self.down_blocks:  # UNet.encode's loop
-            for i, resnet in enumerate(block.resnets):
-                h = self._run(resnet, h, emb)
-                if hasattr(block, "attentions"):
-                    h = self._run(block.attentions[i], h, context)
-                skips.append(h)
-            if hasattr(block, "downsamplers"):
-                h = block.downsamplers[0](h)
-                skips.append(h)
-        h = self._run(self.mid_block.resnets[0], h, emb)
-        h = self._run(self.mid_block.attentions[0], h, context)
-        h = self._run(self.mid_block.resnets[1], h, emb)
+        hint = self.controlnet_cond_embedding(cond.to(x.dtype))  # (B, C0, h, w)
+        h, _, skips = self.encode(x, t, context, pooled, time_ids, hint)
         down = [zero(s) * scale for zero, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         return down, self.controlnet_mid_block(h) * scale
 

@@ -183,6 +183,7 @@ def test_official_config_keys_and_shapes_on_meta():
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     assert sum(v.numel() for v in ours.values()) == 1_251_014_160
     assert weights.controlnet_config_from_shapes(theirs) == cfg  # a lone file's config, from its shapes
+    assert unet_mod.ControlNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
 
 
 def test_cli_equals_diffusers_png(setup, tmp_path, monkeypatch):
