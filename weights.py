@@ -840,6 +840,17 @@ def load_vae_folder(folder, device="cpu", dtype=torch.float32, want=None):
                         dtype)
 
 
+def check_vae_source(source: str) -> None:
+    """sample.py's cheap check of a --vae PATH before anything is loaded: an existing folder, a hub id, or a
+    .safetensors file whose header names VAE keys."""
+    if os.path.isdir(source) or is_hub_id(source):
+        return
+    if not (is_file(source) or os.path.exists(source)):
+        raise CheckpointError(f"--vae {source}: no such file or folder (expected full, tiny, a folder, a "
+                              ".safetensors file or a hub repo id)")
+    vae_kind(read_header(source), str(source))
+
+
 def load_tiny_vae(source=TINY_VAE_REPO, device="cpu", dtype=torch.float32):
     """The tiny preview VAE from a hub id (default madebyollin/taesdxl, through the hub cache as every other
     weight), a folder or a .safetensors file; a full-size VAE is refused in one line."""
@@ -857,12 +868,10 @@ def load_vae_choice(choice: str, base: str, device="cpu", dtype=torch.float32, v
         return load_tiny_vae(TINY_VAE_REPO, device, dtype)
     if os.path.isdir(choice):
         return load_vae_folder(choice, device, dtype)
-    if is_file(choice) or os.path.exists(choice):
-        return load_vae_file(choice, device, dtype)
     if is_hub_id(choice):  # a VAE repo on the hub laid out as madebyollin/taesdxl (config.json at the root)
         return load_vae_folder(fetch_folder(choice, TINY_VAE_FILES), device, dtype)
-    raise CheckpointError(f"--vae {choice}: no such file or folder (expected full, tiny, a folder, a "
-                          ".safetensors file or a hub repo id)")
+    check_vae_source(choice)
+    return load_vae_file(choice, device, dtype)
 
 
 def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, tokenizers=SDXL_BASE, sd=None):
