@@ -400,7 +400,7 @@ def build_parser():
                         "folder, or a single-file .safetensors checkpoint")
     p.add_argument("--vae", default="full", metavar="{full,tiny,PATH}",
                    help="the VAE that encodes --image and decodes: 'full' (the base's, default), 'tiny' "
-                        f"(the preview autoencoder {weights.TINY_VAE_REPO}: ~1/25 of the decoder's work, "
+                        f"(the preview autoencoder {weights.TINY_VAE_REPO}: ~1/19 of the decoder's FLOPs, "
                         "softer detail), or a diffusers VAE folder, a .safetensors file or a hub id of "
                         "either kind (told apart by its config or keys)")
     p.add_argument("--unet", default=None,

@@ -209,9 +209,10 @@ class VAE(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # The tiny preview autoencoder: TAESDXL (madebyollin/taesdxl), diffusers' `AutoencoderTiny` layout.
-# Plain 3x3 convs and ReLUs, no norm, no attention, 64 channels throughout: its decoder costs ~1/25 of the
-# full one's FLOPs at 1024 px. It was distilled to map to and from the full VAE's *scaled* latents, so its
-# scaling_factor is 1.0 and the UNet never knows which decoder follows. Module names are the checkpoint's:
+# Plain 3x3 convs and ReLUs, no norm, no attention, 64 channels throughout: its decoder costs 0.054x the
+# full one's FLOPs at 1024 px (0.57 vs 10.5 TFLOP, tools/bench.py --what vae). It was distilled to map to and
+# from the full VAE's *scaled* latents, so its scaling_factor is 1.0 and the UNet never knows which decoder
+# follows. Module names are the checkpoint's:
 # `encoder.layers.{i}` and `decoder.layers.{i}` index one nn.Sequential each, ReLU/Upsample included
 # (they hold no tensors, so the stored indices skip them).
 

@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="base", choices=["base", "all"],
+    p.add_argument("command", nargs="?", default="base", choices=["base", "all", "tiny-vae"],
                    help="base: data + base + classifier (default); all: also every stage with train.py and "
-                        "tools/eval.py")
+                        "tools/eval.py; tiny-vae: also a tiny preview VAE (OUT/tiny_vae, sample.py --vae) "
+                        "and its quality against the full decoder (OUT/tiny_vae/results.md)")
     p.add_argument("--out", default="toy", help="output folder: OUT/data, OUT/base, OUT/classifier, OUT/runs")
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
@@ -76,6 +77,10 @@ def main(argv=None):
               f"parts: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
         if args.command == "all":
             experiment(out, args)
+        if args.command == "tiny-vae":
+            from tools.toy_world import tiny_vae_quality
+            tiny_vae_quality(out, steps=cfg.vae_steps, seed=args.seed)  # the full VAE's budget
+            print(f"toy.py: {out / 'tiny_vae' / 'results.md'}")
     except (ValueError, files.RunError) as e:
         raise SystemExit(f"error: {e}")
 

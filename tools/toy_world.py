@@ -501,3 +501,110 @@ def build(out, cfg, quick):
     files.atomic_write(base, move_in)
     (work / "unet.pt").unlink(missing_ok=True)
     return times
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny preview VAE for the toy (sample.py --vae): what decoding with a TAESD-style decoder costs in
+# quality. `python -m tools.toy tiny-vae --out toy` trains it for the toy VAE's latents and measures it.
+
+# TAESD's layout (4 stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks) at a quarter of its width: 16
+# channels, the toy VAE's top-level width; its decoder is 0.29x the toy decoder's FLOPs (TAESDXL's is less of
+# SDXL's, whose decoder is far wider than the toy's: tools/bench.py).
+TINY_VAE_CONFIG = vae_mod.TinyVAEConfig(encoder_block_out_channels=(16, 16, 16, 16),
+                                        decoder_block_out_channels=(16, 16, 16, 16))
+
+
+def train_tiny_vae(vae, pixels, steps=400, batch=16, lr=2e-3, seed=0):
+    """TAESD for the toy VAE, as TAESD was made for SDXL's: the decoder maps the full VAE's scaled latents
+    back to the images (MSE + L1, the toy VAE's reconstruction loss), the encoder maps the images to those
+    latents (MSE). Adam, cosine to 10%. Returns the TinyVAE (eval mode)."""
+    with torch.no_grad():
+        lat = torch.cat([vae.encode_latents(x, 64) for x in pixels.split(256)])  # (N, 4, 8, 8), UNet scale
+    torch.manual_seed(seed)
+    tiny = vae_mod.TinyVAE(vae_mod.TinyVAEConfig(**asdict(TINY_VAE_CONFIG)))
+    opt = torch.optim.Adam(tiny.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="tiny vae", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(len(pixels), (batch,), generator=g)
+        x, z = pixels[idx], lat[idx]
+        rec = tiny.decode(z)
+        loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + F.mse_loss(tiny.encode(x), z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return tiny.eval()
+
+
+def _decoded(model, latents):
+    with torch.no_grad():
+        return torch.cat([model.decode_latents(z, 64) for z in latents.split(256)]).clamp(-1, 1)
+
+
+def tiny_vae_quality(out, steps=400, seed=0, n=450, sample_steps=32, guidance=6.0):
+    """Train (or reuse) OUT/tiny_vae, then decode the same latents with the full toy decoder and the tiny one:
+    the VAE latents of n data images (reconstruction) and n teacher samples (sample_steps, CFG guidance;
+    tools/eval.py's toy prompts). Judged by tools/eval.py's toy judge: fd (to the data's classifier
+    features), caption accuracy, sharpness, and for the tiny decoder psnr_vs_teacher = PSNR against the full
+    decoder's image, plus fd_vs_full, the Frechet distance between the two decoders' features. Writes
+    OUT/tiny_vae/results.json and results.md; returns the rows."""
+    import sample as sample_mod
+    from tools.eval import ToyJudge, fd_of, to_pil, to_tensor
+    out = Path(out)
+    base, folder = out / "base", out / "tiny_vae"
+    if not (base / "model_index.json").exists():
+        raise ValueError(f"{base}: no toy base (run `python -m tools.toy --out {out}` first)")
+    full = weights.load_vae(str(base)).eval().requires_grad_(False)
+    n_data = json.loads((out / "data" / "done.json").read_text())["images"]
+    pixels, captions = load_data(out / "data", n_data)
+    t0 = time.time()
+    if not (folder / "diffusion_pytorch_model.safetensors").exists():
+        write_model(folder, train_tiny_vae(full, pixels, steps=steps, seed=seed))
+    train_s = time.time() - t0
+    tiny = weights.load_tiny_vae(str(folder)).eval()  # as sample.py --vae OUT/tiny_vae loads it
+    judge = ToyJudge(out)
+    prompts = all_captions() * 2
+    prompts = prompts[:n]
+    with torch.no_grad():
+        text, unet, _ = sample_mod.load(str(base), "base", None, sample_steps, torch.device("cpu"),
+                                        torch.float32)
+        gen = torch.cat([sample_mod.generate(text, unet, full, prompts[b:b + 50], sample_steps,
+                                             seed + b // 50, RES, RES, guidance=guidance, decode=False)
+                         for b in range(0, len(prompts), 50)])
+        m = min(n, len(pixels))  # held-in images: the tiny VAE's own training set, as the full VAE's
+        recon = torch.cat([full.encode_latents(x, 64) for x in pixels[:m].split(256)])
+    rows = []
+    for what, lat, texts in (("reconstruction", recon, captions[:m]),
+                             (f"teacher{sample_steps} cfg{guidance:g}", gen, prompts)):
+        imgs = {name: to_pil(_decoded(model, lat)) for name, model in (("full", full), ("tiny", tiny))}
+        feats = {name: judge.features_of(to_tensor(v)) for name, v in imgs.items()}
+        for name in ("full", "tiny"):
+            r = judge.measure(imgs[name], texts, imgs["full"] if name == "tiny" else None)
+            r = {"latents": what, "decoder": name, "images": len(texts), **r,
+                 "fd_vs_full": fd_of(feats[name], feats["full"]) if name == "tiny" else 0.0}
+            rows.append(r)
+            print("tiny-vae: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in r.items()))
+    flops = {}
+    from torch.utils.flop_counter import FlopCounterMode
+    for name, model in (("full", full), ("tiny", tiny)):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.decode_latents(torch.zeros(1, 4, RES // 8, RES // 8))
+        flops[name] = fc.get_total_flops()
+    result = {"rows": rows, "decoder_flops_64px": flops, "train_s": train_s, "steps": steps,
+              "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(tiny.config).items()}}
+    write_json(folder / "results.json", result)
+    cols = ["latents", "decoder", "fd", "fd_vs_full", "acc_all", "sharpness", "psnr_vs_teacher"]
+    md = ["| " + " | ".join(c if c != "psnr_vs_teacher" else "psnr vs full" for c in cols) + " |",
+          "|" + "---|" * len(cols)]
+    for r in rows:
+        md.append("| " + " | ".join("-" if r.get(c) is None else f"{r[c]:.3g}" if isinstance(r[c], float)
+                                    else str(r[c]) for c in cols) + " |")
+    md.append(f"\nDecoder FLOPs per 64 px image: full {flops['full'] / 1e6:.0f} M, tiny "
+              f"{flops['tiny'] / 1e6:.0f} M ({flops['tiny'] / flops['full']:.2f}x); tiny VAE trained {steps} "
+              f"steps ({train_s:.0f} s).")
+    files.atomic_write(folder / "results.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    return rows
