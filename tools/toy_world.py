@@ -546,11 +546,12 @@ def _decoded(model, latents):
 
 def tiny_vae_quality(out, steps=400, seed=0, n=450, sample_steps=32, guidance=6.0):
     """Train (or reuse) OUT/tiny_vae, then decode the same latents with the full toy decoder and the tiny one:
-    the VAE latents of n data images (reconstruction) and n teacher samples (sample_steps, CFG guidance;
-    tools/eval.py's toy prompts). Judged by tools/eval.py's toy judge: fd (to the data's classifier
-    features), caption accuracy, sharpness, and for the tiny decoder psnr_vs_teacher = PSNR against the full
-    decoder's image, plus fd_vs_full, the Frechet distance between the two decoders' features. Writes
-    OUT/tiny_vae/results.json and results.md; returns the rows."""
+    the VAE latents of n data images (reconstruction) and n teacher samples (sample_steps, with CFG guidance
+    and without; tools/eval.py's toy prompts). Judged by tools/eval.py's toy judge: fd (to the data's
+    classifier features), caption accuracy, sharpness, and for the tiny decoder psnr_vs_teacher = PSNR
+    against the full decoder's image, plus fd_vs_full, the Frechet distance between the two decoders'
+    features, and latent_std (TAESD soft-clamps latents to |z| < 3). Writes OUT/tiny_vae/results.json and
+    results.md; returns the rows."""
     import sample as sample_mod
     from tools.eval import ToyJudge, fd_of, to_pil, to_tensor
     out = Path(out)
@@ -571,19 +572,20 @@ def tiny_vae_quality(out, steps=400, seed=0, n=450, sample_steps=32, guidance=6.
     with torch.no_grad():
         text, unet, _ = sample_mod.load(str(base), "base", None, sample_steps, torch.device("cpu"),
                                         torch.float32)
-        gen = torch.cat([sample_mod.generate(text, unet, full, prompts[b:b + 50], sample_steps,
-                                             seed + b // 50, RES, RES, guidance=guidance, decode=False)
-                         for b in range(0, len(prompts), 50)])
+        gen = {cfg: torch.cat([sample_mod.generate(text, unet, full, prompts[b:b + 50], sample_steps,
+                                                   seed + b // 50, RES, RES, guidance=cfg, decode=False)
+                               for b in range(0, len(prompts), 50)]) for cfg in (guidance, 0.0)}
         m = min(n, len(pixels))  # held-in images: the tiny VAE's own training set, as the full VAE's
         recon = torch.cat([full.encode_latents(x, 64) for x in pixels[:m].split(256)])
     rows = []
     for what, lat, texts in (("reconstruction", recon, captions[:m]),
-                             (f"teacher{sample_steps} cfg{guidance:g}", gen, prompts)):
+                             (f"teacher{sample_steps} cfg{guidance:g}", gen[guidance], prompts),
+                             (f"teacher{sample_steps} no cfg", gen[0.0], prompts)):
         imgs = {name: to_pil(_decoded(model, lat)) for name, model in (("full", full), ("tiny", tiny))}
         feats = {name: judge.features_of(to_tensor(v)) for name, v in imgs.items()}
         for name in ("full", "tiny"):
             r = judge.measure(imgs[name], texts, imgs["full"] if name == "tiny" else None)
-            r = {"latents": what, "decoder": name, "images": len(texts), **r,
+            r = {"latents": what, "latent_std": float(lat.std()), "decoder": name, "images": len(texts), **r,
                  "fd_vs_full": fd_of(feats[name], feats["full"]) if name == "tiny" else 0.0}
             rows.append(r)
             print("tiny-vae: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -597,7 +599,7 @@ def tiny_vae_quality(out, steps=400, seed=0, n=450, sample_steps=32, guidance=6.
     result = {"rows": rows, "decoder_flops_64px": flops, "train_s": train_s, "steps": steps,
               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(tiny.config).items()}}
     write_json(folder / "results.json", result)
-    cols = ["latents", "decoder", "fd", "fd_vs_full", "acc_all", "sharpness", "psnr_vs_teacher"]
+    cols = ["latents", "latent_std", "decoder", "fd", "fd_vs_full", "acc_all", "sharpness", "psnr_vs_teacher"]
     md = ["| " + " | ".join(c if c != "psnr_vs_teacher" else "psnr vs full" for c in cols) + " |",
           "|" + "---|" * len(cols)]
     for r in rows:
