@@ -128,7 +128,8 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path):
     msg = _one_line(weights.load_vae_choice, str(tmp_path / "bad.safetensors"), "b",
                     match="does not fit TinyVAE")
     assert "1 missing keys (decoder.layers.3.conv.2.bias)" in msg
-    assert "1 unexpected keys (decoder.layers.3.conv.2.b)" in msg and "encoder.layers.0.bias (file (3,)" in msg
+    assert "1 unexpected keys (decoder.layers.3.conv.2.b)" in msg
+    assert "encoder.layers.0.bias (file (3,), model (16,))" in msg
     # not a VAE at all, a pickled file, a missing path, another activation
     save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "unet.safetensors")
     _one_line(weights.load_vae_choice, str(tmp_path / "unet.safetensors"), "b",
@@ -139,3 +140,16 @@ def test_bad_inputs_are_refused_in_one_line(tmp_path):
     cfg = json.loads((tmp_path / "tiny" / "config.json").read_text())
     (tmp_path / "tiny" / "config.json").write_text(json.dumps({**cfg, "act_fn": "silu"}))
     _one_line(weights.load_tiny_vae, str(tmp_path / "tiny"), match="act_fn='silu' is not supported")
+
+
+def test_bench_vae_rows(tmp_path, monkeypatch):
+    """tools/bench.py --what vae at the tiny config: both rows, the same output as diffusers, and FLOPs that
+    agree with diffusers' AutoencoderTiny and are below the full decoder's (no time is asserted)."""
+    from tools import bench
+    monkeypatch.setattr(bench, "_trim_heap", lambda: None)  # its gc.collect is seconds in a big test process
+    bench.main(["--config", "tiny", "--what", "vae", "--runs", "1", "--warmup", "0", "--threads", "1",
+                "--json", str(tmp_path / "b.json")])
+    tiny_row, full_row = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert tiny_row["max_abs_diff"] == 0 and tiny_row["ratio"] > 0
+    assert tiny_row["ours_gflop_1024px"] == tiny_row["diffusers_gflop_1024px"] > 0
+    assert 0 < full_row["flop_ratio"] < 1 and full_row["full_gflop_1024px"] > full_row["ours_gflop_1024px"]

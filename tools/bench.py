@@ -5,6 +5,7 @@
     python -m tools.bench --config mid --what sample --runs 3       # CPU: text + 4 steps + VAE decode, 512 px
     python -m tools.bench --config sdxl --what all --json out.json  # GPU: full SDXL, 1024 px, bf16, 4 steps
     python -m tools.bench --what memory        # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
+    python -m tools.bench --config mid --what vae --runs 1  # the tiny preview VAE's decoder vs the full one
 
 What is timed (median of --runs after --warmup, both under torch.no_grad):
 - `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
@@ -13,6 +14,8 @@ What is timed (median of --runs after --warmup, both under torch.no_grad):
   `lightning_min.sample`, VAE decode) against `StableDiffusionXLPipeline` with the model card's
   `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
   The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
+- `vae`: the tiny preview decoder (`vae.TinyVAE`, TAESDXL) against diffusers' `AutoencoderTiny` (same
+  weights) and against our full VAE decoder, plus each decoder's FLOPs at 1024 px (FlopCounterMode).
 - `memory` (computed, not timed): per-GPU memory of every training phase at SDXL size on 1, 2 and 8 GPUs,
   DDP + ZeRO against FSDP2 (train.py --shard), from parameter counts of the real shapes on the meta device.
 

@@ -513,10 +513,13 @@ TINY_VAE_CONFIG = vae_mod.TinyVAEConfig(encoder_block_out_channels=(16, 16, 16, 
                                         decoder_block_out_channels=(16, 16, 16, 16))
 
 
-def train_tiny_vae(vae, pixels, steps=400, batch=16, lr=2e-3, seed=0):
-    """TAESD for the toy VAE, as TAESD was made for SDXL's: the decoder maps the full VAE's scaled latents
-    back to the images (MSE + L1, the toy VAE's reconstruction loss), the encoder maps the images to those
-    latents (MSE). Adam, cosine to 10%. Returns the TinyVAE (eval mode)."""
+def train_tiny_vae(vae, pixels, steps=1200, batch=16, lr=2e-3, seed=0, augment=True):
+    """TAESD for the toy VAE: the decoder maps the full VAE's scaled latents back to the images (MSE + L1, the
+    toy VAE's reconstruction loss), the encoder maps the images to those latents (MSE). Adam, cosine to 10%.
+    augment: half of each batch's latents are scaled by 1..3 and noised, with the full decoder's image of
+    them as the target: the toy teacher's samples have latents of std 1.8-2.1 against the encoder's 1.0,
+    and a decoder that only saw the encoder's range decodes them badly (PSNR against the full decoder 11.5
+    -> 14.3 dB at 300 steps). Returns the TinyVAE (eval mode)."""
     with torch.no_grad():
         lat = torch.cat([vae.encode_latents(x, 64) for x in pixels.split(256)])  # (N, 4, 8, 8), UNet scale
     torch.manual_seed(seed)
@@ -529,8 +532,15 @@ def train_tiny_vae(vae, pixels, steps=400, batch=16, lr=2e-3, seed=0):
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         idx = torch.randint(len(pixels), (batch,), generator=g)
         x, z = pixels[idx], lat[idx]
-        rec = tiny.decode(z)
-        loss = F.mse_loss(rec, x) + 0.1 * (rec - x).abs().mean() + F.mse_loss(tiny.encode(x), z)
+        z_in, target = z, x
+        if augment:
+            k = batch // 2
+            wide = z[:k] * (1 + 2 * torch.rand(k, 1, 1, 1, generator=g)) + 0.3 * torch.randn(z[:k].shape,
+                                                                                           generator=g)
+            with torch.no_grad():
+                z_in, target = torch.cat([wide, z[k:]]), torch.cat([vae.decode_latents(wide, k), x[k:]])
+        rec = tiny.decode(z_in)
+        loss = F.mse_loss(rec, target) + 0.1 * (rec - target).abs().mean() + F.mse_loss(tiny.encode(x), z)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -544,7 +554,7 @@ def _decoded(model, latents):
         return torch.cat([model.decode_latents(z, 64) for z in latents.split(256)]).clamp(-1, 1)
 
 
-def tiny_vae_quality(out, steps=400, seed=0, n=450, sample_steps=32, guidance=6.0):
+def tiny_vae_quality(out, steps=1200, seed=0, n=450, sample_steps=32, guidance=6.0):
     """Train (or reuse) OUT/tiny_vae, then decode the same latents with the full toy decoder and the tiny one:
     the VAE latents of n data images (reconstruction) and n teacher samples (sample_steps, with CFG guidance
     and without; tools/eval.py's toy prompts). Judged by tools/eval.py's toy judge: fd (to the data's
