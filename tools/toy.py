@@ -5,6 +5,8 @@
     python -m tools.toy --out toy --quick  # a smaller base in 5-8 minutes (tests)
     python -m tools.toy all --out toy      # the whole experiment: base, every stage and the ablations with
                                            # train.py, tools/eval.py tables; ~35 min after the base on 2 CPUs
+    python -m tools.toy tiny-vae --out toy # a tiny preview VAE for the base (toy/tiny_vae, sample.py --vae)
+                                           # and its quality against the full decoder (results.md)
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
 --width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
