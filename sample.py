@@ -10,6 +10,7 @@
     python sample.py "a cat, oil painting" --steps 4 --image photo.png --strength 0.5  # img2img (SDEdit)
     python sample.py --prompts prompts.txt --steps 4 --batch-size 4 --out out/img.png  # out/img_00000.png ...
     python sample.py "a cat" --steps 1 --unet runs/2to1/uncond/sdxl_lightning_1step_unet_x0.safetensors
+    python sample.py "a cat" --steps 4 --vae tiny          # preview decoder madebyollin/taesdxl (TAESDXL)
 
 The base (`--base`) gives the text encoders, tokenizers, VAE and UNet architecture; `--unet` the UNet
 weights; each `--lora` is fused into that UNet in order. Weights come from the Hugging Face hub cache, a
@@ -41,6 +42,7 @@ import files
 import lightning_min as lm
 import text as text_mod
 import unet as unet_mod
+import vae as vae_mod
 import weights
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +130,12 @@ def encode_image(vae, image, gens, batch, dtype):
     draw), times the scaling factor, repeated to the batch. (1, 3, H, W) -> (B, 4, H/f, W/f)"""
     vae_dtype = next(vae.parameters()).dtype
     # diffusers casts the image to the run's dtype first, then upcasts for the VAE
-    mean, logvar = vae.encode(image.to(dtype).to(next(vae.parameters()).device, vae_dtype))  # (1, 4, h, w)
+    x = image.to(dtype).to(next(vae.parameters()).device, vae_dtype)
+    if isinstance(vae, vae_mod.TinyVAE):  # no posterior, nothing drawn (diffusers' AutoencoderTiny .latents)
+        z = vae.encode(x).to(dtype) * vae.config.scaling_factor
+        _check_finite(z, "the tiny VAE encoder")
+        return z.expand(batch, *z.shape[1:])
+    mean, logvar = vae.encode(x)  # (1, 4, h, w)
     # (B or 1, ...)
     draw = _randn((len(gens) if isinstance(gens, list) else 1, *mean.shape[1:]), gens, vae_dtype)
     z = (mean + (0.5 * logvar).exp() * draw.to(mean.device)).to(dtype) * vae.config.scaling_factor
@@ -220,15 +227,18 @@ def resolve_lora(lora):
     return str(weights.fetch(weights.LIGHTNING_REPO, lora))
 
 
-def load(base, unet_source, loras, steps, device, dtype):
+def load(base, unet_source, loras, steps, device, dtype, vae="full"):
     """(text encoders, UNet, VAE) from the sources on the command line. loras: None, one file, or a list of
-    (file, scale) fused in order, W += scale * alpha / rank * up @ down each (lora.merge_lora)."""
+    (file, scale) fused in order, W += scale * alpha / rank * up @ down each (lora.merge_lora). vae: --vae,
+    'full' (the base's), 'tiny' (TAESDXL) or a folder or file of either kind (weights.load_vae_choice)."""
     single = weights.is_file(base)
     sd = weights.read_safetensors(base) if single else None  # a single file is read once for all parts
     variant = "fp16" if dtype == torch.float16 else None
     text = weights.load_text(base, device, dtype, variant, sd=sd)
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the SDXL VAE overflows in fp16
-    vae = weights.load_vae(base, device, vae_dtype, variant, sd=sd).eval()
+    vae = weights.load_vae_choice(vae, base, device, vae_dtype, variant, sd=sd).eval()
+    if isinstance(vae, vae_mod.TinyVAE):  # TAESD does not overflow in fp16: it runs in the run's dtype
+        vae = vae.to(dtype)
     cfg = weights.unet_config(base) if not single else None
     if unet_source == "base":
         unet = weights.load_unet(base, cfg, device, dtype, variant, sd=sd)
@@ -318,6 +328,8 @@ def settings_of(args, prediction, dtype):
     if args.controlnet:  # only then, so the fingerprints of runs without ControlNets stay as they were
         record["controlnets"] = [(identity(c), identity(i), s) for c, i, s in zip(
             args.controlnet, args.control_image, args.control_scale or [1.0] * len(args.controlnet))]
+    if getattr(args, "vae", "full") != "full":  # absent for the default: older manifests stay valid
+        record["vae"] = identity(args.vae)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -402,6 +414,11 @@ def build_parser():
     p.add_argument("--base", default=weights.SDXL_BASE,
                    help="SDXL base for text encoders, tokenizers, VAE and UNet config: a hub id, a diffusers "
                         "folder, or a single-file .safetensors checkpoint")
+    p.add_argument("--vae", default="full", metavar="{full,tiny,PATH}",
+                   help="the VAE that encodes --image and decodes: 'full' (the base's, default), 'tiny' "
+                        f"(the preview autoencoder {weights.TINY_VAE_REPO}: ~1/19 of the decoder's FLOPs, "
+                        "softer detail), or a diffusers VAE folder, a .safetensors file or a hub id of "
+                        "either kind (told apart by its config or keys)")
     p.add_argument("--unet", default=None,
                    help="UNet weights: default the official ByteDance/SDXL-Lightning UNet for --steps; a "
                         "UNet .safetensors file (diffusers or original layout); or 'base' for the base's own "
@@ -494,6 +511,8 @@ def check_args(args):
                          f"folder's own UNet: --base {args.unet} --unet base)")
     if args.unet not in (None, "base") and (weights.is_file(args.unet) or Path(args.unet).exists()):
         weights.check_unet_file(args.unet)  # the header only: a missing or foreign file before any loading
+    if args.vae not in ("full", "tiny"):
+        weights.check_vae_source(args.vae)  # a missing path or a file that is no VAE, before any loading
     for spec in args.lora:
         path = weights.parse_lora_spec(spec)[0]
         if Path(path).exists():
@@ -567,7 +586,7 @@ def run(args):
             print(f"resuming: {len(manifest)} of {len(jobs)} images are on disk already")
         t0 = time.time()
         text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora],
-                               args.steps, device, dtype)
+                               args.steps, device, dtype, vae=args.vae)
         if args.compile:
             unet.compile()
         controls = load_controls(args, control_images, unet, device, dtype) if args.controlnet else None

@@ -706,6 +706,174 @@ def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=No
     return build_strict(vae_mod.VAE, cfg, read_safetensors(path), str(path), device, dtype)
 
 
+# ----------------------------------------------------------------------------------------------------
+# The VAE sample.py decodes with (`--vae`): the base's, the tiny preview one (TAESDXL), or a file or folder of
+# either kind, told apart by its config's class or its keys
+
+TINY_VAE_REPO = "madebyollin/taesdxl"  # AutoencoderTiny for SDXL latents: config.json + weights at the root
+TINY_VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def vae_kind(keys, source: str) -> str:
+    """A VAE file's layout from its key names: 'tiny' (AutoencoderTiny), 'diffusers' (AutoencoderKL),
+    'sgm' (a VAE alone in the original layout, e.g. sdxl_vae.safetensors) or 'single' (a whole SGM
+    checkpoint, its first_stage_model.*); anything else is refused naming the file."""
+    keys = list(keys)
+    if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
+        return "tiny"
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in keys:
+        return "diffusers"
+    if "encoder.down.0.block.0.conv1.weight" in keys:
+        return "sgm"
+    if SGM_VAE + "encoder.conv_in.weight" in keys:
+        return "single"
+    what = "a UNet or a checkpoint without a VAE" if any(k.startswith(SGM_UNET) or k == "conv_in.weight"
+                                                         for k in keys) else "no VAE"
+    raise CheckpointError(f"{source}: {what}: expected AutoencoderTiny keys (encoder.layers.*), "
+                          "AutoencoderKL keys (encoder.down_blocks.*) or original ones (encoder.down.*, "
+                          f"first_stage_model.*); first keys: {keys[:3]}")
+
+
+def _refuse_kind(kind: str, want: str, source: str):
+    """One line when a tiny VAE is given where a full one is wanted, or the other way round."""
+    if (kind == "tiny") != (want == "tiny"):
+        have = "the tiny VAE (AutoencoderTiny)" if kind == "tiny" else "a full-size VAE (AutoencoderKL)"
+        wanted = "the tiny VAE (AutoencoderTiny)" if want == "tiny" else "a full-size VAE (AutoencoderKL)"
+        raise CheckpointError(f"{source}: holds {have}, not {wanted}")
+
+
+def tiny_vae_config_from_keys(sd: dict, source: str) -> vae_mod.TinyVAEConfig:
+    """A TinyVAEConfig from the shapes of a lone AutoencoderTiny file (it carries no config.json): each plain
+    conv of `encoder.layers` opens a stage, each of `decoder.layers` after the first closes one, and the
+    residual blocks between them are counted (layers without tensors, ReLU and Upsample, have no keys)."""
+    def layers(part):  # [(index, 'conv' | 'block', the first conv's weight)] in order
+        out = {}
+        for k, v in sd.items():
+            p = k.split(".")
+            if p[0] == part and p[1] == "layers":
+                if p[3] == "weight":
+                    out[int(p[2])] = ("conv", v)
+                elif p[3:5] == ["conv", "0"] and p[5] == "weight":
+                    out[int(p[2])] = ("block", v)
+        return [out[i] for i in sorted(out)]
+    try:
+        enc, dec = layers("encoder"), layers("decoder")
+        ein, eout = [i for i, (t, _) in enumerate(enc) if t == "conv"][:-1], enc[-1][1]
+        e_counts = [b - a - 1 for a, b in zip(ein, ein[1:] + [len(enc) - 1])]
+        douts = [i for i, (t, _) in enumerate(dec) if t == "conv"][1:]
+        d_counts = [b - a - 1 for a, b in zip([0] + douts[:-1], douts)]
+        return vae_mod.TinyVAEConfig(
+            in_channels=enc[0][1].shape[1], out_channels=dec[-1][1].shape[0], latent_channels=eout.shape[0],
+            encoder_block_out_channels=tuple(enc[i][1].shape[0] for i in ein),
+            num_encoder_blocks=tuple(e_counts),
+            decoder_block_out_channels=tuple(dec[i][1].shape[1] for i in douts),  # closing conv's input
+            num_decoder_blocks=tuple(d_counts))
+    except (IndexError, ValueError) as e:
+        raise CheckpointError(f"{source}: not a readable AutoencoderTiny layout ({e})") from None
+
+
+def full_vae_config_from_keys(sd: dict, source: str) -> vae_mod.VAEConfig:
+    """A VAEConfig from the shapes of a lone AutoencoderKL file in diffusers keys. GroupNorm's group count
+    is not in any shape: SDXL's 32 is assumed."""
+    try:
+        n = len({k.split(".")[2] for k in sd if k.startswith("encoder.down_blocks.")})
+        return vae_mod.VAEConfig(
+            in_channels=sd["encoder.conv_in.weight"].shape[1],
+            out_channels=sd["decoder.conv_out.weight"].shape[0],
+            latent_channels=sd["post_quant_conv.weight"].shape[0],
+            block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                     for i in range(n)),
+            layers_per_block=len({k.split(".")[4] for k in sd
+                                  if k.startswith("encoder.down_blocks.0.resnets.")}))
+    except KeyError as e:
+        raise CheckpointError(f"{source}: the VAE lacks {e.args[0]}") from None
+
+
+def load_vae_file(path, device="cpu", dtype=torch.float32, want=None):
+    """A VAE from one .safetensors file of any kind vae_kind knows; `want` ('tiny' or 'full') refuses the
+    other kind in one line."""
+    sd = read_safetensors(path)
+    kind = vae_kind(sd, str(path))
+    if want:
+        _refuse_kind(kind, want, str(path))
+    if kind == "tiny":
+        return build_strict(vae_mod.TinyVAE, tiny_vae_config_from_keys(sd, str(path)), sd, str(path), device,
+                            dtype)
+    if kind == "single":
+        return load_vae(str(path), device, dtype, sd=sd)
+    if kind == "sgm":
+        try:
+            cfg = vae_config_from_sgm(sd, str(path), prefix="")
+            sd = vae_from_sgm(sd, cfg, str(path), prefix="")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    else:
+        cfg = full_vae_config_from_keys(sd, str(path))
+    return build_strict(vae_mod.VAE, cfg, sd, str(path), device, dtype)
+
+
+def load_vae_folder(folder, device="cpu", dtype=torch.float32, want=None):
+    """A VAE from a diffusers folder: `config.json` + `diffusion_pytorch_model.safetensors` (a VAE's own
+    folder, as madebyollin/taesdxl) or the same under `vae/` (a whole base). Its class comes from the config;
+    weights of the other kind are refused in one line."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists() and (folder / "vae" / "config.json").exists():
+        folder = folder / "vae"
+    cfg_path, path = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (nor vae/config.json): not a diffusers VAE folder")
+    cfg = read_json(cfg_path)
+    cls_name = cfg.get("_class_name")
+    if cls_name not in ("AutoencoderTiny", "AutoencoderKL"):
+        raise CheckpointError(f"{cfg_path}: _class_name {cls_name!r}, not AutoencoderTiny or AutoencoderKL")
+    kind = "tiny" if cls_name == "AutoencoderTiny" else "full"
+    if want:
+        _refuse_kind(kind, want, str(folder))
+    sd = read_safetensors(path)
+    _refuse_kind(vae_kind(sd, str(path)), kind, f"{path} (its config.json says {cls_name})")
+    try:
+        model_cfg = (vae_mod.TinyVAEConfig if kind == "tiny" else vae_mod.VAEConfig).from_diffusers(
+            cfg, str(cfg_path))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return build_strict(vae_mod.TinyVAE if kind == "tiny" else vae_mod.VAE, model_cfg, sd, str(path), device,
+                        dtype)
+
+
+def check_vae_source(source: str) -> None:
+    """sample.py's cheap check of a --vae PATH before anything is loaded: an existing folder, a hub id, or a
+    .safetensors file whose header names VAE keys."""
+    if os.path.isdir(source) or is_hub_id(source):
+        return
+    if not (is_file(source) or os.path.exists(source)):
+        raise CheckpointError(f"--vae {source}: no such file or folder (expected full, tiny, a folder, a "
+                              ".safetensors file or a hub repo id)")
+    vae_kind(read_header(source), str(source))
+
+
+def load_tiny_vae(source=TINY_VAE_REPO, device="cpu", dtype=torch.float32):
+    """The tiny preview VAE from a hub id (default madebyollin/taesdxl, through the hub cache as every other
+    weight), a folder or a .safetensors file; a full-size VAE is refused in one line."""
+    if is_file(source):
+        return load_vae_file(source, device, dtype, want="tiny")
+    return load_vae_folder(fetch_folder(source, TINY_VAE_FILES), device, dtype, want="tiny")
+
+
+def load_vae_choice(choice: str, base: str, device="cpu", dtype=torch.float32, variant=None, sd=None):
+    """sample.py's --vae: 'full' (the base's own VAE; `sd` a single-file base's tensors), 'tiny' (TAESDXL
+    from the hub) or a PATH, a folder or .safetensors file of either kind, told apart by config or keys."""
+    if choice == "full":
+        return load_vae(base, device, dtype, variant, sd=sd)
+    if choice == "tiny":
+        return load_tiny_vae(TINY_VAE_REPO, device, dtype)
+    if os.path.isdir(choice):
+        return load_vae_folder(choice, device, dtype)
+    if is_hub_id(choice):  # a VAE repo on the hub laid out as madebyollin/taesdxl (config.json at the root)
+        return load_vae_folder(fetch_folder(choice, TINY_VAE_FILES), device, dtype)
+    check_vae_source(choice)
+    return load_vae_file(choice, device, dtype)
+
+
 def load_text(source: str, device="cpu", dtype=torch.float32, variant=None, tokenizers=SDXL_BASE, sd=None):
     """Both CLIP text encoders and tokenizers. A single file brings its encoders; its tokenizers come from
     `tokenizers` (the SDXL base repo), as single files carry none."""

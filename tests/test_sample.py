@@ -924,3 +924,75 @@ def test_full_disk_for_real_is_one_line_and_keeps_the_old_file(base, small_disk)
     assert f"{disk / 'x.png'}: the disk is full" in msg
     assert (disk / "x.png").read_bytes() == b"the previous image"
     assert sorted(p.name for p in disk.iterdir()) == ["filler", "x.png"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# --vae: the tiny preview VAE (TAESDXL layout) in place of the base's
+
+
+@pytest.fixture(scope="module")
+def taesd(base):
+    """A tiny random AutoencoderTiny saved by diffusers as madebyollin/taesdxl is (config.json + weights)."""
+    from tools.tiny import diffusers_tiny_vae
+    root, _ = base
+    tiny = diffusers_tiny_vae(seed=4)
+    tiny.save_pretrained(root / "taesd")
+    return root / "taesd", tiny
+
+
+def test_tiny_vae_equals_diffusers_pipeline_with_autoencoder_tiny(base, taesd, tmp_path):
+    """`--vae PATH` with a tiny TAESD: text-to-image and img2img equal diffusers' pipelines given
+    vae=AutoencoderTiny and the Lightning scheduler."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    root, pipe = base
+    folder, tiny = taesd
+    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 4,
+                                  torch.device("cpu"), torch.float32, vae=str(folder))
+    assert type(vae).__name__ == "TinyVAE"
+    student = StableDiffusionXLPipeline_from(pipe, root)
+    ref = StableDiffusionXLPipeline(**{**student.components, "vae": tiny})
+    ref.scheduler = lightning_scheduler(pipe)
+    ref.set_progress_bar_config(disable=True)
+    ours = (sample.generate(text, unet, vae, ["a cat"], 4, 0, W, H) / 2 + 0.5).clamp(0, 1)
+    theirs = ref("a cat", num_inference_steps=4, guidance_scale=0, width=W, height=H,
+                 generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+    report("tiny VAE image 4 steps", ours, theirs)
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    full = (sample.generate(text, unet, sample.load(str(root), "base", None, 4, torch.device("cpu"),
+                                                    torch.float32)[2], ["a cat"], 4, 0, W, H) / 2 + 0.5)
+    assert (full.clamp(0, 1) - ours).abs().max() > 0.05  # the other decoder was used
+    # img2img: the tiny encoder's latent, no posterior draw, then the same noise as diffusers
+    image, _ = sample.load_image(_photo(tmp_path / "in.png"), W, H)
+    ours = (sample.generate(text, unet, vae, ["a red car"], 4, 5, W, H, image=image, strength=0.5) / 2
+            + 0.5).clamp(0, 1)
+    ref2 = StableDiffusionXLImg2ImgPipeline(**{**student.components, "vae": tiny})
+    ref2.scheduler = lightning_scheduler(pipe)
+    ref2.set_progress_bar_config(disable=True)
+    theirs = ref2("a red car", image=ref2.image_processor.resize(Image.open(tmp_path / "in.png"), H, W),
+                  strength=0.5, num_inference_steps=4, guidance_scale=0,
+                  generator=torch.Generator("cpu").manual_seed(5), output_type="pt").images
+    report("tiny VAE img2img 4 steps strength 0.5", ours, theirs)
+    assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_vae_tiny_cli_through_hub_cache_and_bad_vae(base, taesd, tmp_path, monkeypatch):
+    """`--vae tiny` fetches madebyollin/taesdxl through the hub cache (pre-filled, offline) and writes the
+    same PNG as `--vae PATH`; a bad --vae is one line before anything is loaded."""
+    import huggingface_hub.constants
+    root, _ = base
+    folder, _ = taesd
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, weights.TINY_VAE_REPO, {p.name: p for p in folder.iterdir()})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    common = ["a cat", "--steps", "2", "--base", root, "--unet", "base", "--width", W, "--height", H]
+    _main(*common, "--vae", "tiny", "--out", tmp_path / "hub.png")
+    _main(*common, "--vae", folder / "diffusion_pytorch_model.safetensors", "--out", tmp_path / "file.png")
+    assert (_png(tmp_path / "hub.png") == _png(tmp_path / "file.png")).all()
+    _main(*common, "--out", tmp_path / "full.png")
+    assert np.abs(_png(tmp_path / "hub.png") - _png(tmp_path / "full.png")).max() > 10
+    save_file({"conv_in.weight": torch.zeros(1)}, tmp_path / "unet.safetensors")
+    monkeypatch.setattr(weights, "load_text", lambda *a, **k: pytest.fail("loaded before checking --vae"))
+    assert "expected AutoencoderTiny keys" in _main_error(*common, "--vae", tmp_path / "unet.safetensors",
+                                                          "--out", tmp_path / "x.png")
+    assert "no such file" in _main_error(*common, "--vae", tmp_path / "no.safetensors", "--out",
+                                         tmp_path / "x.png")

@@ -5,6 +5,7 @@
     python -m tools.bench --config mid --what sample --runs 3       # CPU: text + 4 steps + VAE decode, 512 px
     python -m tools.bench --config sdxl --what all --json out.json  # GPU: full SDXL, 1024 px, bf16, 4 steps
     python -m tools.bench --what memory        # per-GPU memory per phase, DDP+ZeRO vs FSDP2 (computed)
+    python -m tools.bench --config mid --what vae --runs 1  # the tiny preview VAE's decoder vs the full one
 
 What is timed (median of --runs after --warmup, both under torch.no_grad):
 - `unet`: one forward of our `unet.UNet` against diffusers' `UNet2DConditionModel`, the same weights
@@ -13,6 +14,8 @@ What is timed (median of --runs after --warmup, both under torch.no_grad):
   `lightning_min.sample`, VAE decode) against `StableDiffusionXLPipeline` with the model card's
   `EulerDiscreteScheduler(timestep_spacing="trailing")`, guidance off, same prompt, seed, steps, size.
   The two share the same tokenizers and the same `transformers` CLIP text encoders (both call them).
+- `vae`: the tiny preview decoder (`vae.TinyVAE`, TAESDXL) against diffusers' `AutoencoderTiny` (same
+  weights) and against our full VAE decoder, plus each decoder's FLOPs at 1024 px (FlopCounterMode).
 - `memory` (computed, not timed): per-GPU memory of every training phase at SDXL size on 1, 2 and 8 GPUs,
   DDP + ZeRO against FSDP2 (train.py --shard), from parameter counts of the real shapes on the meta device.
 
@@ -320,6 +323,61 @@ def bench_sample(cfg, args, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The tiny preview VAE (sample.py --vae tiny): TAESDXL's decoder against diffusers' AutoencoderTiny (same
+# weights) and against our full VAE decoder (its work saved), in time and in FLOPs at 1024 px
+
+
+def decoder_flops(decode, latent=128):
+    """FLOPs of one decode of a (1, 4, latent, latent) latent, counted by FlopCounterMode on the meta device
+    (shapes only: no memory, no time, so 1024 px is counted on any machine)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as fc, torch.no_grad():
+        decode()(torch.zeros(1, 4, latent, latent))
+    return fc.get_total_flops()
+
+
+@torch.no_grad()
+def bench_vae(cfg, args, device, dtype):
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    from tools.tiny import TINY_TAESD
+    tcfg = vae_mod.TinyVAEConfig() if cfg.vae.downscale == 8 else TINY_TAESD  # the same factor as cfg.vae
+    torch.manual_seed(0)
+    with torch.device(device):  # build_pair without its attention check: AutoencoderTiny has no attention
+        tiny_ref = AutoencoderTiny(**{k: v for k, v in tcfg.to_diffusers().items()
+                                      if not k.startswith("_")}).to(dtype).eval()
+    sd = {k: v.clone() for k, v in tiny_ref.state_dict().items()}
+    tiny = weights.build_strict(vae_mod.TinyVAE, tcfg, sd, "diffusers AutoencoderTiny", device, dtype).eval()
+    full, _ = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
+    if dtype == torch.float16:
+        full = full.float()  # as sample.py: the SDXL VAE overflows in fp16; TAESD runs in fp16
+    z = torch.randn(args.batch, 4, cfg.latent, cfg.latent, generator=torch.Generator().manual_seed(0))
+    z = z.to(device, dtype)
+    px = cfg.latent * cfg.vae.downscale
+    rows = [compare(f"tiny vae decode {px}px", lambda: tiny.decode_latents(z, args.batch),
+                    lambda: tiny_ref.decode(z).sample, device, args.runs, args.warmup),
+            compare(f"tiny / our full dec {px}px", lambda: tiny.decode_latents(z, args.batch),
+                    lambda: full.decode_latents(z.to(next(full.parameters()).dtype), args.batch),
+                    device, args.runs, args.warmup)]
+    rows[1]["max_abs_diff"] = float("nan")  # two decoders: different images by design
+    n = 1024 // cfg.vae.downscale  # FLOPs at 1024 px, whatever size was timed
+    with torch.device("meta"):
+        meta = {"tiny": vae_mod.TinyVAE(tcfg), "full": vae_mod.VAE(cfg.vae),
+                "diffusers": AutoencoderTiny(**{k: v for k, v in tcfg.to_diffusers().items()
+                                                if not k.startswith("_")})}
+    flops = {"tiny": decoder_flops(lambda: meta["tiny"].decode_latents, n),
+             "full": decoder_flops(lambda: meta["full"].decode_latents, n),
+             "diffusers": decoder_flops(lambda: lambda x: meta["diffusers"].decode(x).sample, n)}
+    rows[0].update(ours_gflop_1024px=flops["tiny"] / 1e9, diffusers_gflop_1024px=flops["diffusers"] / 1e9)
+    rows[1].update(ours_gflop_1024px=flops["tiny"] / 1e9, full_gflop_1024px=flops["full"] / 1e9,
+                   flop_ratio=flops["tiny"] / flops["full"])
+    print(f"VAE decoder FLOPs at 1024 px (FlopCounterMode): tiny {flops['tiny'] / 1e12:.3f} TFLOP, "
+          f"diffusers' AutoencoderTiny {flops['diffusers'] / 1e12:.3f}, our full VAE "
+          f"{flops['full'] / 1e12:.2f} "
+          f"(tiny / full {flops['tiny'] / flops['full']:.3f})")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training: time per step, images/s, peak memory and FLOPs of every phase (ours alone: diffusers has no
 # distillation loop to compare with)
 
@@ -519,7 +577,7 @@ def print_memory_table(worlds=(1, 2, 8)):
     return rows
 
 
-BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
+BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train, "vae": bench_vae}
 
 # ----------------------------------------------------------------------------------------------------
 # The command line
@@ -539,9 +597,10 @@ def print_table(rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", choices=[*BENCHES, "memory", "all"], default="all",
-                   help="which bench to run (default all: unet and sample); memory: the per-GPU memory table "
-                        "of every training phase at SDXL size, DDP+ZeRO vs FSDP2, computed from parameter "
-                        "counts")
+                   help="which bench to run (default all: unet, sample and vae); vae: the tiny preview "
+                        "VAE's decoder vs diffusers' AutoencoderTiny and vs our full decoder, with FLOPs at "
+                        "1024 px; memory: the per-GPU memory table of every training phase at SDXL size, "
+                        "DDP+ZeRO vs FSDP2, computed from parameter counts")
     p.add_argument("--config", choices=list(CONFIGS), default=None,
                    help="model sizes: tiny (smoke run), mid (CPU-sized SDXL, 64x64 latents), sdxl (full "
                         "SDXL, 1024 px); default sdxl on CUDA, mid on CPU")
@@ -614,7 +673,7 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print(", ".join(f"{k} {v}" for k, v in info.items() if v is not None))
     rows = []
-    for name in (["unet", "sample"] if args.what == "all" else [args.what]):
+    for name in (["unet", "sample", "vae"] if args.what == "all" else [args.what]):
         rows += BENCHES[name](cfg, args, device, dtype)
     info["load_average_1min_end"] = os.getloadavg()[0]  # other processes on the machine skew CPU timings
     if args.what == "train":

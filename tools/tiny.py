@@ -14,6 +14,9 @@ from tools import toy_world  # its write_tokenizer writes the hub's tokenizer fi
 TINY_UNET = unet_mod.UNetConfig(block_out_channels=(64, 128), layers_per_block=1, transformer_depth=(0, 2),
                                 num_heads=(1, 2), cross_attention_dim=80, pooled_dim=48)
 TINY_VAE = vae_mod.VAEConfig(block_out_channels=(32, 64), layers_per_block=1)
+# A 2-stage TAESD: the same 2x factor as TINY_VAE, so either decodes the tiny UNet's latents.
+TINY_TAESD = vae_mod.TinyVAEConfig(encoder_block_out_channels=(16, 16), num_encoder_blocks=(1, 2),
+                                   decoder_block_out_channels=(16, 16), num_decoder_blocks=(2, 1))
 
 
 def diffusers_unet(cfg=TINY_UNET, seed=0):
@@ -27,6 +30,13 @@ def diffusers_unet(cfg=TINY_UNET, seed=0):
 def diffusers_vae(cfg=TINY_VAE, seed=0):
     from diffusers import AutoencoderKL
     m = AutoencoderKL(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    randomize(m, seed)
+    return m.eval()
+
+
+def diffusers_tiny_vae(cfg=TINY_TAESD, seed=0):
+    from diffusers import AutoencoderTiny
+    m = AutoencoderTiny(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
     randomize(m, seed)
     return m.eval()
 

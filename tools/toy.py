@@ -5,6 +5,8 @@
     python -m tools.toy --out toy --quick  # a smaller base in 5-8 minutes (tests)
     python -m tools.toy all --out toy      # the whole experiment: base, every stage and the ablations with
                                            # train.py, tools/eval.py tables; ~35 min after the base on 2 CPUs
+    python -m tools.toy tiny-vae --out toy # a tiny preview VAE for the base (toy/tiny_vae, sample.py --vae)
+                                           # and its quality against the full decoder (results.md)
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
 --width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
@@ -34,9 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py a
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="base", choices=["base", "all"],
+    p.add_argument("command", nargs="?", default="base", choices=["base", "all", "tiny-vae"],
                    help="base: data + base + classifier (default); all: also every stage with train.py and "
-                        "tools/eval.py")
+                        "tools/eval.py; tiny-vae: also a tiny preview VAE (OUT/tiny_vae, sample.py --vae) "
+                        "and its quality against the full decoder (OUT/tiny_vae/results.md)")
     p.add_argument("--out", default="toy", help="output folder: OUT/data, OUT/base, OUT/classifier, OUT/runs")
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
@@ -76,6 +79,9 @@ def main(argv=None):
               f"parts: {', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
         if args.command == "all":
             experiment(out, args)
+        if args.command == "tiny-vae":
+            tiny_vae_quality(out, steps=4 * cfg.vae_steps, seed=args.seed)  # no norms: it learns slower
+            print(f"toy.py: {out / 'tiny_vae' / 'results.md'}")
     except (ValueError, files.RunError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -258,6 +264,86 @@ def experiment(out, args):
     write_json(tfile, times)
     grid(out / "eval", out / "eval" / "grid.png")
     print(f"toy.py: {out / 'eval' / 'results.md'}, {out / 'eval' / 'grid.png'}; wall times in {tfile}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tiny-vae: the tiny preview VAE (sample.py --vae) for the toy, trained by toy_world.train_tiny_vae, and what
+# decoding with it costs in quality against the full toy decoder
+
+
+def _decoded(model, latents):
+    with torch.no_grad():
+        return torch.cat([model.decode_latents(z, 64) for z in latents.split(256)]).clamp(-1, 1)
+
+
+def tiny_vae_quality(out, steps=1200, seed=0, n=450, sample_steps=32, guidance=6.0):
+    """Train (or reuse) OUT/tiny_vae, then decode the same latents with the full toy decoder and the tiny one:
+    the VAE latents of n data images (reconstruction) and n teacher samples (sample_steps, with CFG guidance
+    and without; tools/eval.py's toy prompts). Judged by tools/eval.py's toy judge: fd (to the data's
+    classifier features), caption accuracy, sharpness, and for the tiny decoder psnr_vs_teacher = PSNR
+    against the full decoder's image, plus fd_vs_full, the Frechet distance between the two decoders'
+    features, and latent_std (TAESD soft-clamps latents to |z| < 3). Writes OUT/tiny_vae/results.json and
+    results.md; returns the rows."""
+    import sample as sample_mod
+    import weights
+    from tools.eval import ToyJudge, fd_of, to_pil, to_tensor
+    from tools.toy_world import all_captions, load_data, train_tiny_vae, write_model
+    out = Path(out)
+    base, folder = out / "base", out / "tiny_vae"
+    if not (base / "model_index.json").exists():
+        raise ValueError(f"{base}: no toy base (run `python -m tools.toy --out {out}` first)")
+    full = weights.load_vae(str(base)).eval().requires_grad_(False)
+    n_data = json.loads((out / "data" / "done.json").read_text())["images"]
+    pixels, captions = load_data(out / "data", n_data)
+    t0 = time.time()
+    if not (folder / "diffusion_pytorch_model.safetensors").exists():
+        write_model(folder, train_tiny_vae(full, pixels, steps=steps, seed=seed))
+    train_s = time.time() - t0
+    tiny = weights.load_tiny_vae(str(folder)).eval()  # as sample.py --vae OUT/tiny_vae loads it
+    judge = ToyJudge(out)
+    prompts = all_captions() * 2
+    prompts = prompts[:n]
+    with torch.no_grad():
+        text, unet, _ = sample_mod.load(str(base), "base", None, sample_steps, torch.device("cpu"),
+                                        torch.float32)
+        gen = {cfg: torch.cat([sample_mod.generate(text, unet, full, prompts[b:b + 50], sample_steps,
+                                                   seed + b // 50, RES, RES, guidance=cfg, decode=False)
+                               for b in range(0, len(prompts), 50)]) for cfg in (guidance, 0.0)}
+        m = min(n, len(pixels))  # held-in images: the tiny VAE's own training set, as the full VAE's
+        recon = torch.cat([full.encode_latents(x, 64) for x in pixels[:m].split(256)])
+    rows = []
+    for what, lat, texts in (("reconstruction", recon, captions[:m]),
+                             (f"teacher{sample_steps} cfg{guidance:g}", gen[guidance], prompts),
+                             (f"teacher{sample_steps} no cfg", gen[0.0], prompts)):
+        imgs = {name: to_pil(_decoded(model, lat)) for name, model in (("full", full), ("tiny", tiny))}
+        feats = {name: judge.features_of(to_tensor(v)) for name, v in imgs.items()}
+        for name in ("full", "tiny"):
+            r = judge.measure(imgs[name], texts, imgs["full"] if name == "tiny" else None)
+            r = {"latents": what, "latent_std": float(lat.std()), "decoder": name, "images": len(texts), **r,
+                 "fd_vs_full": fd_of(feats[name], feats["full"]) if name == "tiny" else 0.0}
+            rows.append(r)
+            print("tiny-vae: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in r.items()))
+    flops = {}
+    from torch.utils.flop_counter import FlopCounterMode
+    for name, model in (("full", full), ("tiny", tiny)):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.decode_latents(torch.zeros(1, 4, RES // 8, RES // 8))
+        flops[name] = fc.get_total_flops()
+    result = {"rows": rows, "decoder_flops_64px": flops, "train_s": train_s, "steps": steps,
+              "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(tiny.config).items()}}
+    write_json(folder / "results.json", result)
+    cols = ["latents", "latent_std", "decoder", "fd", "fd_vs_full", "acc_all", "sharpness", "psnr_vs_teacher"]
+    md = ["| " + " | ".join(c if c != "psnr_vs_teacher" else "psnr vs full" for c in cols) + " |",
+          "|" + "---|" * len(cols)]
+    for r in rows:
+        md.append("| " + " | ".join("-" if r.get(c) is None else f"{r[c]:.3g}" if isinstance(r[c], float)
+                                    else str(r[c]) for c in cols) + " |")
+    md.append(f"\nDecoder FLOPs per 64 px image: full {flops['full'] / 1e6:.0f} M, tiny "
+              f"{flops['tiny'] / 1e6:.0f} M ({flops['tiny'] / flops['full']:.2f}x); tiny VAE trained {steps} "
+              f"steps ({train_s:.0f} s).")
+    files.atomic_write(folder / "results.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
+    return rows
 
 
 if __name__ == "__main__":

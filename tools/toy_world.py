@@ -501,3 +501,49 @@ def build(out, cfg, quick):
     files.atomic_write(base, move_in)
     (work / "unet.pt").unlink(missing_ok=True)
     return times
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny preview VAE for the toy (sample.py --vae): what decoding with a TAESD-style decoder costs in
+# quality. `python -m tools.toy tiny-vae --out toy` trains it for the toy VAE's latents and measures it.
+
+# TAESD's layout (4 stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks) at a quarter of its width: 16
+# channels, the toy VAE's top-level width; its decoder is 0.29x the toy decoder's FLOPs (TAESDXL's is less of
+# SDXL's, whose decoder is far wider than the toy's: tools/bench.py).
+TINY_VAE_CONFIG = vae_mod.TinyVAEConfig(encoder_block_out_channels=(16, 16, 16, 16),
+                                        decoder_block_out_channels=(16, 16, 16, 16))
+
+
+def train_tiny_vae(vae, pixels, steps=1200, batch=16, lr=2e-3, seed=0, augment=True):
+    """TAESD for the toy VAE: the decoder maps the full VAE's scaled latents back to the images (MSE + L1, the
+    toy VAE's reconstruction loss), the encoder maps the images to those latents (MSE). Adam, cosine to 10%.
+    augment: half of each batch's latents are scaled by 1..3 and noised, with the full decoder's image of
+    them as the target: the toy teacher's samples have latents of std 1.8-2.1 against the encoder's 1.0,
+    and a decoder that only saw the encoder's range decodes them badly (PSNR against the full decoder 11.5
+    -> 14.3 dB at 300 steps). Returns the TinyVAE (eval mode)."""
+    with torch.no_grad():
+        lat = torch.cat([vae.encode_latents(x, 64) for x in pixels.split(256)])  # (N, 4, 8, 8), UNet scale
+    torch.manual_seed(seed)
+    tiny = vae_mod.TinyVAE(vae_mod.TinyVAEConfig(**asdict(TINY_VAE_CONFIG)))
+    opt = torch.optim.Adam(tiny.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(steps), desc="tiny vae", mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        idx = torch.randint(len(pixels), (batch,), generator=g)
+        x, z = pixels[idx], lat[idx]
+        z_in, target = z, x
+        if augment:
+            k = batch // 2
+            wide = z[:k] * (1 + 2 * torch.rand(k, 1, 1, 1, generator=g)) + 0.3 * torch.randn(z[:k].shape,
+                                                                                           generator=g)
+            with torch.no_grad():
+                z_in, target = torch.cat([wide, z[k:]]), torch.cat([vae.decode_latents(wide, k), x[k:]])
+        rec = tiny.decode(z_in)
+        loss = F.mse_loss(rec, target) + 0.1 * (rec - target).abs().mean() + F.mse_loss(tiny.encode(x), z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return tiny.eval()
