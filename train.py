@@ -11,8 +11,10 @@ Without --phase a stage runs its phases in order (lightning_min.PHASE_TABLE), ea
 previous one's fp32 checkpoint as the table's hand-off columns say. Re-running the same command resumes
 from the last checkpoint; finished phases are skipped; a larger --max-steps continues a finished phase.
 Outputs per phase in OUT/<stage>/<phase>/: sdxl_lightning_{N}step_unet.safetensors (1 step:
-..._1step_unet_x0), in LoRA phases also sdxl_lightning_{N}step_lora.safetensors (fp16, the release
-format), checkpoint.pt (fp32, what the next phase and the next stage start from), progress.json,
+..._1step_unet_x0), in LoRA phases also two fp16 kohya LoRAs: sdxl_lightning_{N}step_lora.safetensors (the
+release name: relative to --base, to fuse into SDXL base or a fine-tune; a truncated SVD of student minus
+base, its error in phase.json) and ..._{N}step_lora_on_init.safetensors (the LoRA as trained, on top of the
+phase's init, e.g. the 8-step model), checkpoint.pt (fp32, what the next phase and the next stage start from), progress.json,
 phase.json, log.jsonl and sample grids.
 
 Read top to bottom: the config (the command line), what every phase shares, the models of a phase, the
@@ -22,6 +24,7 @@ folder (atomic writes, the lock, checkpoints, exports, resume checks) is files.p
 """
 import argparse
 import importlib
+import json
 import math
 import os
 import time
@@ -470,9 +473,27 @@ def save(run, ph, m, checkpoint=True):
                 "renoise_switch_step": ph.switch_step,
                 "student": {k: v.detach().cpu() for k, v in st["student"].items()}, "disc": st["disc"],
                 "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
-        files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
-                     ph.spec.student_prediction, ph.step)
+        base_sd = None
+        if ph.spec.lora:  # the LoRA relative to --base needs the base's weights (fp32, CPU; loaded once)
+            if run.base_unet is None:
+                run.base_unet = load_unet(run, "base")
+            base_sd = run.base_unet.state_dict()
+        report = files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
+                              ph.spec.student_prediction, ph.step, base_sd)
+        if report is not None:
+            record_base_lora(ph, report)
     parallel.on_master(run.ranks, write, ERRORS)
+
+
+def record_base_lora(ph, report):
+    """The base-relative LoRA's approximation error (files.export): in the log and in phase.json."""
+    log_line = (f"{report['file']} (relative to --base, rank {report['rank']}): per-layer relative error "
+                f"worst {report['worst_rel_error']:.3e} ({report['worst_layer']}), mean "
+                f"{report['mean_rel_error']:.3e} over {report['layers']} layers")
+    tqdm.write(f"[{ph.stage}/{ph.name}] {log_line}")  # as log(): save's write runs on rank 0 only
+    meta_file = ph.dir / "phase.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    files.save_json({**meta, "base_lora": report}, meta_file)
 
 
 def resume(run, ph, m):
@@ -500,6 +521,9 @@ def write_meta(run, ph, m):
             "trainable_params": m.n_trainable, "world_size": run.ranks.world, "fsdp": m.fsdp,
             "args": vars(run.args), **ph.spec.__dict__, "lr": ph.lr, "renoise": ph.renoise,
             "renoise_switch_step": ph.switch_step, "renoise_weights_late": run.args.renoise_weights_late}
+    old = ph.dir / "phase.json"
+    if old.exists() and "base_lora" in (previous := json.loads(old.read_text())):  # of the checkpoint's step
+        meta["base_lora"] = previous["base_lora"]
     files.save_json(meta, ph.dir / "phase.json")
     files.trim_log(ph.dir, ph.step)  # the steps of the checkpoint only
 
