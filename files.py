@@ -454,9 +454,18 @@ def export(folder, student, student_sd, is_lora, steps, prediction, step, base_s
             save_safetensors({k: v.half().contiguous() for k, v in ext.items()}, folder / lora_filename(steps),
                              {**lora.kohya_metadata(rank, alpha), "lightning_relative_to": "base"})
             worst = max(errors, key=errors.get)
+            # what no LoRA carries: biases, norms, conv_in/out, the embeddings (a whole-UNet phase before
+            # this one trained them): their share of the student's difference to the base
+            adapted = {n + ".weight" for n in errors}
+            sq = {k: float((v - base_sd[k].to(v.dtype)).double().square().sum()) for k, v in sd.items()}
+            outside = sum(v for k, v in sq.items() if k not in adapted)
             report = {"file": lora_filename(steps), "relative_to": "base", "rank": rank, "alpha": alpha,
                       "step": step, "layers": len(errors), "worst_rel_error": errors[worst],
-                      "worst_layer": worst, "mean_rel_error": sum(errors.values()) / len(errors)}
+                      "worst_layer": worst, "mean_rel_error": sum(errors.values()) / len(errors),
+                      "tensors_outside_lora_that_differ": sum(1 for k, v in sq.items()
+                                                              if k not in adapted and v > 0),
+                      "outside_lora_share_of_difference": (outside / sum(sq.values())) ** 0.5
+                      if sum(sq.values()) > 0 else 0.0}
     fp16 = {k: v.half().contiguous() for k, v in sd.items()}
     save_safetensors(fp16, folder / unet_filename(steps, prediction))
     save_json(student.config.to_diffusers(), folder / "config.json")

@@ -489,7 +489,9 @@ def record_base_lora(ph, report):
     """The base-relative LoRA's approximation error (files.export): in the log and in phase.json."""
     log_line = (f"{report['file']} (relative to --base, rank {report['rank']}): per-layer relative error "
                 f"worst {report['worst_rel_error']:.3e} ({report['worst_layer']}), mean "
-                f"{report['mean_rel_error']:.3e} over {report['layers']} layers")
+                f"{report['mean_rel_error']:.3e} over {report['layers']} layers; "
+                f"{report['tensors_outside_lora_that_differ']} other tensors differ from the base (no LoRA "
+                f"carries them: {report['outside_lora_share_of_difference']:.1%} of the difference's norm)")
     tqdm.write(f"[{ph.stage}/{ph.name}] {log_line}")  # as log(): save's write runs on rank 0 only
     meta_file = ph.dir / "phase.json"
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
