@@ -83,6 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, .tar "
                    "shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     g.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
+    g.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about --resolution "
+                   "squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest, every step's batch "
+                   "from one bucket (a cache: made with prepare.py --buckets)")
     g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this")
     g.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS, help="skip images whose "
                    "Laplacian variance at the training crop is below this; 0 off")
@@ -201,20 +204,27 @@ def load_frozen(args, ranks, renoise_late):
         from torch.utils.tensorboard import SummaryWriter
         tensorboard = SummaryWriter(args.tensorboard)
     dev, dtype = ranks.device, torch.bfloat16 if ranks.device.type == "cuda" else torch.float32
-    ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
-                        args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key)
-    cached = isinstance(ds, data.CachedData)
+    cached = data.is_cache(args.data)
     base_sd = weights.read_safetensors(args.base) if weights.is_file(args.base) else None
     text = vae = None
     if not cached or args.sample_every:  # a cache needs no VAE or text encoder, except for sample grids
         text = weights.load_text(args.base, dev, dtype, sd=base_sd)
         vae = weights.load_vae(args.base, dev, dtype, sd=base_sd).eval().requires_grad_(False)
+    unet_config = weights.unet_config(args.base, base_sd)
+    # bucket sides: multiples of what the VAE and the UNet's downsamplings divide (32 for SDXL)
+    multiple = vae.config.downscale * 2 ** (len(unet_config.block_out_channels) - 1) if vae else None
+    ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
+                        args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key,
+                        buckets=args.buckets, multiple=multiple, global_batch=args.batch_size)
     latent_size = ds.latent_shape[-1] if cached else args.resolution // vae.config.downscale
     if ranks.master:
         kind = f"cache {args.data} (filters applied when it was made)" if cached else "images"
+        if args.buckets:
+            counts = Counter(ds.buckets[b] for b in ds.item_bucket.tolist())
+            kind += " in buckets " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(counts.items()))
         print(f"data: {kind}: {len(ds)} usable {ds.stats}; world {ranks.world}; device {dev}")
-    return Run(args, ranks, renoise_late, ds, weights.unet_config(args.base, base_sd), latent_size, base_sd,
-               text, vae, tensorboard=tensorboard, dtype=dtype)
+    return Run(args, ranks, renoise_late, ds, unet_config, latent_size, base_sd, text, vae,
+               tensorboard=tensorboard, dtype=dtype)
 
 
 # --- The models of a phase: where they start from (the hand-offs of lightning_min.PHASE_TABLE), set up ------
