@@ -590,7 +590,7 @@ def shard_problem(meta: dict, shapes: dict, header: dict) -> str:
         return f"format version {meta.get('version')}, this code reads {CACHE_VERSION}"
     if meta.get("fingerprint") != header["fingerprint"]:
         mine = json.loads(meta.get("header", "{}"))
-        diff = [k for k in ("base", "resolution", "dtype", "data", "filters", "shard_size")
+        diff = [k for k in ("base", "resolution", "dtype", "data", "filters", "shard_size", "buckets")
                 if mine.get(k) != header.get(k)]
         return ("from another cache (differs in " + (", ".join(diff) if diff else "the data index") +
                 f"): made for {', '.join(f'{k}={mine.get(k)!r}' for k in diff) or 'other data'}")
@@ -677,6 +677,9 @@ class CachedData(_Ordered):
         self.header, self.resolution = h, h["resolution"]
         self.buckets = self.item_bucket = None
         if buckets:
+            if "bucket_of" not in h or "packed_latent" not in h:
+                raise ValueError(f"data.py: {index_file}: incomplete cache index (buckets without bucket_of "
+                                 f"or packed_latent)")
             self.buckets = [tuple(b) for b in h["buckets"]]
             self.item_bucket = np.asarray(h["bucket_of"], dtype=np.int64)
             if len(self.item_bucket) != h["items"] or not all(0 <= b < len(self.buckets) for b in
