@@ -601,8 +601,9 @@ def shard_problem(meta: dict, shapes: dict, header: dict) -> str:
     # bucketed: each latent (C, h, w) of its bucket, flattened and zero-padded to the largest bucket's h * w
     lat = (m, header["latent_shape"][0], header["packed_latent"]) if "buckets" in header else \
         (m, *header["latent_shape"])
-    want = {"index": ((m,), "I64"), "latent": (lat, dt), "latent_std": (lat, dt), "context": ((m, *header["context_shape"]), dt),
-            "pooled": ((m, header["pooled_dim"]), dt), "time_ids": ((m, 6), "F32")}
+    want = {"index": ((m,), "I64"), "latent": (lat, dt), "latent_std": (lat, dt),
+            "context": ((m, *header["context_shape"]), dt), "pooled": ((m, header["pooled_dim"]), dt),
+            "time_ids": ((m, 6), "F32")}
     bad = [f"{k} {tuple(shapes[k][0])} {shapes[k][1]} (expected {w[0]} {w[1]})" for k, w in want.items()
            if (tuple(shapes[k][0]), shapes[k][1]) != w]
     return "; ".join(bad)

@@ -451,7 +451,8 @@ def export(folder, student, student_sd, is_lora, steps, prediction, step, base_s
             rank, alpha = int(metadata["ss_network_dim"]), float(metadata["ss_network_alpha"])
             device = next(iter(lora.lora_state_dict(student).values())).device
             ext, errors = lora.extract_lora(base_sd, sd, lora.lora_targets(merged), rank, alpha, device)
-            save_safetensors({k: v.half().contiguous() for k, v in ext.items()}, folder / lora_filename(steps),
+            save_safetensors({k: v.half().contiguous() for k, v in ext.items()},
+                             folder / lora_filename(steps),
                              {**lora.kohya_metadata(rank, alpha), "lightning_relative_to": "base"})
             worst = max(errors, key=errors.get)
             # what no LoRA carries: biases, norms, conv_in/out, the embeddings (a whole-UNet phase before

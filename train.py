@@ -14,8 +14,8 @@ Outputs per phase in OUT/<stage>/<phase>/: sdxl_lightning_{N}step_unet.safetenso
 ..._1step_unet_x0), in LoRA phases also two fp16 kohya LoRAs: sdxl_lightning_{N}step_lora.safetensors (the
 release name: relative to --base, to fuse into SDXL base or a fine-tune; a truncated SVD of student minus
 base, its error in phase.json) and ..._{N}step_lora_on_init.safetensors (the LoRA as trained, on top of the
-phase's init, e.g. the 8-step model), checkpoint.pt (fp32, what the next phase and the next stage start from), progress.json,
-phase.json, log.jsonl and sample grids.
+phase's init, e.g. the 8-step model), checkpoint.pt (fp32, what the next phase and the next stage start
+from), progress.json, phase.json, log.jsonl and sample grids.
 
 Read top to bottom: the config (the command line), what every phase shares, the models of a phase, the
 data of a step, one step, one phase (the loop: log, save, sample grid), main. The update on one batch is
@@ -83,9 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, .tar "
                    "shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     g.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
-    g.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about --resolution "
-                   "squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest, every step's batch "
-                   "from one bucket (a cache: made with prepare.py --buckets)")
+    g.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about "
+                   "--resolution squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest, every "
+                   "step's batch from one bucket (a cache: made with prepare.py --buckets)")
     g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this")
     g.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS, help="skip images whose "
                    "Laplacian variance at the training crop is below this; 0 off")
@@ -488,8 +488,8 @@ def save(run, ph, m, checkpoint=True):
             if run.base_unet is None:
                 run.base_unet = load_unet(run, "base")
             base_sd = run.base_unet.state_dict()
-        report = files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
-                              ph.spec.student_prediction, ph.step, base_sd)
+        report = files.export(ph.dir, m.student, st["student"], ph.spec.lora,
+                              lm.STAGES[ph.stage].student_steps, ph.spec.student_prediction, ph.step, base_sd)
         if report is not None:
             record_base_lora(ph, report)
     parallel.on_master(run.ranks, write, ERRORS)

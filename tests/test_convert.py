@@ -575,7 +575,8 @@ def test_extract_lora_from_two_unets_in_either_layout(base, single, tmp_path, ca
     save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, tmp_path / "b" / "unet.safetensors")
     (tmp_path / "b" / "config.json").write_text(json.dumps(tuned.config.to_diffusers()))
     sgm = tmp_path / "b_sgm.safetensors"
-    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(tuned.state_dict(), tuned.config).items()}, sgm)
+    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(tuned.state_dict(), tuned.config).items()},
+              sgm)
     outs = []
     for a, b in [(single, tmp_path / "b" / "unet.safetensors"), (root, sgm)]:
         outs.append(tmp_path / f"lora{len(outs)}.safetensors")
@@ -603,7 +604,8 @@ def test_extract_lora_from_two_unets_in_either_layout(base, single, tmp_path, ca
             assert_close(got[k], v, atol=2e-3, rtol=2e-3)
     other = tmp_path / "other.safetensors"  # a UNet of another architecture
     wide = unet_mod.UNet(unet_mod.UNetConfig(**{**TINY_UNET.__dict__, "block_out_channels": (32, 64)}))
-    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(wide.state_dict(), wide.config).items()}, other)
+    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(wide.state_dict(), wide.config).items()},
+              other)
     with pytest.raises(SystemExit) as e:
         convert.main(["--extract-lora", str(single), str(other), "--out", str(tmp_path / "x.safetensors")])
     msg = str(e.value.code)

@@ -137,7 +137,8 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
             assert rep["file"] == files.lora_filename(st.student_steps) and (d / rep["file"]).exists()
             if phase != st.phases[0]:
                 continue
-            on_base = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items() if not k.startswith("_")})
+            on_base = UNet2DConditionModel(**{k: v for k, v in TINY_UNET.to_diffusers().items()
+                                              if not k.startswith("_")})
             base_unet = weights.load_unet(str(env["base"]))
             base_sd = base_unet.state_dict()
             on_base.load_state_dict(base_sd, strict=True)
@@ -149,12 +150,12 @@ def test_stage_runs_every_phase_and_exports(env, one_rank, stage):
             got = on_base.state_dict()
             rel = {k: ((got[k] - ours[k].float()).norm() / (ours[k].float() - base_sd[k]).norm()).item()
                    for k in (n + ".weight" for n in lora.lora_targets(base_unet))}
-            print(f"{stage}/{phase} base-relative LoRA (rank {rep['rank']}): reported worst {rep['worst_rel_error']:.3e} "
-                  f"mean {rep['mean_rel_error']:.3e}; fused by diffusers, worst {max(rel.values()):.3e}")
+            print(f"{stage}/{phase} base-relative LoRA (rank {rep['rank']}): reported worst "
+                  f"{rep['worst_rel_error']:.3e} mean {rep['mean_rel_error']:.3e}; fused by diffusers, worst {max(rel.values()):.3e}")
             assert rep["file"] == files.lora_filename(st.student_steps) and rep["layers"] == len(rel) and \
                 rep["step"] == 1
             assert abs(max(rel.values()) - rep["worst_rel_error"]) < 2e-3  # up to the fp16 files
-            if stage == "32to8":  # every adapted layer; biases, norms, conv_in/out, embeddings stay the base's
+            if stage == "32to8":  # every adapted layer (biases, norms, conv_in/out, embeddings: the base's)
                 assert rep["worst_rel_error"] < 1e-5
                 for k in rel:
                     assert_close(got[k], ours[k].float(), atol=2e-3, rtol=2e-3)
@@ -1067,15 +1068,15 @@ def test_buckets_two_ranks_equal_one_rank_accumulating_bitwise(env, tmp_path):
     seed 1 draws a 32x36 step, then a 48x24 one)."""
     ds = data.open_data(env["mixed"], 32, 32, seed=1, buckets=True, multiple=4, global_batch=2)
     assert [tuple(ds.get(2 * step).pixels.shape[1:]) for step in range(2)] == [(32, 36), (48, 24)]
-    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR, "--max-steps", 2,
-            "--seed", 1, "--buckets"]
+    args = ["--stage", "8to4", "--phase", "full", "--teacher", env["teachers"][8], "--lr", DDP_LR,
+            "--max-steps", 2, "--seed", 1, "--buckets"]
     runs = {}
     for n in ("one", "two"):
         runs[n] = common(env, tmp_path / n)
         runs[n][runs[n].index("--data") + 1] = str(env["mixed"])
     _torchrun([*args, *runs["two"]], 2)
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args + runs["one"])], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args + runs["one"])],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     one, two = tmp_path / "one/8to4/full", tmp_path / "two/8to4/full"
     assert json.loads((two / "phase.json").read_text())["world_size"] == 2

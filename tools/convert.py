@@ -148,8 +148,8 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     g = p.add_argument_group("extract a LoRA (instead of IN OUT --to)")
     g.add_argument("--extract-lora", nargs=2, metavar=("A", "B"),
-                   help="write the LoRA that turns UNet A into UNet B (same architecture; each a single file, "
-                        "a UNet .safetensors in either layout, a diffusers UNet folder or SDXL folder)")
+                   help="write the LoRA that turns UNet A into UNet B (same architecture; each a single "
+                        "file, a UNet .safetensors in either layout, a diffusers UNet folder or SDXL folder)")
     g.add_argument("--rank", type=int, default=64, help="the extracted LoRA's rank (released: 64)")
     g.add_argument("--alpha", type=float, default=8.0, help="the extracted LoRA's alpha (released: 8)")
     g.add_argument("--out", metavar="FILE", help="with --extract-lora: the LoRA .safetensors to write")
@@ -160,8 +160,8 @@ def extract(args):
     """--extract-lora A B: lora.extract_lora of B - A on every LoRA target, written fp16 to --out.
     -> the error summary printed."""
     if args.input or args.output or args.to or args.lora:
-        raise ValueError("--extract-lora A B takes --rank, --alpha, --base, --out and --overwrite, not IN, OUT, "
-                         "--to or --lora")
+        raise ValueError("--extract-lora A B takes --rank, --alpha, --base, --out and --overwrite, not IN, "
+                         "OUT, --to or --lora")
     if not args.out:
         raise ValueError("--extract-lora needs --out FILE.safetensors")
     out = Path(args.out)
@@ -183,8 +183,8 @@ def extract(args):
         stale.unlink()
     a, b = (weights.load_any_unet(src, args.base) for src in args.extract_lora)
     if a.config != b.config:
-        raise weights.CheckpointError(f"--extract-lora: {args.extract_lora[0]} and {args.extract_lora[1]} are "
-                                      f"UNets of different architectures ({a.config} vs {b.config})")
+        raise weights.CheckpointError(f"--extract-lora: {args.extract_lora[0]} and {args.extract_lora[1]} "
+                                      f"are UNets of different architectures ({a.config} vs {b.config})")
     tensors, errors = lora_mod.extract_lora(a.state_dict(), b.state_dict(), lora_mod.lora_targets(a),
                                             args.rank, args.alpha)
     files.save_safetensors({k: v.half().contiguous() for k, v in tensors.items()}, out,
@@ -245,7 +245,8 @@ def main(argv=None):
         except (ValueError, files.RunError) as e:
             raise SystemExit(f"error: {e}")
         except OSError as e:
-            raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else f"error: writing {args.out}: {e}")
+            raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else
+                             f"error: writing {args.out}: {e}")
         return
     if not (args.input and args.output and args.to):
         raise SystemExit("error: give IN, OUT and --to (or --extract-lora A B --out FILE)")

@@ -156,8 +156,9 @@ def parse_args(argv=None):
                    "(hub id, diffusers folder or single file); train with the same --base")
     p.add_argument("--out", required=True, help="cache folder (shards + cache_index.json); re-run to resume")
     p.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
-    p.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about --resolution "
-                   "squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest; train with --buckets")
+    p.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about "
+                   "--resolution squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest; train "
+                   "with --buckets")
     p.add_argument("--dtype", choices=list(data.CACHE_DTYPES), default="fp16",
                    help="storage dtype of latents and embeddings (fp16: 3 more mantissa bits than bf16)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="fp32",
