@@ -82,20 +82,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, R: int):
-    """SDXL training crop: resize the shorter side to R, then a center R x R crop.
+def resize_center_crop(img: Image.Image, R: int, W: int = None):
+    """SDXL training crop: resize the shorter side to R, then a center R x R crop; with W, to an R x W
+    (height x width) bucket: the smallest resize that covers it, then a center crop.
 
     Returns (img, crop_top, crop_left), the crop corner in the RESIZED image, which is what SDXL's
     `crops_coords_top_left` time id means (diffusers' train_text_to_image_sdxl computes it as
     int(round((size - R) / 2)), the same rounding as torchvision's CenterCrop). LANCZOS because we
     mostly downscale large photos, where it keeps the most detail without aliasing."""
     w, h = img.size
-    scale = R / min(w, h)
-    new_w, new_h = max(R, round(w * scale)), max(R, round(h * scale))
+    H, W = R, R if W is None else W
+    scale = max(H / h, W / w)  # = R / min(w, h) for a square crop
+    new_w, new_h = max(W, round(w * scale)), max(H, round(h * scale))
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
-    top, left = int(round((new_h - R) / 2.0)), int(round((new_w - R) / 2.0))
-    return img.crop((left, top, left + R, top + R)), top, left
+    top, left = int(round((new_h - H) / 2.0)), int(round((new_w - W) / 2.0))
+    return img.crop((left, top, left + W, top + H)), top, left
+
+
+# SDXL's aspect-ratio buckets (Podell et al. 2023, App. I, multi-aspect training): (height, width) at 1024
+# px, multiples of 64 of about 1024^2 pixels, aspect ratios 1:4 to 4:1 (the table made symmetric).
+SDXL_BUCKETS = ((512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
+                (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
+                (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024),
+                (1024, 960), (1088, 960), (1088, 896), (1152, 896), (1152, 832), (1216, 832), (1280, 768),
+                (1344, 768), (1344, 704), (1408, 704), (1472, 704), (1536, 640), (1600, 640), (1664, 576),
+                (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512))
+
+
+def bucket_sizes(resolution: int, multiple: int) -> list:
+    """SDXL_BUCKETS scaled from 1024 to `resolution` px: each side to the nearest multiple of q, q being the
+    table's 64 scaled (64 at 1024, 32 at 512) rounded to a multiple of `multiple` (at least `multiple`:
+    what the VAE and the UNet's downsamplings need, 32 for SDXL). Duplicates that the rounding makes at
+    small resolutions are dropped. -> [(height, width)] in the table's order."""
+    if resolution < 1 or multiple < 1:
+        raise ValueError(f"data.py: buckets need resolution, multiple >= 1, got {resolution}, {multiple}")
+    q = multiple * max(1, math.floor(64 * resolution / 1024 / multiple + 0.5))
+    out = []
+    for h, w in SDXL_BUCKETS:
+        size = tuple(max(q, math.floor(x * resolution / 1024 / q + 0.5) * q) for x in (h, w))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def nearest_bucket(w: int, h: int, sizes) -> int:
+    """The bucket (index into `sizes`, (height, width) each) nearest in aspect ratio, as log(h / w); a tie
+    goes to the first."""
+    r = math.log(h / w)
+    return min(range(len(sizes)), key=lambda b: abs(math.log(sizes[b][0] / sizes[b][1]) - r))
 
 
 _URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
@@ -299,7 +334,47 @@ def _expand(path, stats):
 
 class _Ordered:
     """get(g): the sample at global position g, from (seed, g) only. Subclasses give __len__, load(i)
-    (a sample, or None for a bad index), self.seed, self.stats and self._perm_cache = (None, None)."""
+    (a sample, or None for a bad index), self.seed, self.stats and self._perm_cache = (None, None).
+
+    With aspect-ratio buckets (self.bucket_of: the bucket of every index; self.global_batch: G), every
+    optimizer step s (positions [s*G, (s+1)*G)) draws from one bucket, so every micro-batch of it, on
+    every rank, has one shape: an epoch is each bucket's images in an order drawn from (seed, bucket,
+    epoch), cut into batches of G (the last one of a bucket filled up from the start of its order), and
+    these batches in an order drawn from (seed, epoch). Nothing depends on the rank count or the
+    micro-batch: the global batch of a step is the same on 1 or 64 ranks and after a resume."""
+
+    bucket_of = None  # np.ndarray (len,) of bucket ids, or None: one square size
+    global_batch = None
+
+    def set_buckets(self, bucket_of, global_batch):
+        """Draw every step's global batch (global_batch samples) from one bucket; bucket_of[i]: index i's."""
+        if global_batch is None or global_batch < 1:
+            raise ValueError(f"data.py: buckets need the global batch size, got {global_batch!r}")
+        self.bucket_of, self.global_batch = np.asarray(bucket_of, dtype=np.int64), int(global_batch)
+        self._members = {int(b): np.flatnonzero(self.bucket_of == b) for b in np.unique(self.bucket_of)}
+        # one epoch: (bucket, batch c of it) for every bucket in id order, ceil(n_b / G) batches each
+        self._batches = [(b, c) for b, m in sorted(self._members.items())
+                         for c in range(-(-len(m) // self.global_batch))]
+        self._bucket_cache = (None, None, {})
+
+    def _epoch_order(self, epoch: int):
+        """(the batches of this epoch in their order, {bucket: its image order}), from (seed, epoch)."""
+        if self._bucket_cache[0] != epoch:
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "bucket batches", epoch) & LOW_63)
+            self._bucket_cache = (epoch, torch.randperm(len(self._batches), generator=gen), {})
+        return self._bucket_cache[1], self._bucket_cache[2]
+
+    def _bucket_pick(self, g: int):
+        """(dataset index, its bucket's members) at global position g with buckets."""
+        step, k = divmod(g, self.global_batch)
+        epoch, j = divmod(step, len(self._batches))
+        order, perms = self._epoch_order(epoch)
+        b, c = self._batches[int(order[j])]
+        members = self._members[b]
+        if b not in perms:
+            gen = torch.Generator().manual_seed(hash_seed(self.seed, "bucket", b, epoch) & LOW_63)
+            perms[b] = torch.randperm(len(members), generator=gen)
+        return int(members[int(perms[b][(c * self.global_batch + k) % len(members)])]), members
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """The data order of one epoch, drawn from (seed, epoch) only."""
@@ -315,15 +390,19 @@ class _Ordered:
         the pick, is the same on every rank count and after any resume."""
         if g < 0:
             raise ValueError(f"data.py: global sample position must be >= 0, got {g}")
-        n = len(self)
-        i = int(self.permutation(g // n)[g % n])
+        n, members = len(self), None
+        if self.bucket_of is None:
+            i = int(self.permutation(g // n)[g % n])
+        else:  # a replacement comes from the same bucket: the batch keeps its shape
+            i, members = self._bucket_pick(g)
         for attempt in range(MAX_ATTEMPTS):
             sample = self.load(i)
             if sample is not None:
                 return sample
             self.stats["skipped"] += 1
             gen = torch.Generator().manual_seed(hash_seed(self.seed, "retry", g, attempt) & LOW_63)
-            i = int(torch.randint(n, (1,), generator=gen))
+            i = int(torch.randint(n, (1,), generator=gen)) if members is None else \
+                int(members[int(torch.randint(len(members), (1,), generator=gen))])
         s = self.stats
         raise RuntimeError(
             f"data.py: {MAX_ATTEMPTS} picks in a row failed at position {g} in {self.path!r}: the data "
@@ -337,9 +416,9 @@ class _Ordered:
 
 @dataclass
 class Sample:
-    pixels: torch.Tensor  # (3, R, R) float32 in [-1, 1]
+    pixels: torch.Tensor  # (3, R, R) float32 in [-1, 1]; (3, h, w) of its bucket with buckets
     caption: str
-    time_ids: torch.Tensor  # (6,) float32: orig_h, orig_w, crop_top, crop_left, R, R (SDXL's order)
+    time_ids: torch.Tensor  # (6,) float32: orig_h, orig_w, crop_top, crop_left, R, R (or h, w) (SDXL's order)
     index: int  # dataset index actually loaded (a replacement when the pick was bad)
 
 
@@ -357,10 +436,16 @@ class ImageCaptionData(_Ordered):
     not_regular (a FIFO, socket or device named like an image or shard: skipped at indexing), bad_shards,
     repeated_dirs (folders reached again through a symlink: indexed once), usable (the index size),
     skipped (bad picks that `get` replaced). Load-time counts are per bad
-    index, once; later picks of it are only skipped."""
+    index, once; later picks of it are only skipped.
+
+    buckets: a list of (height, width) (bucket_sizes): each image goes to the one nearest its aspect ratio
+    (from its header, at init: self.item_bucket), is resized to cover it and center-cropped there, and its
+    time ids say so (original size, crop corner, the bucket's size as the target size, SDXL's
+    multi-aspect conditioning); the sharpness filter sees that crop. set_buckets then makes `get` draw
+    every step from one bucket (open_data does)."""
 
     def __init__(self, path, resolution=1024, min_size=1024, sharpness=DEFAULT_SHARPNESS, seed=0,
-                 min_aesthetic=0.0, clean_captions=False, aesthetic_key=None):
+                 min_aesthetic=0.0, clean_captions=False, aesthetic_key=None, buckets=None):
         if int(resolution) != resolution or resolution < 1:
             raise ValueError(f"data.py: resolution must be a positive integer, got {resolution!r}")
         if not (min_size >= 0 and sharpness >= 0 and min_aesthetic >= 0):  # also refuses NaN
@@ -381,7 +466,7 @@ class ImageCaptionData(_Ordered):
         candidates = _scan_folder_files(files, self.stats)
         for shard in shards:
             candidates += _scan_tar(shard, self.stats)
-        self.items = []
+        self.items, sizes = [], []
         for item, meta in candidates:
             if self.min_aesthetic > 0:
                 try:
@@ -400,7 +485,11 @@ class ImageCaptionData(_Ordered):
                 self.stats["too_small"] += 1
                 continue
             self.items.append(item)
+            sizes.append((w, h))
         self.stats["usable"] = len(self.items)
+        self.buckets = None if buckets is None else [tuple(int(x) for x in b) for b in buckets]
+        self.item_bucket = None if buckets is None else \
+            np.array([nearest_bucket(w, h, self.buckets) for w, h in sizes], dtype=np.int64)
         if not self.items:
             s = self.stats
             raise ValueError(
@@ -433,17 +522,19 @@ class ImageCaptionData(_Ordered):
         except _BAD_IMAGE:
             return None, "corrupt"
         orig_w, orig_h = img.size
-        R = self.resolution
-        img, top, left = resize_center_crop(img, R)
+        H = W = self.resolution
+        if self.buckets is not None:
+            H, W = self.buckets[self.item_bucket[i]]
+        img, top, left = resize_center_crop(img, H, W)
         if self.sharpness > 0 and laplacian_variance(np.asarray(img.convert("L"))) < self.sharpness:
             return None, "blurry"
         status = "long_caption" if cut else "ok"
         if self.clean_captions:
             cleaned = clean_caption(caption)
             status, caption = ("cleaned" if cleaned != caption and not cut else status), cleaned
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, R, R)
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         pixels = pixels.float() / 255.0 * 2.0 - 1.0
-        time_ids = torch.tensor([orig_h, orig_w, top, left, R, R], dtype=torch.float32)
+        time_ids = torch.tensor([orig_h, orig_w, top, left, H, W], dtype=torch.float32)
         return Sample(pixels=pixels, caption=caption, time_ids=time_ids, index=i), status
 
     def load(self, i: int):
@@ -499,7 +590,7 @@ def shard_problem(meta: dict, shapes: dict, header: dict) -> str:
         return f"format version {meta.get('version')}, this code reads {CACHE_VERSION}"
     if meta.get("fingerprint") != header["fingerprint"]:
         mine = json.loads(meta.get("header", "{}"))
-        diff = [k for k in ("base", "resolution", "dtype", "data", "filters", "shard_size")
+        diff = [k for k in ("base", "resolution", "dtype", "data", "filters", "shard_size", "buckets")
                 if mine.get(k) != header.get(k)]
         return ("from another cache (differs in " + (", ".join(diff) if diff else "the data index") +
                 f"): made for {', '.join(f'{k}={mine.get(k)!r}' for k in diff) or 'other data'}")
@@ -507,9 +598,12 @@ def shard_problem(meta: dict, shapes: dict, header: dict) -> str:
         return f"tensors {sorted(shapes)}, expected {list(CACHE_TENSORS)}"
     m = shapes["index"][0][0] if len(shapes["index"][0]) == 1 else -1
     dt = {"fp16": "F16", "bf16": "BF16"}[header["dtype"]]
-    want = {"index": ((m,), "I64"), "latent": ((m, *header["latent_shape"]), dt),
-            "latent_std": ((m, *header["latent_shape"]), dt), "context": ((m, *header["context_shape"]), dt),
-            "pooled": ((m, header["pooled_dim"]), dt), "time_ids": ((m, 6), "F32")}
+    # bucketed: each latent (C, h, w) of its bucket, flattened and zero-padded to the largest bucket's h * w
+    lat = (m, header["latent_shape"][0], header["packed_latent"]) if "buckets" in header else \
+        (m, *header["latent_shape"])
+    want = {"index": ((m,), "I64"), "latent": (lat, dt), "latent_std": (lat, dt),
+            "context": ((m, *header["context_shape"]), dt), "pooled": ((m, header["pooled_dim"]), dt),
+            "time_ids": ((m, 6), "F32")}
     bad = [f"{k} {tuple(shapes[k][0])} {shapes[k][1]} (expected {w[0]} {w[1]})" for k, w in want.items()
            if (tuple(shapes[k][0]), shapes[k][1]) != w]
     return "; ".join(bad)
@@ -550,7 +644,7 @@ class CachedData(_Ordered):
     made for, tensor shapes): a missing, truncated or foreign file is refused with its name. Values are
     checked finite when read."""
 
-    def __init__(self, path, resolution=None, seed=0, base=None):
+    def __init__(self, path, resolution=None, seed=0, base=None, buckets=False):
         path = os.fspath(path)
         self.dir = os.path.dirname(path) if path.endswith(CACHE_INDEX) else path
         self.path, self.seed = path, int(seed)
@@ -577,7 +671,22 @@ class CachedData(_Ordered):
         if base is not None and not same_base(base, h["base"]):
             raise ValueError(f"data.py: {index_file}: the cache was encoded with the VAE and text encoders of "
                              f"{h['base']!r}, not {os.fspath(base)!r}; pass that --base or re-run prepare.py")
+        if bool(buckets) != ("buckets" in h):
+            raise ValueError(f"data.py: {index_file}: the cache was made " + (
+                "with --buckets (aspect-ratio buckets); train with --buckets" if "buckets" in h else
+                f"square ({h['resolution']} px crops), without --buckets; run prepare.py with --buckets"))
         self.header, self.resolution = h, h["resolution"]
+        self.buckets = self.item_bucket = None
+        if buckets:
+            if "bucket_of" not in h or "packed_latent" not in h:
+                raise ValueError(f"data.py: {index_file}: incomplete cache index (buckets without bucket_of "
+                                 f"or packed_latent)")
+            self.buckets = [tuple(b) for b in h["buckets"]]
+            self.item_bucket = np.asarray(h["bucket_of"], dtype=np.int64)
+            if len(self.item_bucket) != h["items"] or not all(0 <= b < len(self.buckets) for b in
+                                                              set(self.item_bucket.tolist())):
+                raise ValueError(f"data.py: {index_file}: bucket_of does not give a bucket for each of the "
+                                 f"{h['items']} items")
         # (4, h, w), (77, C)
         self.latent_shape, self.context_shape = tuple(h["latent_shape"]), tuple(h["context_shape"])
         self.pooled_dim = h["pooled_dim"]
@@ -625,6 +734,11 @@ class CachedData(_Ordered):
         k = i // self.header["shard_size"]
         f = self._shard(k)
         t = {name: f.get_slice(name)[row:row + 1][0].float() for name in CACHE_TENSORS[1:]}
+        if self.buckets is not None:  # unpack (C, packed) -> (C, h, w) of the index's bucket
+            bh, bw = self.buckets[self.item_bucket[i]]
+            f_ = self.resolution // self.latent_shape[-1]
+            for name in ("latent", "latent_std"):
+                t[name] = t[name][:, :(bh // f_) * (bw // f_)].reshape(-1, bh // f_, bw // f_)
         if not all(torch.isfinite(v).all() for v in t.values()):
             raise ValueError(f"data.py: {os.path.join(self.dir, self.header['shards'][k])}: non-finite values "
                              f"in the sample of index {i} (row {row}): a corrupt shard; delete it and re-run "
@@ -633,13 +747,20 @@ class CachedData(_Ordered):
 
 
 def open_data(path, resolution, min_size=1024, sharpness=DEFAULT_SHARPNESS, min_aesthetic=0.0,
-              clean_captions=False, seed=0, base=None, aesthetic_key=None):
+              clean_captions=False, seed=0, base=None, aesthetic_key=None, buckets=False, multiple=None,
+              global_batch=None):
     """The reader for --data: CachedData for a prepare.py cache (its filters were applied when it was
-    made; `base`, when given, must be the one it was encoded with), else ImageCaptionData."""
+    made; `base`, when given, must be the one it was encoded with), else ImageCaptionData.
+    buckets: SDXL's aspect-ratio buckets at `resolution` (bucket_sizes(resolution, multiple); a cache
+    must have been made with them and holds its own), each step's `global_batch` drawn from one."""
     if is_cache(path):
-        return CachedData(path, resolution, seed, base)
-    return ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions,
-                            aesthetic_key)
+        ds = CachedData(path, resolution, seed, base, buckets)
+    else:
+        ds = ImageCaptionData(path, resolution, min_size, sharpness, seed, min_aesthetic, clean_captions,
+                              aesthetic_key, bucket_sizes(resolution, multiple) if buckets else None)
+    if buckets:
+        ds.set_buckets(ds.item_bucket, global_batch)
+    return ds
 
 
 # -----------------------------------------------------------------------------

@@ -265,7 +265,14 @@ def unet_filename(steps, prediction=None):
 
 
 def lora_filename(steps):
+    """The release name: the LoRA relative to the base (--base), the one to fuse into SDXL base or a
+    fine-tune of it (Sec. 2.6)."""
     return f"sdxl_lightning_{steps}step_lora.safetensors"
+
+
+def lora_on_init_filename(steps):
+    """The LoRA as trained: relative to the phase's init (e.g. the 8-step model in 8to4), not to the base."""
+    return f"sdxl_lightning_{steps}step_lora_on_init.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -416,14 +423,20 @@ def load_unet(src, base, cfg, base_sd=None):
 # Exports: the release formats
 
 
-def export(folder, student, student_sd, is_lora, steps, prediction, step):
+def export(folder, student, student_sd, is_lora, steps, prediction, step, base_sd=None):
     """Steps 2 and 3 of a save: the release formats in fp16, a diffusers-layout UNet (a LoRA merged in fp32
-    into a copy: the student's base is a LoRA phase's teacher and must stay untouched) and the LoRA, then
-    progress.json saying the exports are those of `step`. student_sd: the student's state as checkpoint.pt
-    holds it, whole on the CPU (gathered from its shards); a LoRA phase reads its base from `student`."""
+    into a copy: the student's base is a LoRA phase's teacher and must stay untouched), in LoRA phases the
+    LoRA twice (below), then progress.json saying the exports are those of `step`. student_sd: the
+    student's state as checkpoint.pt holds it, whole on the CPU (gathered from its shards); a LoRA phase
+    reads its base from `student`.
+    The two LoRAs: lora_on_init_filename, the trained one, on top of the phase's init (the previous
+    stage's model); lora_filename (the release name), the one that turns `base_sd` (the --base UNet, fp32)
+    into the student: lora.extract_lora of their difference at the trained rank and alpha, computed on the
+    student's device. -> its error summary (what train.py logs and writes to phase.json), else None."""
     folder = Path(folder)
     base = lora.base_state_dict(student) if is_lora else student_sd
     sd = {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in base.items()}
+    report = None
     if is_lora:
         with torch.device("meta"):  # no wasted init: every tensor is assigned from the student's base
             merged = unet_lib.UNet(student.config)
@@ -432,12 +445,34 @@ def export(folder, student, student_sd, is_lora, steps, prediction, step):
         lora.merge_lora(merged, lsd, source="student LoRA")
         sd = merged.state_dict()
         tensors, metadata = lora.kohya_file(student)  # fp16, as released
-        save_safetensors(tensors, folder / lora_filename(steps), metadata)
+        save_safetensors(tensors, folder / lora_on_init_filename(steps),
+                         {**metadata, "lightning_relative_to": "init"})
+        if base_sd is not None:
+            rank, alpha = int(metadata["ss_network_dim"]), float(metadata["ss_network_alpha"])
+            device = next(iter(lora.lora_state_dict(student).values())).device
+            ext, errors = lora.extract_lora(base_sd, sd, lora.lora_targets(merged), rank, alpha, device)
+            save_safetensors({k: v.half().contiguous() for k, v in ext.items()},
+                             folder / lora_filename(steps),
+                             {**lora.kohya_metadata(rank, alpha), "lightning_relative_to": "base"})
+            worst = max(errors, key=errors.get)
+            # what no LoRA carries: biases, norms, conv_in/out, the embeddings (a whole-UNet phase before
+            # this one trained them): their share of the student's difference to the base
+            adapted = {n + ".weight" for n in errors}
+            sq = {k: float((v - base_sd[k].to(v.dtype)).double().square().sum()) for k, v in sd.items()}
+            outside = sum(v for k, v in sq.items() if k not in adapted)
+            report = {"file": lora_filename(steps), "relative_to": "base", "rank": rank, "alpha": alpha,
+                      "step": step, "layers": len(errors), "worst_rel_error": errors[worst],
+                      "worst_layer": worst, "mean_rel_error": sum(errors.values()) / len(errors),
+                      "tensors_outside_lora_that_differ": sum(1 for k, v in sq.items()
+                                                              if k not in adapted and v > 0),
+                      "outside_lora_share_of_difference": (outside / sum(sq.values())) ** 0.5
+                      if sum(sq.values()) > 0 else 0.0}
     fp16 = {k: v.half().contiguous() for k, v in sd.items()}
     save_safetensors(fp16, folder / unet_filename(steps, prediction))
     save_json(student.config.to_diffusers(), folder / "config.json")
     crash_point("exports")
     save_json({"step": step}, folder / "progress.json")
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ the diffusers module path (`down_blocks_1_attentions_0_...`) or as the original 
 UNet's real module names instead of being parsed. This file speaks the diffusers spelling; weights.py reads
 files in either spelling (weights.read_lora) and converts between them.
 
-Read top to bottom: targets and names, the lookup table, checking and merging LoRAs, then the
-training side (hooks on the targets, enable/disable, state dict, the kohya file, merge-and-remove).
+Read top to bottom: targets and names, the lookup table, checking and merging LoRAs, extracting one from
+two UNets (truncated SVD), then the training side (hooks on the targets, enable/disable, state dict, the
+kohya file, merge-and-remove).
 """
 import math
 
@@ -151,6 +152,63 @@ def merge_lora(unet, lora_sd, scale=1.0, source="lora") -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Extracting a LoRA from two UNets (kohya's extract_lora_from_models): the difference, truncated by SVD
+
+def kohya_metadata(rank, alpha) -> dict:
+    """The safetensors metadata kohya writes for a LoRA of one rank and alpha."""
+    return {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{float(alpha):g}"}
+
+
+@torch.no_grad()
+def extract_lora(base_sd, tuned_sd, module_names, rank, alpha, device=None) -> tuple:
+    """Sec. 2.6 / 3.6 (the LoRA plugs into other bases): the LoRA that turns `base_sd` into `tuned_sd` on
+    the modules `module_names` (diffusers names, e.g. lora_targets(unet)), every layer at `rank` and `alpha`.
+    Per layer D = W_tuned - W_base, flattened to (out, in * kh * kw) for a conv; its best rank-r
+    approximation (Eckart-Young) is the projection onto its top r singular vectors, D_r = U_r U_r^T D,
+    U_r from the eigenvectors of the small Gram matrix D D^T (or D^T D), in float64: on SDXL's widest
+    layers about ten times cheaper than a full SVD, exactly the same D_r up to float64 rounding. Split
+    evenly, up = U_r sqrt(S_r) and down = sqrt(S_r) V_r^T (S_r V_r^T = U_r^T D), both times
+    sqrt(rank / alpha) so that merge_lora's alpha / rank gives D_r back. A layer narrower than `rank` is
+    exact and padded with zero rows (every layer keeps one rank, as the release files and kohya's metadata
+    have it). -> (kohya tensors float32 on the CPU, {module name: relative error ||D - D_r||_F / ||D||_F},
+    0 where D = 0), the error being sqrt of the sum of the squared discarded singular values over ||D||_F."""
+    if rank < 1 or not alpha > 0:
+        raise ValueError(f"extract_lora: rank must be >= 1 and alpha > 0, got rank {rank}, alpha {alpha}")
+    out, errors = {}, {}
+    f = math.sqrt(rank / alpha)
+    for name in module_names:
+        key = name + ".weight"
+        w_base, w_tuned = base_sd[key], tuned_sd[key]
+        if w_base.shape != w_tuned.shape:
+            raise ValueError(f"extract_lora: {key} has shape {tuple(w_base.shape)} in one UNet and "
+                             f"{tuple(w_tuned.shape)} in the other")
+        dev = device or w_tuned.device
+        d = (w_tuned.to(dev, torch.float64) - w_base.to(dev, torch.float64)).flatten(1)  # (out, in*kh*kw)
+        wide = d.shape[0] <= d.shape[1]
+        a = d if wide else d.T  # (m, n), m <= n
+        k = min(rank, a.shape[0])
+        u = torch.linalg.eigh(a @ a.T)[1][:, -k:].flip(1)  # (m, k): the top k left singular vectors
+        sv = u.T @ a  # (k, n) = S_k V_k^T
+        total = a.square().sum()
+        errors[name] = float(((a - u @ sv).square().sum() / total).sqrt()) if total > 0 else 0.0
+        root = sv.norm(dim=1).sqrt()  # sqrt(S_k)
+        u, sv = u * root * f, sv / root.clamp_min(1e-300)[:, None] * f  # (m, k) and (k, n), balanced
+        up = torch.zeros(d.shape[0], rank, device=dev, dtype=torch.float64)
+        down = torch.zeros(rank, d.shape[1], device=dev, dtype=torch.float64)
+        if wide:  # d = u sv
+            up[:, :k], down[:k] = u, sv
+        else:  # d = (u sv)^T = sv^T u^T
+            up[:, :k], down[:k] = sv.T, u.T
+        if w_base.dim() == 4:  # a conv: down keeps the base kernel, up is 1x1 (as LoRALayer)
+            down, up = down.reshape(rank, *w_base.shape[1:]), up.reshape(*up.shape, 1, 1)
+        kn = kohya_name(name)
+        out[f"{kn}.lora_down.weight"], out[f"{kn}.lora_up.weight"] = down.float().cpu(), up.float().cpu()
+        out[f"{kn}.alpha"] = torch.tensor(float(alpha))
+    return out, errors
+
+
+# ----------------------------------------------------------------------------------------------------
 # Training: LoRA layers called by forward hooks on the targets
 
 class LoRALayer(nn.Module):
@@ -235,9 +293,7 @@ def kohya_file(unet, dtype=torch.float16) -> tuple:
     lora_dict = _lora_dict(unet)
     sd = {k: v.to("cpu", dtype).contiguous() for k, v in lora_state_dict(unet).items()}
     first = next(iter(lora_dict.values()))  # add_lora gives every layer the same rank and alpha
-    meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
-            "ss_network_alpha": f"{float(first.alpha):g}"}
-    return sd, meta
+    return sd, kohya_metadata(first.rank, float(first.alpha))
 
 
 def merge_and_remove_lora(unet) -> None:

@@ -11,9 +11,11 @@ Without --phase a stage runs its phases in order (lightning_min.PHASE_TABLE), ea
 previous one's fp32 checkpoint as the table's hand-off columns say. Re-running the same command resumes
 from the last checkpoint; finished phases are skipped; a larger --max-steps continues a finished phase.
 Outputs per phase in OUT/<stage>/<phase>/: sdxl_lightning_{N}step_unet.safetensors (1 step:
-..._1step_unet_x0), in LoRA phases also sdxl_lightning_{N}step_lora.safetensors (fp16, the release
-format), checkpoint.pt (fp32, what the next phase and the next stage start from), progress.json,
-phase.json, log.jsonl and sample grids.
+..._1step_unet_x0), in LoRA phases also two fp16 kohya LoRAs: sdxl_lightning_{N}step_lora.safetensors (the
+release name: relative to --base, to fuse into SDXL base or a fine-tune; a truncated SVD of student minus
+base, its error in phase.json) and ..._{N}step_lora_on_init.safetensors (the LoRA as trained, on top of the
+phase's init, e.g. the 8-step model), checkpoint.pt (fp32, what the next phase and the next stage start
+from), progress.json, phase.json, log.jsonl and sample grids.
 
 Read top to bottom: the config (the command line), what every phase shares, the models of a phase, the
 data of a step, one step, one phase (the loop: log, save, sample grid), main. The update on one batch is
@@ -22,6 +24,7 @@ folder (atomic writes, the lock, checkpoints, exports, resume checks) is files.p
 """
 import argparse
 import importlib
+import json
 import math
 import os
 import time
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="a folder of images with same-stem .txt captions, .tar "
                    "shards, or a prepare.py cache (no VAE or text encoder is then loaded)")
     g.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
+    g.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about "
+                   "--resolution squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest, every "
+                   "step's batch from one bucket (a cache: made with prepare.py --buckets)")
     g.add_argument("--min-size", type=int, default=1024, help="skip images with a shorter side below this")
     g.add_argument("--sharpness", type=float, default=data.DEFAULT_SHARPNESS, help="skip images whose "
                    "Laplacian variance at the training crop is below this; 0 off")
@@ -198,20 +204,27 @@ def load_frozen(args, ranks, renoise_late):
         from torch.utils.tensorboard import SummaryWriter
         tensorboard = SummaryWriter(args.tensorboard)
     dev, dtype = ranks.device, torch.bfloat16 if ranks.device.type == "cuda" else torch.float32
-    ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
-                        args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key)
-    cached = isinstance(ds, data.CachedData)
+    cached = data.is_cache(args.data)
     base_sd = weights.read_safetensors(args.base) if weights.is_file(args.base) else None
     text = vae = None
     if not cached or args.sample_every:  # a cache needs no VAE or text encoder, except for sample grids
         text = weights.load_text(args.base, dev, dtype, sd=base_sd)
         vae = weights.load_vae(args.base, dev, dtype, sd=base_sd).eval().requires_grad_(False)
+    unet_config = weights.unet_config(args.base, base_sd)
+    # bucket sides: multiples of what the VAE and the UNet's downsamplings divide (32 for SDXL)
+    multiple = vae.config.downscale * 2 ** (len(unet_config.block_out_channels) - 1) if vae else None
+    ds = data.open_data(args.data, args.resolution, args.min_size, args.sharpness, args.min_aesthetic,
+                        args.clean_captions, args.seed, base=args.base, aesthetic_key=args.aesthetic_key,
+                        buckets=args.buckets, multiple=multiple, global_batch=args.batch_size)
     latent_size = ds.latent_shape[-1] if cached else args.resolution // vae.config.downscale
     if ranks.master:
         kind = f"cache {args.data} (filters applied when it was made)" if cached else "images"
+        if args.buckets:
+            counts = Counter(ds.buckets[b] for b in ds.item_bucket.tolist())
+            kind += " in buckets " + ", ".join(f"{h}x{w}: {n}" for (h, w), n in sorted(counts.items()))
         print(f"data: {kind}: {len(ds)} usable {ds.stats}; world {ranks.world}; device {dev}")
-    return Run(args, ranks, renoise_late, ds, weights.unet_config(args.base, base_sd), latent_size, base_sd,
-               text, vae, tensorboard=tensorboard, dtype=dtype)
+    return Run(args, ranks, renoise_late, ds, unet_config, latent_size, base_sd, text, vae,
+               tensorboard=tensorboard, dtype=dtype)
 
 
 # --- The models of a phase: where they start from (the hand-offs of lightning_min.PHASE_TABLE), set up ------
@@ -470,9 +483,29 @@ def save(run, ph, m, checkpoint=True):
                 "renoise_switch_step": ph.switch_step,
                 "student": {k: v.detach().cpu() for k, v in st["student"].items()}, "disc": st["disc"],
                 "opt_g": st["opt_g"], "opt_d": st["opt_d"], "rng": torch.get_rng_state()})
-        files.export(ph.dir, m.student, st["student"], ph.spec.lora, lm.STAGES[ph.stage].student_steps,
-                     ph.spec.student_prediction, ph.step)
+        base_sd = None
+        if ph.spec.lora:  # the LoRA relative to --base needs the base's weights (fp32, CPU; loaded once)
+            if run.base_unet is None:
+                run.base_unet = load_unet(run, "base")
+            base_sd = run.base_unet.state_dict()
+        report = files.export(ph.dir, m.student, st["student"], ph.spec.lora,
+                              lm.STAGES[ph.stage].student_steps, ph.spec.student_prediction, ph.step, base_sd)
+        if report is not None:
+            record_base_lora(ph, report)
     parallel.on_master(run.ranks, write, ERRORS)
+
+
+def record_base_lora(ph, report):
+    """The base-relative LoRA's approximation error (files.export): in the log and in phase.json."""
+    log_line = (f"{report['file']} (relative to --base, rank {report['rank']}): per-layer relative error "
+                f"worst {report['worst_rel_error']:.3e} ({report['worst_layer']}), mean "
+                f"{report['mean_rel_error']:.3e} over {report['layers']} layers; "
+                f"{report['tensors_outside_lora_that_differ']} other tensors differ from the base (no LoRA "
+                f"carries them: {report['outside_lora_share_of_difference']:.1%} of the difference's norm)")
+    tqdm.write(f"[{ph.stage}/{ph.name}] {log_line}")  # as log(): save's write runs on rank 0 only
+    meta_file = ph.dir / "phase.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    files.save_json({**meta, "base_lora": report}, meta_file)
 
 
 def resume(run, ph, m):
@@ -500,6 +533,9 @@ def write_meta(run, ph, m):
             "trainable_params": m.n_trainable, "world_size": run.ranks.world, "fsdp": m.fsdp,
             "args": vars(run.args), **ph.spec.__dict__, "lr": ph.lr, "renoise": ph.renoise,
             "renoise_switch_step": ph.switch_step, "renoise_weights_late": run.args.renoise_weights_late}
+    old = ph.dir / "phase.json"
+    if old.exists() and "base_lora" in (previous := json.loads(old.read_text())):  # of the checkpoint's step
+        meta["base_lora"] = previous["base_lora"]
     files.save_json(meta, ph.dir / "phase.json")
     files.trim_log(ph.dir, ph.step)  # the steps of the checkpoint only
 

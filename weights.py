@@ -690,6 +690,31 @@ def load_unet(source: str, cfg=None, device="cpu", dtype=torch.float32,
     return build_strict(unet_mod.UNet, cfg, read_safetensors(path), str(path), device, dtype)
 
 
+def load_any_unet(source, base=None, device="cpu", dtype=torch.float32) -> unet_mod.UNet:
+    """A UNet from wherever a user keeps one, strictly: a single file (SGM layout, the whole model or the
+    UNet alone); a diffusers-layout UNet file, its architecture from the config.json next to it (as
+    train.py exports it) or else from `base`; a diffusers UNet folder (config.json and
+    diffusion_pytorch_model.safetensors); a diffusers SDXL folder or hub id (its unet/)."""
+    p = Path(source)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "unet").is_dir():
+        cfg = unet_mod.UNetConfig.from_diffusers(read_json(p / "config.json"), str(p / "config.json"))
+        return load_unet(str(p / "diffusion_pytorch_model.safetensors"), cfg, device, dtype)
+    if not is_file(source):
+        return load_unet(str(source), None, device, dtype)
+    sd = read_safetensors(source)
+    cfg = None
+    if detect_layout(sd, str(source)) == "diffusers":
+        cfg_json = p.with_name("config.json")
+        if cfg_json.is_file():
+            cfg = unet_mod.UNetConfig.from_diffusers(read_json(cfg_json), str(cfg_json))
+        elif base is not None:
+            cfg = unet_config(base)
+        else:
+            raise CheckpointError(f"{source}: a diffusers-layout UNet file with no config.json next to it; "
+                                  "give --base (the architecture's source)")
+    return load_unet(str(source), cfg, device, dtype, sd=sd)
+
+
 def load_vae(source: str, device="cpu", dtype=torch.float32, variant=None, sd=None) -> vae_mod.VAE:
     """The VAE of a base; `sd`: the already-read tensors of a single file (read once for all parts)."""
     if is_file(source):

@@ -556,3 +556,58 @@ def test_out_that_is_an_input_is_refused(base, single, tmp_path, monkeypatch, ca
             "out_holds_in": "holds IN",
             "junk_lora": "junk.safetensors: not a readable .safetensors"}[case] in msg
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 16.1: convert --extract-lora A B, from any two UNets of one architecture, either layout
+
+
+def test_extract_lora_from_two_unets_in_either_layout(base, single, tmp_path, capsys):
+    """B = the base UNet plus a rank-4 LoRA, written as train.py exports (diffusers layout + config.json) and
+    as an SGM UNet file; A = the base as a single file or as a diffusers folder. The extracted rank-8 LoRA is
+    the same from every pair of layouts, and fused into the base (our merge, and diffusers' load_lora_weights
+    + fuse_lora) gives B to fp16 tolerance. Another architecture is refused in one line."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    root, _ = base
+    tuned = weights.load_unet(str(root))
+    lora.merge_lora(tuned, _random_lora(3), source="rank-4 LoRA")
+    (tmp_path / "b").mkdir()
+    save_file({k: v.contiguous() for k, v in tuned.state_dict().items()}, tmp_path / "b" / "unet.safetensors")
+    (tmp_path / "b" / "config.json").write_text(json.dumps(tuned.config.to_diffusers()))
+    sgm = tmp_path / "b_sgm.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(tuned.state_dict(), tuned.config).items()},
+              sgm)
+    outs = []
+    for a, b in [(single, tmp_path / "b" / "unet.safetensors"), (root, sgm)]:
+        outs.append(tmp_path / f"lora{len(outs)}.safetensors")
+        convert.main(["--extract-lora", str(a), str(b), "--rank", "8", "--out", str(outs[-1])])
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        print(line)
+        assert line.startswith(f"wrote {outs[-1]}") and "worst" in line
+    first, second = load_file(outs[0]), load_file(outs[1])
+    assert first.keys() == second.keys() and all(torch.equal(v, second[k]) for k, v in first.items())
+    assert all(v.dtype == torch.float16 for v in first.values())
+    want = tuned.state_dict()
+    ours = weights.load_unet(str(single))
+    lora.merge_lora(ours, weights.read_lora(outs[0]), source=str(outs[0]))
+    from diffusers import UNet2DConditionModel
+    ref = UNet2DConditionModel(**_kwargs(TINY_UNET))
+    ref.load_state_dict(weights.load_unet(str(root)).state_dict(), strict=True)
+    sd, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(outs[0]), unet_config=ref.config)
+    ref.load_lora_adapter(sd, prefix="unet", network_alphas=alphas)
+    ref.fuse_lora()
+    ref.unload_lora()
+    for name, got in (("our merge", ours.state_dict()), ("diffusers fuse_lora", ref.state_dict())):
+        err = max((got[k] - v).abs().max().item() for k, v in want.items())
+        print(f"extracted LoRA fused into the base ({name}) vs B: max abs err {err:.2e}")
+        for k, v in want.items():
+            assert_close(got[k], v, atol=2e-3, rtol=2e-3)
+    other = tmp_path / "other.safetensors"  # a UNet of another architecture
+    wide = unet_mod.UNet(unet_mod.UNetConfig(**{**TINY_UNET.__dict__, "block_out_channels": (32, 64)}))
+    save_file({k: v.contiguous() for k, v in weights.unet_to_sgm(wide.state_dict(), wide.config).items()},
+              other)
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--extract-lora", str(single), str(other), "--out", str(tmp_path / "x.safetensors")])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "different architectures" in msg and "\n" not in msg, msg
+    assert not (tmp_path / "x.safetensors").exists()

@@ -460,3 +460,74 @@ def test_open_data_picks_the_reader(tmp_path):
     assert isinstance(ds, ImageCaptionData) and ds.seed == 5 and ds.sharpness == 0 and ds.clean_captions
     with pytest.raises(ValueError, match="min_aesthetic"):
         open_data(tmp_path, R, min_aesthetic=float("nan"))
+
+
+# -----------------------------------------------------------------------------
+# Issue 16.3: aspect-ratio buckets
+
+
+def test_bucket_table_at_1024_and_scaled():
+    """At 1024 px the SDXL paper's buckets themselves (multiples of 64, ~1024^2 pixels, the usual nine among
+    them); at 512 and 32 px the same ratios with sides in multiples of what the models need."""
+    from data import SDXL_BUCKETS, bucket_sizes
+    full = bucket_sizes(1024, 32)
+    assert full == list(SDXL_BUCKETS) and len(full) == 41
+    for hw in [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+               (1536, 640), (640, 1536)]:
+        assert hw in full
+    for R, m in [(1024, 32), (512, 32), (256, 32), (32, 4)]:
+        sizes = bucket_sizes(R, m)
+        assert (R, R) in sizes and all(h % m == 0 and w % m == 0 for h, w in sizes)
+        px = [h * w / R ** 2 for h, w in sizes]
+        print(f"{R} px (sides x{m}): {len(sizes)} buckets, pixels / R^2 from {min(px):.3f} to {max(px):.3f}")
+        assert 0.85 < min(px) and max(px) < 1.25
+
+
+def _bucket_data(folder, seed=0):
+    """10 images of five aspect ratios (1:2, 1:1, 4:3, 3:1, 2:1), 32 px at least."""
+    for k, (w, h) in enumerate([(32, 64), (40, 80), (48, 48), (40, 40), (64, 48), (80, 60), (96, 32),
+                                (120, 40), (36, 36), (64, 32)]):
+        write_pair(folder, f"{k:02d}.png", encode(noise_image(w, h, k), "PNG"), f"cap{k}")
+    return open_data(folder, R, min_size=32, seed=seed, buckets=True, multiple=4, global_batch=4)
+
+
+def test_buckets_crop_time_ids_and_one_bucket_per_step(tmp_path):
+    """Each image in the bucket nearest its aspect ratio, resized to cover it and center-cropped (as by hand),
+    time ids (original size, crop corner, the bucket as target size); every step's global batch from one
+    bucket, every image at least once an epoch, the same batches however the step is split over ranks and
+    micro-batches and in a fresh reader (a resume)."""
+    import math
+    from data import nearest_bucket
+    ds = _bucket_data(tmp_path)
+    for i, (img_file, *_) in enumerate(ds.items):
+        w, h = Image.open(img_file).size
+        bh, bw = ds.buckets[ds.item_bucket[i]]
+        others = [abs(math.log(b[0] / b[1]) - math.log(h / w)) for b in ds.buckets]
+        assert abs(math.log(bh / bw) - math.log(h / w)) == min(others)
+        assert nearest_bucket(w, h, ds.buckets) == ds.item_bucket[i]
+        s = ds.load(i)
+        scale = max(bh / h, bw / w)
+        nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+        top, left = round((nh - bh) / 2), round((nw - bw) / 2)
+        assert s.time_ids.tolist() == [h, w, top, left, bh, bw]
+        ref = Image.open(img_file).convert("RGB")
+        if (nw, nh) != (w, h):
+            ref = ref.resize((nw, nh), Image.Resampling.LANCZOS)
+        ref = torch.from_numpy(np.array(ref.crop((left, top, left + bw, top + bh)))).permute(2, 0, 1)
+        torch.testing.assert_close(s.pixels, ref.float() / 127.5 - 1, rtol=0, atol=1e-6)
+    assert len(set(ds.item_bucket.tolist())) == 5  # 64x48 and 80x60 share one
+    steps = len(ds._batches)  # one epoch
+    fresh = open_data(tmp_path, R, min_size=32, seed=0, buckets=True, multiple=4, global_batch=4)
+    seen = set()
+    for step in reversed(range(2 * steps)):  # any order, as after a resume
+        ref = [ds.get(g) for g in range(4 * step, 4 * step + 4)]
+        assert len({tuple(s.pixels.shape) for s in ref}) == 1
+        for micro, world in [(4, 1), (2, 2), (1, 4), (1, 2)]:
+            got = [fresh.get(g) for r in range(world) for a in range(4 // (micro * world))
+                   for g in rank_positions(step, 4, micro, r, world, a)]
+            assert [s.index for s in got] == [s.index for s in ref]
+        if step < steps:
+            seen |= {s.index for s in ref}
+    assert seen == set(range(len(ds)))
+    other = open_data(tmp_path, R, min_size=32, seed=1, buckets=True, multiple=4, global_batch=4)
+    assert [other.get(g).index for g in range(4 * steps)] != [ds.get(g).index for g in range(4 * steps)]

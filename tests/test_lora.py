@@ -325,3 +325,65 @@ def test_non_float_lora_tensors_refused_by_name(dtype):
                  f"not floating point: {k} \\({str(dtype).removeprefix('torch.')}\\) \\(1 in all\\)")
     a = sorted(k for k in good if k.endswith(".alpha"))[0]
     _merge_fails({**good, a: good[a].to(dtype)}, f"not floating point: {a} ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 16.1: extracting a LoRA from two UNets (truncated SVD of the difference)
+
+def _relative_fused_error(fused, want, base, names):
+    """{module: ||fused - want||_F / ||want - base||_F} per LoRA target: the error of a LoRA fused into the
+    base against the UNet it should give, relative to the difference it should add."""
+    out = {}
+    for n in names:
+        f, w, b = (sd[n + ".weight"].double() for sd in (fused, want, base))
+        out[n] = ((f - w).norm() / (w - b).norm()).item()
+    return out
+
+
+def test_extracted_lora_at_covering_rank_fuses_to_the_student_in_diffusers(tmp_path):
+    """Where the rank covers every layer's difference (the student is the base plus a rank-4 LoRA, extracted
+    at rank 8), diffusers' load_lora_weights + fuse_lora of the extracted fp16 file on the base gives the
+    student's weights to fp16 tolerance, on every target, the convs included."""
+    base, student = _ours(), _ours()
+    lora.merge_lora(student, _random_lora(student), source="rank-4 LoRA")
+    names = lora.lora_targets(base)
+    assert any(student.get_submodule(n).weight.ndim == 4 for n in names)  # the LoRA adapts convs too
+    tensors, errors = lora.extract_lora(base.state_dict(), student.state_dict(), names, rank=8, alpha=ALPHA)
+    worst = max(errors.values())
+    print(f"rank 8 over a rank-4 difference: relative error worst {worst:.2e}, mean "
+          f"{sum(errors.values()) / len(errors):.2e} over {len(errors)} layers")
+    assert len(errors) == len(names) and worst < 1e-5
+    path = tmp_path / "extracted.safetensors"
+    files.save_safetensors({k: v.half().contiguous() for k, v in tensors.items()}, path,
+                           lora.kohya_metadata(8, ALPHA))
+    fused, want = _diffusers_fused(path), student.state_dict()
+    rel = _relative_fused_error(fused, want, _reference_weights(), names)
+    print(f"diffusers fuse of the fp16 file vs the student: relative error worst {max(rel.values()):.2e}")
+    _compare_weights("extracted LoRA fused by diffusers vs the student", fused, want, atol=2e-3)
+    assert max(rel.values()) < 2e-3  # fp16 storage of up and down
+
+
+def test_extraction_error_below_rank_is_the_eckart_young_bound():
+    """At a rank below the layers' rank (two independent random UNets), every layer's reported relative error
+    equals sqrt(sum of the squared discarded singular values) / ||D||_F from numpy's SVD, and merging the
+    fp32 LoRA into the base really leaves that error."""
+    import numpy as np
+    a, b = _ours(0), _ours(7)
+    names = lora.lora_targets(a)
+    rank = 16
+    tensors, errors = lora.extract_lora(a.state_dict(), b.state_dict(), names, rank=rank, alpha=ALPHA)
+    bound = {}
+    for n in names:
+        d = (b.get_submodule(n).weight - a.get_submodule(n).weight).detach().double().flatten(1).numpy()
+        s = np.linalg.svd(d, compute_uv=False)
+        bound[n] = float(np.sqrt((s[rank:] ** 2).sum()) / np.sqrt((s ** 2).sum()))
+    merged = _ours(0)
+    lora.merge_lora(merged, tensors, source="extracted")
+    real = _relative_fused_error(merged.state_dict(), b.state_dict(), a.state_dict(), names)
+    diff = max(abs(errors[n] - bound[n]) for n in names)
+    diff_real = max(abs(real[n] - bound[n]) for n in names)
+    print(f"rank {rank}: Eckart-Young bound worst {max(bound.values()):.4f} mean "
+          f"{sum(bound.values()) / len(bound):.4f}; |reported - bound| max {diff:.2e}; |fused - bound| max "
+          f"{diff_real:.2e}; {sum(bound[n] > 0 for n in names)} of {len(names)} layers above 0")
+    assert min(bound.values()) >= 0 and max(bound.values()) > 0.1  # the rank really truncates
+    assert diff < 1e-5 and diff_real < 1e-4

@@ -302,3 +302,44 @@ def test_full_disk_for_real_is_one_line(env, small_disk, capsys):
     assert msg.startswith(f"error: {out / 'shard_000001.safetensors'}: the disk is full") and "\n" not in msg
     assert sorted(p.name for p in out.iterdir()) == ["shard_000000.safetensors"]
     assert (out / "shard_000000.safetensors").read_bytes() == kept
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue 16.3: aspect-ratio buckets
+
+
+def test_bucketed_cache_equals_the_bucketed_images(env, tmp_path):
+    """prepare.py --buckets: every sample is its image cropped in its bucket and encoded, to the fp16
+    rounding of the cache; the cache's order is the image reader's (each step's batch from one bucket);
+    a bucketed cache read without --buckets, or a square one with, is refused naming the flag."""
+    cache, seed, G = tmp_path / "cache", 3, 2
+    prepare.main(args(env, cache, "--buckets"))
+    cached = data.open_data(cache, R, seed=seed, base=env["base"], buckets=True, global_batch=G)
+    images = data.open_data(env["data"], R, min_size=32, seed=seed, buckets=True, multiple=4, global_batch=G)
+    assert cached.buckets == images.buckets == data.bucket_sizes(R, 4)
+    vae, text = weights.load_vae(str(env["base"])).eval(), weights.load_text(str(env["base"])).eval()
+    shapes, worst = set(), 0.0
+    for step in range(2 * len(images._batches)):  # two epochs of steps
+        batch = [(cached.get(g), images.get(g)) for g in range(step * G, (step + 1) * G)]
+        assert len({c.latent.shape for c, _ in batch}) == 1  # one bucket per step
+        for c, s in batch:
+            assert c.index == s.index and torch.equal(c.time_ids, s.time_ids)
+            h, w = images.buckets[images.item_bucket[s.index]]
+            assert tuple(s.pixels.shape) == (3, h, w) and s.time_ids[4:].tolist() == [h, w]
+            with torch.no_grad():
+                ref = vae.encode_latents(s.pixels[None])[0]
+                context, pooled = (t[0] for t in text.encode([s.caption]))
+            assert c.latent.shape == ref.shape == (4, h // 2, w // 2)
+            for got, r in ((c.latent, ref), (c.context, context), (c.pooled, pooled)):
+                torch.testing.assert_close(got, r, rtol=2 ** -10, atol=1e-6)
+                worst = max(worst, (got - r).abs().max().item())
+            shapes.add((h, w))
+    print(f"bucketed cache vs the images: buckets used {sorted(shapes)}, max abs err {worst:.2e}")
+    assert len(shapes) >= 3
+    x0, _, _, ids = data.cached_batch(cached, data.rank_positions(1, G, 1, 0, 1, 0) +
+                                      data.rank_positions(1, G, 1, 0, 1, 1))
+    assert x0.shape[0] == G and len(set(map(tuple, ids[:, 4:].tolist()))) == 1
+    with pytest.raises(ValueError, match="with --buckets"):
+        data.open_data(cache, R, base=env["base"])
+    with pytest.raises(ValueError, match="run prepare.py with --buckets"):
+        data.open_data(env["cache"], R, base=env["base"], buckets=True, global_batch=G)

@@ -9,6 +9,12 @@ parts with strict loads, fuses LoRAs and writes (run from the repository root):
     python -m tools.convert my_finetune.safetensors my_finetune_4step.safetensors --to single-file \\
         --lora sdxl_lightning_4step_lora.safetensors:1.0                         # LoRA fused in
     python -m tools.convert sdxl_lightning_4step.safetensors sdxl_lightning_4step/ --to diffusers
+    python -m tools.convert --extract-lora sdxl_base.safetensors my_4step.safetensors --rank 64 \
+        --out my_4step_lora.safetensors                                          # a LoRA: B minus A
+
+--extract-lora A B writes the kohya LoRA that turns UNet A into UNet B (same architecture, either layout):
+lora.extract_lora, a truncated SVD of every LoRA target's difference at --rank (kohya's
+extract_lora_from_models), fp16 as released; it prints the per-layer relative error (worst and mean).
 """
 import argparse
 import json
@@ -116,14 +122,14 @@ def write_diffusers(folder, unet, vae, encoders, text, fp16=False):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", metavar="IN",
+    p.add_argument("input", metavar="IN", nargs="?",
                    help="what to convert: a diffusers SDXL folder or hub id; a single-file .safetensors "
                         "(original layout, all parts); or a UNet-only .safetensors (either layout; our "
                         "training export, whose config.json next to it gives the architecture), completed "
                         "from --base")
-    p.add_argument("output", metavar="OUT",
+    p.add_argument("output", metavar="OUT", nargs="?",
                    help="the .safetensors file (--to single-file) or folder (--to diffusers)")
-    p.add_argument("--to", required=True, choices=["single-file", "diffusers"],
+    p.add_argument("--to", choices=["single-file", "diffusers"],
                    help="single-file: the original Stability layout in one .safetensors (ComfyUI, A1111, "
                         "kohya); diffusers: a folder StableDiffusionXLPipeline.from_pretrained loads")
     p.add_argument("--base", default=None,
@@ -140,7 +146,54 @@ def build_parser():
                    help="store floating tensors in float16 (half the size); default: keep the source's "
                         "dtypes")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    g = p.add_argument_group("extract a LoRA (instead of IN OUT --to)")
+    g.add_argument("--extract-lora", nargs=2, metavar=("A", "B"),
+                   help="write the LoRA that turns UNet A into UNet B (same architecture; each a single "
+                        "file, a UNet .safetensors in either layout, a diffusers UNet folder or SDXL folder)")
+    g.add_argument("--rank", type=int, default=64, help="the extracted LoRA's rank (released: 64)")
+    g.add_argument("--alpha", type=float, default=8.0, help="the extracted LoRA's alpha (released: 8)")
+    g.add_argument("--out", metavar="FILE", help="with --extract-lora: the LoRA .safetensors to write")
     return p
+
+
+def extract(args):
+    """--extract-lora A B: lora.extract_lora of B - A on every LoRA target, written fp16 to --out.
+    -> the error summary printed."""
+    if args.input or args.output or args.to or args.lora:
+        raise ValueError("--extract-lora A B takes --rank, --alpha, --base, --out and --overwrite, not IN, "
+                         "OUT, --to or --lora")
+    if not args.out:
+        raise ValueError("--extract-lora needs --out FILE.safetensors")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out} must end in .safetensors")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists (pass --overwrite to replace it)")
+    if args.rank < 1 or not args.alpha > 0:
+        raise ValueError(f"--rank must be >= 1 and --alpha > 0, got {args.rank} and {args.alpha}")
+    for src in args.extract_lora:
+        if not os.path.exists(src) and not weights.is_hub_id(src):
+            raise ValueError(f"--extract-lora: no such file or folder {src}")
+        if os.path.exists(src) and Path(src).resolve() == out.resolve():
+            raise ValueError(f"--out {out} is the input {src}")
+    if not out.parent.resolve().is_dir():
+        raise ValueError(f"--out's folder {out.parent} does not exist")
+    stale = files.temp_path(out)  # files.atomic_write's temp file of a killed run
+    if stale.is_file():
+        stale.unlink()
+    a, b = (weights.load_any_unet(src, args.base) for src in args.extract_lora)
+    if a.config != b.config:
+        raise weights.CheckpointError(f"--extract-lora: {args.extract_lora[0]} and {args.extract_lora[1]} "
+                                      f"are UNets of different architectures ({a.config} vs {b.config})")
+    tensors, errors = lora_mod.extract_lora(a.state_dict(), b.state_dict(), lora_mod.lora_targets(a),
+                                            args.rank, args.alpha)
+    files.save_safetensors({k: v.half().contiguous() for k, v in tensors.items()}, out,
+                           lora_mod.kohya_metadata(args.rank, args.alpha))
+    worst = max(errors, key=errors.get)
+    print(f"wrote {out}: the LoRA of {args.extract_lora[1]} minus {args.extract_lora[0]}, rank {args.rank}, "
+          f"alpha {args.alpha:g}, {len(errors)} layers; per-layer relative error worst {errors[worst]:.3e} "
+          f"({worst}), mean {sum(errors.values()) / len(errors):.3e}")
+    return errors
 
 
 def check_args(args):
@@ -186,6 +239,17 @@ def check_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.extract_lora:
+        try:
+            extract(args)
+        except (ValueError, files.RunError) as e:
+            raise SystemExit(f"error: {e}")
+        except OSError as e:
+            raise SystemExit(f"error: {e}" if getattr(e, "filename", None) else
+                             f"error: writing {args.out}: {e}")
+        return
+    if not (args.input and args.output and args.to):
+        raise SystemExit("error: give IN, OUT and --to (or --extract-lora A B --out FILE)")
     out = Path(args.output)
 
     def write(tmp):  # OUT.tmp, a file or a folder; files.atomic_write renames it over OUT

@@ -50,6 +50,11 @@ def cache_header(ds, args, vae, text):
                           args.resolution // vae.config.downscale],
          "context_shape": [text.seq_len, text.context_dim], "pooled_dim": text.pooled_dim,
          "scaling_factor": vae.config.scaling_factor}
+    if ds.buckets is not None:  # only then: a square cache keeps the fingerprint it always had
+        f = vae.config.downscale
+        h["buckets"] = [list(b) for b in ds.buckets]
+        h["bucket_of"] = ds.item_bucket.tolist()
+        h["packed_latent"] = max((bh // f) * (bw // f) for bh, bw in ds.buckets)
     items = [(os.path.abspath(it[0]), *it[1:3], os.path.abspath(it[3]), *it[4:]) for it in ds.items]
     h["fingerprint"] = hashlib.sha256(json.dumps([h, items], sort_keys=True).encode()).hexdigest()
     return h
@@ -86,17 +91,29 @@ def encode_shard(k, ds, vae, text, header, args, device):
                     samples.append(sample)
             if not samples:
                 continue
-            pixels = torch.stack([s.pixels for s in samples]).to(device, cdt)  # (B, 3, R, R)
-            latent, std, context, pooled = data.encode(vae, text, pixels,
-                                                       [s.caption for s in samples], args.vae_slice)
+            # one encoder call per image size (a single one with square crops); rows stay in index order
+            groups, enc = {}, [None] * len(samples)
+            for r, smp in enumerate(samples):
+                groups.setdefault(tuple(smp.pixels.shape), []).append(r)
+            for rs in groups.values():
+                pixels = torch.stack([samples[r].pixels for r in rs]).to(device, cdt)  # (B, 3, H, W)
+                outs = data.encode(vae, text, pixels, [samples[r].caption for r in rs], args.vae_slice)
+                for n, r in enumerate(rs):
+                    enc[r] = [v[n] for v in outs]  # latent, std (C, h, w); context (77, C); pooled (P,)
+            if "buckets" in header:  # each (C, h, w) of its bucket -> (C, packed), zero-padded
+                for e in enc:
+                    e[:2] = [torch.nn.functional.pad(v.flatten(1), (0, header["packed_latent"] -
+                                                                    v[0].numel())) for v in e[:2]]
+            latent, std, context, pooled = (torch.stack([e[k] for e in enc]) for k in range(4))
             for name, v in (("latent", latent), ("latent_std", std), ("context", context),
                             ("pooled", pooled)):
                 out[name].append(v.float().to(sdt).cpu())
             out["time_ids"].append(torch.stack([s.time_ids for s in samples]))  # (B, 6) float32
             out["index"].append(torch.tensor([s.index for s in samples], dtype=torch.int64))
     counts["cached"] = sum(len(t) for t in out["index"])
-    empty = {"index": (torch.int64, (0,)), "latent": (sdt, (0, *header["latent_shape"])),
-             "latent_std": (sdt, (0, *header["latent_shape"])),
+    lat = (0, header["latent_shape"][0], header["packed_latent"]) if "buckets" in header else \
+        (0, *header["latent_shape"])
+    empty = {"index": (torch.int64, (0,)), "latent": (sdt, lat), "latent_std": (sdt, lat),
              "context": (sdt, (0, *header["context_shape"])),
              "pooled": (sdt, (0, header["pooled_dim"])), "time_ids": (torch.float32, (0, 6))}
     tensors = {name: torch.cat(v).contiguous() if v else torch.zeros(empty[name][1], dtype=empty[name][0])
@@ -139,6 +156,9 @@ def parse_args(argv=None):
                    "(hub id, diffusers folder or single file); train with the same --base")
     p.add_argument("--out", required=True, help="cache folder (shards + cache_index.json); re-run to resume")
     p.add_argument("--resolution", type=int, default=1024, help="square training resolution in pixels")
+    p.add_argument("--buckets", action="store_true", help="SDXL's aspect-ratio buckets of about "
+                   "--resolution squared pixels (data.SDXL_BUCKETS): each image cropped in the nearest; train "
+                   "with --buckets")
     p.add_argument("--dtype", choices=list(data.CACHE_DTYPES), default="fp16",
                    help="storage dtype of latents and embeddings (fp16: 3 more mantissa bits than bf16)")
     p.add_argument("--compute-dtype", choices=list(COMPUTE_DTYPES), default="fp32",
@@ -189,14 +209,18 @@ def main(argv=None):
         use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
         os.makedirs(args.out, exist_ok=True)
-        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0,
-                                   args.min_aesthetic, args.clean_captions, args.aesthetic_key)
         cdt = COMPUTE_DTYPES[args.compute_dtype]
         single = weights.is_file(args.base)
         sd = weights.read_safetensors(args.base) if single else None
         vae = weights.load_vae(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
         text = weights.load_text(args.base, device, cdt, sd=sd).eval().requires_grad_(False)
+        # bucket sides: multiples of what the VAE and the UNet's downsamplings divide (as train.py's)
+        levels = len(weights.unet_config(args.base, sd).block_out_channels)
         del sd
+        sizes = data.bucket_sizes(args.resolution, vae.config.downscale * 2 ** (levels - 1)) \
+            if args.buckets else None
+        ds = data.ImageCaptionData(args.data, args.resolution, args.min_size, args.sharpness, 0,
+                                   args.min_aesthetic, args.clean_captions, args.aesthetic_key, sizes)
         if args.resolution % vae.config.downscale:
             raise ValueError(f"--resolution {args.resolution}: must be a multiple of the VAE's downscale "
                              f"factor {vae.config.downscale}")
