@@ -278,45 +278,122 @@ def unets(cfg, device, dtype):
     return _cache["unet"]
 
 
+# The fast path, like against like: each option on both sides (ours: sample.make_fast; diffusers: its
+# own channels_last, fuse_qkv_projections, torch.compile). CUDA graphs (ours) are paired with diffusers'
+# torch.compile mode "reduce-overhead", the way diffusers captures CUDA graphs.
+OPTIONS = ["plain", "channels_last", "fuse_qkv", "compile", "fast"]
+
+
+def option_kwargs(name, device, mode="default"):
+    """A bench option -> sample.make_fast's keywords; "fast" is sample.py --fast on this device."""
+    opts = {"channels_last": False, "fuse_qkv": False, "compile": None, "cuda_graphs": False}
+    if name == "fast":
+        flags = sample_mod.parse_args(["-", "--fast"])
+        return sample_mod.speed_options(flags, device)
+    if name == "compile":
+        return {**opts, "compile": mode}
+    return {**opts, name: True} if name != "plain" else opts
+
+
+def make_fast_diffusers(unet, vae, opts):
+    """diffusers' own speed-ups for make_fast's keywords, in place; vae may be None."""
+    if opts["channels_last"]:
+        unet.to(memory_format=torch.channels_last)
+        if vae is not None:
+            vae.to(memory_format=torch.channels_last)
+    if opts["fuse_qkv"]:
+        unet.fuse_qkv_projections()  # the UNet only, as ours (the VAE's one attention stays unfused)
+    mode = "reduce-overhead" if opts["cuda_graphs"] else opts["compile"]
+    if mode:
+        unet.compile(mode=mode)
+        if vae is not None:
+            vae.decoder.compile(mode=opts["compile"] or "default")
+    return unet, vae
+
+
+def unet_pair(cfg, device, dtype, option):
+    """The UNet pair with `option` on: plain ones are shared (cached); an option gets fresh ones (the cache
+    is dropped first: at SDXL size two pairs may not fit)."""
+    if option == "plain":
+        return unets(cfg, device, dtype)
+    from diffusers import UNet2DConditionModel
+    _cache.pop("unet", None)
+    gc.collect()
+    ours, theirs = build_pair(UNet2DConditionModel, unet_mod.UNet, cfg.unet, device, dtype)
+    return ours, theirs
+
+
+def bench_options(args, device):
+    return args.options or [o for o in OPTIONS if o != "compile" or device.type == "cuda"]
+
+
+def label(what, option, device):
+    if option == "plain":
+        return what
+    if option == "fast":
+        on = [k for k, v in option_kwargs("fast", device).items() if v]
+        return f"{what}, fast ({'+'.join(on)})"
+    return f"{what}, {option}"
+
+
 @torch.no_grad()
 def bench_unet(cfg, args, device, dtype):
-    ours, theirs = unets(cfg, device, dtype)
-    x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
-    added = {"text_embeds": pooled, "time_ids": ids}
-    return [compare("unet forward", lambda: ours(x, t, context, pooled, ids),
-                    lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
-                                   return_dict=False)[0],
-                    device, args.runs, args.warmup)]
+    rows = []
+    for option in bench_options(args, device):
+        opts = option_kwargs(option, device, args.compile_mode)
+        ours, theirs = unet_pair(cfg, device, dtype, option)
+        if option != "plain":
+            ours = sample_mod.make_fast(ours, None, device, **opts)[0]
+            theirs = make_fast_diffusers(theirs, None, opts)[0]
+        x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
+        added = {"text_embeds": pooled, "time_ids": ids}
+        rows.append(compare(label("unet forward", option, device), lambda: ours(x, t, context, pooled, ids),
+                            lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                                           return_dict=False)[0],
+                            device, args.runs, args.warmup))
+        rows[-1]["option"] = option
+        del ours, theirs
+    return rows
 
 
 @torch.no_grad()
 def bench_sample(cfg, args, device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    unet, unet_ref = unets(cfg, device, dtype)
-    # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
-    # (force_upcast)
-    vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
-    if dtype == torch.float16:
-        vae = vae.float()
     tok, tok_2, enc, enc_2 = build_text(cfg, device, dtype)
     text = text_mod.TextEncoders(tok, tok_2, enc, enc_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
-                                     tokenizer=tok,
-                                     tokenizer_2=tok_2, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
     px, prompts = cfg.latent * cfg.vae.downscale, [PROMPT] * args.batch
+    rows = []
+    for option in bench_options(args, device):
+        opts = option_kwargs(option, device, args.compile_mode)
+        unet, unet_ref = unet_pair(cfg, device, dtype, option)
+        # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
+        # (force_upcast)
+        vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
+        if dtype == torch.float16:
+            vae = vae.float()
+        if option != "plain":
+            unet, vae = sample_mod.make_fast(unet, vae, device, **opts)
+            make_fast_diffusers(unet_ref, vae_ref, opts)
+        pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
+                                         tokenizer=tok, tokenizer_2=tok_2, scheduler=scheduler,
+                                         add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for steps in getattr(args, "sample_steps", None) or [args.steps]:
+            def ours():
+                images = sample_mod.generate(text, unet, vae, prompts, steps, 0, px, px, "epsilon", 0.0, dtype)
+                return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
 
-    def ours():
-        images = sample_mod.generate(text, unet, vae, prompts, args.steps, 0, px, px, "epsilon", 0.0, dtype)
-        return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
+            def theirs():
+                return pipe(prompts, num_inference_steps=steps, guidance_scale=0.0, width=px, height=px,
+                            generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
-    def theirs():
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=0.0, width=px, height=px,
-                    generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
-
-    return [compare(f"sample {args.steps} steps {px}px", ours, theirs, device, args.runs, args.warmup)]
+            rows.append(compare(label(f"sample {steps} steps {px}px", option, device), ours, theirs, device,
+                                args.runs, args.warmup))
+            rows[-1]["option"] = option
+        del unet, unet_ref, vae, vae_ref, pipe
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,12 +603,12 @@ BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
 
 
 def print_table(rows):
-    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} " \
+    head = f"{'what':<52} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} " \
            f"{'ours peak MB':>13} {'diffusers peak MB':>18} {'max|diff|':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
+        print(f"{r['what']:<52} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
               f"{r['ratio_min']:>7.3f} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
               f"{r['max_abs_diff']:>10.2e}")
 
@@ -554,6 +631,11 @@ def parse_args(argv=None):
                    help="untimed calls per side before timing (at least 2 are made; the last one measures "
                         "memory) (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the sample bench (default 4)")
+    p.add_argument("--options", nargs="+", choices=OPTIONS, default=None,
+                   help="unet/sample benches: the speed options to time, each on both sides (default all; "
+                        "compile only on CUDA: on the CPU its compile time dwarfs a few calls)")
+    p.add_argument("--compile-mode", choices=sample_mod.COMPILE_MODES, default="default",
+                   help="torch.compile mode of the compile option (default: default)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for both sides; default torch's own (the core count)")
