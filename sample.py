@@ -312,20 +312,24 @@ class GraphedUNet(torch.nn.Module):
 def make_fast(unet, vae, device, channels_last=False, fuse_qkv=False, compile=None, cuda_graphs=False):
     """The UNet and VAE with the speed options on (speed_options), after loading and LoRA fusing.
     compile: a torch.compile mode for the UNet and the VAE decoder (Module.compile: the checkpoint names
-    stay). vae may be None (the UNet alone). -> (unet, vae); the UNet is a GraphedUNet with cuda_graphs."""
+    stay). Either model may be None (the other alone). -> (unet, vae); with cuda_graphs the UNet is a
+    GraphedUNet."""
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
-    if channels_last:  # NHWC convolutions: what cuDNN's and oneDNN's fastest kernels take
-        unet = unet.to(memory_format=torch.channels_last)
-        vae = vae if vae is None else vae.to(memory_format=torch.channels_last)
-    if fuse_qkv:
-        unet.fuse_qkv()
-    if compile:
-        unet.compile(mode=compile)
-        if vae is not None:
+    if unet is not None:
+        if channels_last:  # NHWC convolutions: what cuDNN's and oneDNN's fastest kernels take
+            unet = unet.to(memory_format=torch.channels_last)
+        if fuse_qkv:
+            unet.fuse_qkv()
+        if compile:
+            unet.compile(mode=compile)
+        if cuda_graphs:
+            unet = GraphedUNet(unet)
+    if vae is not None:
+        if channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        if compile:
             vae.decoder.compile(mode=compile)
-    if cuda_graphs:
-        unet = GraphedUNet(unet)
     return unet, vae
 
 

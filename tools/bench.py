@@ -296,31 +296,37 @@ def option_kwargs(name, device, mode="default"):
 
 
 def make_fast_diffusers(unet, vae, opts):
-    """diffusers' own speed-ups for make_fast's keywords, in place; vae may be None."""
-    if opts["channels_last"]:
-        unet.to(memory_format=torch.channels_last)
-        if vae is not None:
+    """diffusers' own speed-ups for make_fast's keywords, in place; either model may be None."""
+    if unet is not None:
+        if opts["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+        if opts["fuse_qkv"]:
+            unet.fuse_qkv_projections()  # the UNet only, as ours (the VAE's one attention stays unfused)
+        mode = "reduce-overhead" if opts["cuda_graphs"] else opts["compile"]
+        if mode:
+            unet.compile(mode=mode)
+    if vae is not None:
+        if opts["channels_last"]:
             vae.to(memory_format=torch.channels_last)
-    if opts["fuse_qkv"]:
-        unet.fuse_qkv_projections()  # the UNet only, as ours (the VAE's one attention stays unfused)
-    mode = "reduce-overhead" if opts["cuda_graphs"] else opts["compile"]
-    if mode:
-        unet.compile(mode=mode)
-        if vae is not None:
-            vae.decoder.compile(mode=opts["compile"] or "default")
+        if opts["compile"]:
+            vae.decoder.compile(mode=opts["compile"])
     return unet, vae
 
 
-def unet_pair(cfg, device, dtype, option):
-    """The UNet pair with `option` on: plain ones are shared (cached); an option gets fresh ones (the cache
-    is dropped first: at SDXL size two pairs may not fit)."""
+def unet_pair(cfg, device, dtype, option, mode="default"):
+    """The UNet pair with `option` on both sides, cached: the unet and sample benches share it. An option's
+    pair is built fresh after the cached ones are dropped (at SDXL size in fp32 two pairs may not fit)."""
     if option == "plain":
         return unets(cfg, device, dtype)
-    from diffusers import UNet2DConditionModel
-    _cache.pop("unet", None)
-    gc.collect()
-    ours, theirs = build_pair(UNet2DConditionModel, unet_mod.UNet, cfg.unet, device, dtype)
-    return ours, theirs
+    if ("unet", option) not in _cache:
+        from diffusers import UNet2DConditionModel
+        _cache.clear()
+        gc.collect()
+        ours, theirs = build_pair(UNet2DConditionModel, unet_mod.UNet, cfg.unet, device, dtype)
+        opts = option_kwargs(option, device, mode)
+        _cache[("unet", option)] = (sample_mod.make_fast(ours, None, device, **opts)[0],
+                                    make_fast_diffusers(theirs, None, opts)[0])
+    return _cache[("unet", option)]
 
 
 def bench_options(args, device):
@@ -340,11 +346,7 @@ def label(what, option, device):
 def bench_unet(cfg, args, device, dtype):
     rows = []
     for option in bench_options(args, device):
-        opts = option_kwargs(option, device, args.compile_mode)
-        ours, theirs = unet_pair(cfg, device, dtype, option)
-        if option != "plain":
-            ours = sample_mod.make_fast(ours, None, device, **opts)[0]
-            theirs = make_fast_diffusers(theirs, None, opts)[0]
+        ours, theirs = unet_pair(cfg, device, dtype, option, args.compile_mode)
         x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
         added = {"text_embeds": pooled, "time_ids": ids}
         rows.append(compare(label("unet forward", option, device), lambda: ours(x, t, context, pooled, ids),
@@ -367,15 +369,15 @@ def bench_sample(cfg, args, device, dtype):
     rows = []
     for option in bench_options(args, device):
         opts = option_kwargs(option, device, args.compile_mode)
-        unet, unet_ref = unet_pair(cfg, device, dtype, option)
+        unet, unet_ref = unet_pair(cfg, device, dtype, option, args.compile_mode)
         # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
         # (force_upcast)
         vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
         if dtype == torch.float16:
             vae = vae.float()
-        if option != "plain":
-            unet, vae = sample_mod.make_fast(unet, vae, device, **opts)
-            make_fast_diffusers(unet_ref, vae_ref, opts)
+        if option != "plain":  # the UNets have it already (unet_pair)
+            vae = sample_mod.make_fast(None, vae, device, **opts)[1]
+            make_fast_diffusers(None, vae_ref, opts)
         pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
                                          tokenizer=tok, tokenizer_2=tok_2, scheduler=scheduler,
                                          add_watermarker=False)
