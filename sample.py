@@ -263,17 +263,19 @@ def speed_options(args, device):
     """The speed flags as make_fast's keywords. --fast turns on what pays on the device: on CUDA channels-
     last, fused q/k/v, torch.compile (mode default, unless --compile names one) and CUDA graphs; on the CPU
     channels-last and fused q/k/v only (compiling costs more than a few images save there; CUDA graphs need
-    CUDA). An explicit --cuda-graphs off CUDA, or with a compile mode that captures graphs itself, is refused."""
+    CUDA). An explicit --cuda-graphs off CUDA, or with a compile mode that captures graphs itself, is
+    refused."""
     cuda = device.type == "cuda"
     opts = {"channels_last": args.channels_last or args.fast, "fuse_qkv": args.fuse_qkv or args.fast,
             "compile": args.compile or ("default" if args.fast and cuda else None),
             "cuda_graphs": args.cuda_graphs or (args.fast and cuda)}
     if args.cuda_graphs and not cuda:
-        raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on {device}); --fast skips it there")
+        raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on {device}); --fast skips it "
+                         "there")
     if opts["cuda_graphs"] and opts["compile"] in ("reduce-overhead", "max-autotune"):
         if args.cuda_graphs:
-            raise ValueError(f"--cuda-graphs with --compile {opts['compile']}: that mode captures CUDA graphs "
-                             "itself; use one of them")
+            raise ValueError(f"--cuda-graphs with --compile {opts['compile']}: that mode captures CUDA "
+                             "graphs itself; use one of them")
         opts["cuda_graphs"] = False  # --fast: the compile mode's own graphs
     return opts
 
@@ -501,12 +503,12 @@ def build_parser():
 def add_speed_args(p):
     g = p.add_argument_group("speed (docs/speed.md#the-fast-path): each keeps the image to float tolerance")
     g.add_argument("--fast", action="store_true",
-                   help="what pays on the device: on CUDA --channels-last --fuse-qkv --compile --cuda-graphs; "
-                        "on the CPU --channels-last --fuse-qkv (no compile, no CUDA graphs)")
+                   help="what pays on the device: on CUDA --channels-last --fuse-qkv --compile "
+                        "--cuda-graphs; on the CPU --channels-last --fuse-qkv (no compile, no CUDA graphs)")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    metavar="MODE",
-                   help="torch.compile the UNet and the VAE decoder (slow first call, faster after); MODE one "
-                        f"of {', '.join(COMPILE_MODES)} (default: default)")
+                   help="torch.compile the UNet and the VAE decoder (slow first call, faster after); MODE "
+                        f"one of {', '.join(COMPILE_MODES)} (default: default)")
     g.add_argument("--channels-last", action="store_true",
                    help="UNet and VAE weights in channels-last (NHWC) memory format for faster convolutions")
     g.add_argument("--fuse-qkv", action="store_true",

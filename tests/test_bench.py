@@ -38,7 +38,8 @@ def test_report_tiny_on_cpu_writes_every_item(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "report"
     bench.main(["--report", str(out), "--tiny", "--device", "cpu", "--runs", "1", "--warmup", "1",
-                "--report-train-steps", "1", "--report-items", "sample/plain", "train/2to1/convert/zero*", "train/2to1/convert/fsdp"])
+                "--report-train-steps", "1", "--report-items", "sample/plain", "train/2to1/convert/zero*",
+                "train/2to1/convert/fsdp"])
     printed = capsys.readouterr().out
     print(printed)
     report = json.loads((out / "report.json").read_text())

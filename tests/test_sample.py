@@ -954,7 +954,8 @@ def test_speed_options_keep_the_image(base, tmp_path):
         {"channels_last": True, "fuse_qkv": True, "compile": "default", "cuda_graphs": True}
     assert sample.parse_args(["a", "--compile"]).compile == "default"  # the old flag still works
     compiled_unet, compiled_vae = _fast_copy(unet, vae, compile="max-autotune-no-cudagraphs")  # not run here
-    assert compiled_unet._compiled_call_impl is not None and compiled_vae.decoder._compiled_call_impl is not None
+    assert compiled_unet._compiled_call_impl is not None
+    assert compiled_vae.decoder._compiled_call_impl is not None
     assert set(compiled_unet.state_dict()) == set(unet.state_dict())  # checkpoint names unchanged
     common = ["a red car", "--base", root, "--unet", root / "student_unet.safetensors", "--width", W,
               "--height", H]
@@ -1009,5 +1010,6 @@ def test_cuda_graphs_equal_eager_on_gpu():
         for t in (999, 749, 499, 249):
             x = torch.randn(1, 4, 16, 24, generator=g).cuda()
             tt = torch.tensor([t]).cuda()
-            assert_close(graphed(x, tt, ctx, pooled, ids), unet(x, tt, ctx, pooled, ids), atol=1e-5, rtol=1e-5)
+            want = unet(x, tt, ctx, pooled, ids)
+            assert_close(graphed(x, tt, ctx, pooled, ids), want, atol=1e-5, rtol=1e-5)
     assert len(graphed.graphs) == 1

@@ -385,7 +385,8 @@ def bench_sample(cfg, args, device, dtype):
         pipe.set_progress_bar_config(disable=True)
         for steps in getattr(args, "sample_steps", None) or [args.steps]:
             def ours():
-                images = sample_mod.generate(text, unet, vae, prompts, steps, 0, px, px, "epsilon", 0.0, dtype)
+                images = sample_mod.generate(text, unet, vae, prompts, steps, 0, px, px, "epsilon", 0.0,
+                                             dtype)
                 return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
 
             def theirs():
@@ -735,9 +736,9 @@ def report_train(spec):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        train.main(["--stage", stage, "--phase", phase, "--data", str(work / "data"), "--base", str(work / "base"),
-                    "--out", str(out), "--resolution", res, "--min-size", res, "--batch-size", "1",
-                    "--micro-batch-size", "1", "--max-steps", str(1 + spec["train_steps"]),
+        train.main(["--stage", stage, "--phase", phase, "--data", str(work / "data"), "--base",
+                    str(work / "base"), "--out", str(out), "--resolution", res, "--min-size", res,
+                    "--batch-size", "1", "--micro-batch-size", "1", "--max-steps", str(1 + spec["train_steps"]),
                     "--save-every", "1000000", "--device", device.type, "--grad-checkpointing", "--shard",
                     spec["shard"], *(["--compile"] if spec["compile"] else []), *teachers])
     finally:
@@ -768,19 +769,21 @@ def report_torchrun(spec):
            "--resolution", "32", "--min-size", "32", "--batch-size", "1", "--micro-batch-size", "1",
            "--max-steps", "2", "--save-every", "1", "--out", str(out), "--device", device.type]
     t0 = time.perf_counter()
-    first = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LIGHTNING_CRASH_AT": "step2"})
+    first = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "LIGHTNING_CRASH_AT": "step2"})
     t1 = time.perf_counter()
     second = subprocess.run(cmd, capture_output=True, text=True)
     t2 = time.perf_counter()
     if second.returncode != 0:
         raise RuntimeError(f"the resumed run failed (exit {second.returncode}): "
                            f"{(second.stderr.strip().splitlines() or [''])[-1]}")
-    progress = {p: files.progress_step(files.phase_dir(out, "2to1", p)) for p in ("convert", "cond", "uncond")}
+    progress = {p: files.progress_step(files.phase_dir(out, "2to1", p))
+                for p in ("convert", "cond", "uncond")}
     convert_steps = [json.loads(line)["step"] for line in (out / "2to1/convert/log.jsonl").open()]
     ok = first.returncode != 0 and all(v == 2 for v in progress.values()) and convert_steps[-1] == 2
     if not ok:
-        raise RuntimeError(f"no clean resume: first run exit {first.returncode}, progress {progress}, convert "
-                           f"log steps {convert_steps}")
+        raise RuntimeError(f"no clean resume: first run exit {first.returncode}, progress {progress}, "
+                           f"convert log steps {convert_steps}")
     return {"rows": [{"what": "torchrun 2to1, crash at convert step 2, resume",
                       "backend": "nccl" if device.type == "cuda" else "gloo", "first_run_s": t1 - t0,
                       "resumed_run_s": t2 - t1, "first_exit": first.returncode, "progress": progress,
@@ -891,11 +894,11 @@ def report(args):
             if args.report_items and item["name"] != "setup" and \
                     not any(fnmatch.fnmatch(item["name"], g) for g in args.report_items):
                 result = {"ok": False, "error": "skipped: not selected (--report-items)", "seconds": 0.0}
-            elif item["name"] != "setup" and done and not done[0]["ok"] and item["kind"] in ("train", "torchrun"):
+            elif item["kind"] in ("train", "torchrun") and not done[0]["ok"]:
                 result = {"ok": False, "error": "skipped: setup failed", "seconds": 0.0}
             elif left < 5:
-                result = {"ok": False, "error": f"skipped: the report's time budget ({args.report_budget:.0f} s) "
-                                                "is spent", "seconds": 0.0}
+                result = {"ok": False, "seconds": 0.0, "error": "skipped: the report's time budget "
+                                                                f"({args.report_budget:.0f} s) is spent"}
             else:
                 if worker is None or not worker.alive():
                     workers += 1  # each its own inductor cache: a killed compile can leave a torn file
@@ -953,7 +956,8 @@ def write_report(out, info, done, elapsed):
            "|---|---|---|---|---|---|---|---|"]
     for d in done:
         for r in d.get("rows", []) if d["ok"] and d["kind"] == "train" else []:
-            md.append(f"| {r['what'].removeprefix('train ')} | {r['shard']} | {'yes' if r['compile'] else 'no'} | "
+            md.append(f"| {r['what'].removeprefix('train ')} | {r['shard']} | "
+                      f"{'yes' if r['compile'] else 'no'} | "
                       f"{r['step_ms']:.1f} | {r['peak_gb']:.2f} | {fmt(flops.get(r['what']), '.3g')} | "
                       f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} |")
     md += ["", "## torchrun and setup", ""]

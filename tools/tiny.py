@@ -80,8 +80,9 @@ def make_random_base(root, unet_cfg, vae_cfg, text_cfgs, device="cpu", dtype=tor
     write_tokenizer(root / "tokenizer_2", pad_token="!")
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**{k: v for k, v in unet_cfg.to_diffusers().items() if not k.startswith("_")})
-        vae = AutoencoderKL(**{k: v for k, v in vae_cfg.to_diffusers().items() if not k.startswith("_")})
+        kwargs = lambda cfg: {k: v for k, v in cfg.to_diffusers().items()  # noqa: E731
+                              if not k.startswith("_")}
+        unet, vae = UNet2DConditionModel(**kwargs(unet_cfg)), AutoencoderKL(**kwargs(vae_cfg))
         text_encoder, text_encoder_2 = CLIPTextModel(text_cfgs[0]), CLIPTextModelWithProjection(text_cfgs[1])
     pipe = StableDiffusionXLPipeline(
         vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
