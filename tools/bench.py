@@ -981,13 +981,20 @@ BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train}
 
 
 def print_table(rows):
-    head = f"{'what':<52} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} " \
+    """`vs plain`: ours with the row's option against diffusers' plain call of the same bench (the fast
+    path's goal), when the run has that plain row."""
+    plain = {r["what"]: r["diffusers_ms"] for r in rows if r.get("option", "plain") == "plain"}
+    for r in rows:
+        base = plain.get(r["what"].split(", ")[0])
+        r["ratio_vs_diffusers_plain"] = r["ours_ms"] / base if base else None
+    head = f"{'what':<52} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} {'vs plain':>8} " \
            f"{'ours peak MB':>13} {'diffusers peak MB':>18} {'max|diff|':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
+        vs = f"{r['ratio_vs_diffusers_plain']:.3f}" if r["ratio_vs_diffusers_plain"] else "-"
         print(f"{r['what']:<52} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
-              f"{r['ratio_min']:>7.3f} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
+              f"{r['ratio_min']:>7.3f} {vs:>8} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
               f"{r['max_abs_diff']:>10.2e}")
 
 
@@ -1105,7 +1112,8 @@ def main(argv=None):
     else:
         print_table(rows)
     print(("train: step time is the median after a warmup step; GFLOP counted by FlopCounterMode; peak MB = "
-           if args.what == "train" else "ratio = ours / diffusers time (< 1: ours is faster); peak MB = ")
+           if args.what == "train" else "ratio = ours / diffusers time (< 1: ours is faster), both with the "
+           "row's option; vs plain = ours with it / diffusers plain; peak MB = ")
           + info["peak_memory"])
     if args.json:
         with open(args.json, "w") as f:
