@@ -277,6 +277,88 @@ def default_prediction(unet_source, base, steps):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The fast path (docs/speed.md#the-fast-path): each option keeps the image to float tolerance
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def speed_options(args, device):
+    """The speed flags as make_fast's keywords. --fast turns on what pays on the device: on CUDA channels-
+    last, fused q/k/v, torch.compile (mode default, unless --compile names one) and CUDA graphs; on the CPU
+    channels-last and fused q/k/v only (compiling costs more than a few images save there; CUDA graphs need
+    CUDA). An explicit --cuda-graphs off CUDA, or with a compile mode that captures graphs itself, is
+    refused."""
+    cuda = device.type == "cuda"
+    opts = {"channels_last": args.channels_last or args.fast, "fuse_qkv": args.fuse_qkv or args.fast,
+            "compile": args.compile or ("default" if args.fast and cuda else None),
+            "cuda_graphs": args.cuda_graphs or (args.fast and cuda)}
+    if args.cuda_graphs and not cuda:
+        raise ValueError(f"--cuda-graphs needs a CUDA device (this run is on {device}); --fast skips it "
+                         "there")
+    if opts["cuda_graphs"] and opts["compile"] in ("reduce-overhead", "max-autotune"):
+        if args.cuda_graphs:
+            raise ValueError(f"--cuda-graphs with --compile {opts['compile']}: that mode captures CUDA "
+                             "graphs itself; use one of them")
+        opts["cuda_graphs"] = False  # --fast: the compile mode's own graphs
+    return opts
+
+
+class GraphedUNet(torch.nn.Module):
+    """The UNet replayed from a CUDA graph: one capture per input shape (the 1- to 8-step loop has one), then
+    each step copies its inputs into the captured buffers and replays the kernels with no Python or launch
+    overhead. Same kernels as the eager call, so the same output. CUDA only; inference only."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config, self.graphs = unet, unet.config, {}
+
+    @torch.no_grad()
+    def forward(self, *inputs):  # x, t, context, pooled, time_ids: every one a tensor on the GPU
+        key = tuple((a.shape, a.dtype) for a in inputs)
+        if key not in self.graphs:
+            static = [a.clone() for a in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the capture: cuDNN/cuBLAS choices, compiled kernels
+                for _ in range(2):
+                    self.unet(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.unet(*static)
+            self.graphs[key] = graph, static, out
+        graph, static, out = self.graphs[key]
+        for buffer, a in zip(static, inputs):
+            buffer.copy_(a)
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+
+def make_fast(unet, vae, device, channels_last=False, fuse_qkv=False, compile=None, cuda_graphs=False):
+    """The UNet and VAE with the speed options on (speed_options), after loading and LoRA fusing.
+    compile: a torch.compile mode for the UNet and the VAE decoder (Module.compile: the checkpoint names
+    stay). Either model may be None (the other alone). -> (unet, vae); with cuda_graphs the UNet is a
+    GraphedUNet."""
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, not {device}")
+    if unet is not None:
+        if channels_last:  # NHWC convolutions: what cuDNN's and oneDNN's fastest kernels take
+            unet = unet.to(memory_format=torch.channels_last)
+        if fuse_qkv:
+            unet.fuse_qkv()
+        if compile:
+            unet.compile(mode=compile)
+        if cuda_graphs:
+            unet = GraphedUNet(unet)
+    if vae is not None:
+        if channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        if compile:
+            vae.decoder.compile(mode=compile)
+    return unet, vae
+
+
+# ----------------------------------------------------------------------------------------------------
 # Output files: checked before any work, written atomically
 
 IMAGE_EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -459,10 +541,27 @@ def build_parser():
     p.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="UNet and text dtype; default float16 on GPU (the model card), float32 on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (slow first call, faster steps; same images to float "
-                        "tolerance)")
+    add_speed_args(p)
     return p
+
+
+def add_speed_args(p):
+    g = p.add_argument_group("speed (docs/speed.md#the-fast-path): each keeps the image to float tolerance")
+    g.add_argument("--fast", action="store_true",
+                   help="what pays on the device: on CUDA --channels-last --fuse-qkv --compile "
+                        "--cuda-graphs; on the CPU --channels-last --fuse-qkv (no compile, no CUDA graphs)")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   metavar="MODE",
+                   help="torch.compile the UNet and the VAE decoder (slow first call, faster after); MODE "
+                        f"one of {', '.join(COMPILE_MODES)} (default: default)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="UNet and VAE weights in channels-last (NHWC) memory format for faster convolutions")
+    g.add_argument("--fuse-qkv", action="store_true",
+                   help="one matmul for each attention's q/k/v projections (k/v in cross-attention), as "
+                        "diffusers' fuse_qkv_projections")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: capture the UNet call once and replay it at every step (refused on "
+                        "the CPU)")
 
 
 def parse_args(argv=None):
@@ -574,6 +673,7 @@ def run(args):
                           for path in args.control_image]
         prediction = args.prediction or default_prediction(args.unet, args.base, args.steps)
         device, dtype = pick_device_dtype(args.device, args.dtype)
+        speed = speed_options(args, device)  # a bad combination is refused before anything is loaded
         indexed = len(jobs) > 1 or args.prompts is not None
         paths = output_paths(args.out, len(jobs), indexed)
         settings = settings_of(args, prediction, dtype)
@@ -587,8 +687,7 @@ def run(args):
         t0 = time.time()
         text, unet, vae = load(args.base, args.unet, [weights.parse_lora_spec(s) for s in args.lora],
                                args.steps, device, dtype, vae=args.vae)
-        if args.compile:
-            unet.compile()
+        unet, vae = make_fast(unet, vae, device, **speed)
         controls = load_controls(args, control_images, unet, device, dtype) if args.controlnet else None
         t1 = time.time()
         if indexed:  # before any image is replaced: it lists only images that are on disk and still true

@@ -132,12 +132,43 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.0 (to_out.1 was dropout)
+        self.cross = context_dim is not None
+        self.fused = 0  # fuse_qkv(): how many projections one matmul makes: 3 (q, k, v) or 2 (k, v; cross)
+
+    def fuse_qkv(self):
+        """Inference speed (diffusers' fuse_qkv_projections): one (3C, C) matmul instead of three (self-
+        attention; cross-attention fuses k, v). The fused matrix is not a new parameter: to_q/to_k/to_v's
+        weights become views into it, so state_dict, load_state_dict(strict=True) and LoRA merges keep
+        working on the checkpoint keys and write through to it. Not for training: no gradient reaches the
+        views through the fused matmul. A later .to()/.half() re-fuses (_apply)."""
+        names = ("to_k", "to_v") if self.cross else ("to_q", "to_k", "to_v")
+        w = torch.cat([getattr(self, n).weight.detach() for n in names])  # (3C or 2C, C_in)
+        rows = 0
+        for n in names:
+            lin = getattr(self, n)
+            lin.weight = nn.Parameter(w[rows:rows + lin.out_features], requires_grad=False)  # a view of w
+            rows += lin.out_features
+        self._fused_weight, self.fused = w, len(names)
+        return self
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # moves each weight on its own: the views lose their shared matrix
+        if self.fused:
+            self.fuse_qkv()
+        return out
 
     def forward(self, x, context=None):
-        context = x if context is None else context
         B, N, C = x.shape
-        split = lambda y: y.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, heads, N, C/heads)
-        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        d = C // self.heads
+        split = lambda y: y.view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, N, C/heads)
+        if self.fused == 3:  # self-attention: (B, N, 3, heads, d) -> 3 x (B, heads, N, d)
+            q, k, v = F.linear(x, self._fused_weight).view(B, N, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+        elif self.fused == 2:  # cross-attention: k, v from the text
+            kv = F.linear(context, self._fused_weight).view(B, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
+            q, (k, v) = split(self.to_q(x)), kv
+        else:
+            context = x if context is None else context
+            q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
 
@@ -293,6 +324,14 @@ class UNet(nn.Module):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
+
+    def fuse_qkv(self):
+        """Every attention's q/k/v projections as one matmul (Attention.fuse_qkv): inference only, the
+        checkpoint keys unchanged. Returns self."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fuse_qkv()
+        return self
 
     def embed(self, t, pooled, time_ids, dtype):
         """Time embedding plus SDXL's micro-conditioning: pooled text and the 6 time ids. -> (B, 4*C0)."""

@@ -996,3 +996,90 @@ def test_vae_tiny_cli_through_hub_cache_and_bad_vae(base, taesd, tmp_path, monke
                                                           "--out", tmp_path / "x.png")
     assert "no such file" in _main_error(*common, "--vae", tmp_path / "no.safetensors", "--out",
                                          tmp_path / "x.png")
+
+# Issue 17: the fast path. Each speed option gives the plain path's image to float tolerance (CPU, tiny)
+
+def _fast_copy(unet, vae, **opts):
+    import copy
+    return sample.make_fast(copy.deepcopy(unet), copy.deepcopy(vae), torch.device("cpu"), **opts)
+
+
+def test_speed_options_keep_the_image(base, tmp_path):
+    """--channels-last, --fuse-qkv and both together (what --fast turns on on the CPU) against the plain
+    path: 4 steps, decoded; the command line with --fast against the plain PNG; --compile's mode reaches the
+    UNet and the VAE decoder (its numbers: test_compile_matches_eager)."""
+    root, _ = base
+    text, unet, vae = sample.load(str(root), str(root / "student_unet.safetensors"), None, 4,
+                                  torch.device("cpu"), torch.float32)
+    plain = sample.generate(text, unet, vae, ["a red car"], 4, 0, W, H)
+    for opts in [{"channels_last": True}, {"fuse_qkv": True}, {"channels_last": True, "fuse_qkv": True}]:
+        fast_unet, fast_vae = _fast_copy(unet, vae, **opts)
+        ours = sample.generate(text, fast_unet, fast_vae, ["a red car"], 4, 0, W, H)
+        report(f"{opts} vs plain, 4 steps", ours, plain)
+        assert_close(ours, plain, atol=2e-5, rtol=1e-5)
+    args = sample.parse_args(["a", "--fast"])
+    assert sample.speed_options(args, torch.device("cpu")) == \
+        {"channels_last": True, "fuse_qkv": True, "compile": None, "cuda_graphs": False}
+    assert sample.speed_options(args, torch.device("cuda")) == \
+        {"channels_last": True, "fuse_qkv": True, "compile": "default", "cuda_graphs": True}
+    assert sample.parse_args(["a", "--compile"]).compile == "default"  # the old flag still works
+    compiled_unet, compiled_vae = _fast_copy(unet, vae, compile="max-autotune-no-cudagraphs")  # not run here
+    assert compiled_unet._compiled_call_impl is not None
+    assert compiled_vae.decoder._compiled_call_impl is not None
+    assert set(compiled_unet.state_dict()) == set(unet.state_dict())  # checkpoint names unchanged
+    common = ["a red car", "--base", root, "--unet", root / "student_unet.safetensors", "--width", W,
+              "--height", H]
+    _main(*common, "--fast", "--out", tmp_path / "fast.png")
+    _main(*common, "--out", tmp_path / "plain.png")
+    assert np.abs(_png(tmp_path / "fast.png") - _png(tmp_path / "plain.png")).max() <= 1
+    assert "--cuda-graphs needs a CUDA device" in _main_error(*common, "--cuda-graphs", "--device", "cpu",
+                                                             "--out", tmp_path / "x.png")
+
+
+def test_fused_qkv_keeps_the_checkpoint_keys():
+    """fuse_qkv is one matmul over views of the original weights: the same state_dict keys and values, a
+    strict load into a fused UNet reaches its fused matmul, a dtype move re-fuses, and the output equals the
+    unfused UNet's."""
+    torch.manual_seed(0)
+    ref = diffusers_unet(seed=3)
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    plain = unet_mod.UNet(TINY_UNET).eval()
+    plain.load_state_dict(sd, strict=True)
+    fused = unet_mod.UNet(TINY_UNET).eval().fuse_qkv()  # fused first, loaded after: writes through
+    fused.load_state_dict(sd, strict=True)
+    attn = fused.down_blocks[1].attentions[0].transformer_blocks[0]
+    assert attn.attn1.fused == 3 and attn.attn2.fused == 2
+    width = TINY_UNET.block_out_channels[1]
+    assert attn.attn1.to_k.weight.data_ptr() == attn.attn1._fused_weight[width:].data_ptr()  # a view
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(v, sd[k]) for k, v in fused.state_dict().items())
+    g = torch.Generator().manual_seed(0)
+    x, ctx, pooled = torch.randn(2, 4, 8, 12, generator=g), torch.randn(2, 77, 80, generator=g), \
+        torch.randn(2, 48, generator=g)
+    ids, t = torch.tensor([[16.0, 24, 0, 0, 16, 24]] * 2), torch.tensor([999, 500])
+    with torch.no_grad():
+        want = plain(x, t, ctx, pooled, ids)
+        got = fused(x, t, ctx, pooled, ids)
+        report("fused q/k/v vs plain UNet", got, want)
+        assert_close(got, want, atol=1e-5, rtol=1e-5)
+        fused = fused.double()  # _apply re-fuses the moved weights
+        assert_close(fused(x.double(), t, ctx.double(), pooled.double(), ids.double()).float(), want,
+                     atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_equal_eager_on_gpu():
+    """GraphedUNet replays the captured UNet call: the eager output, at each of 4 steps' inputs."""
+    unet = unet_mod.UNet(TINY_UNET).cuda().eval()
+    unet.load_state_dict(diffusers_unet(seed=3).state_dict(), strict=True)
+    graphed = sample.GraphedUNet(unet)
+    g = torch.Generator().manual_seed(0)
+    ctx, pooled = torch.randn(1, 77, 80, generator=g).cuda(), torch.randn(1, 48, generator=g).cuda()
+    ids = torch.tensor([[32.0, 48, 0, 0, 32, 48]]).cuda()
+    with torch.no_grad():
+        for t in (999, 749, 499, 249):
+            x = torch.randn(1, 4, 16, 24, generator=g).cuda()
+            tt = torch.tensor([t]).cuda()
+            want = unet(x, tt, ctx, pooled, ids)
+            assert_close(graphed(x, tt, ctx, pooled, ids), want, atol=1e-5, rtol=1e-5)
+    assert len(graphed.graphs) == 1

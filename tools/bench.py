@@ -44,6 +44,7 @@ recipe) while ours keeps a float32 VAE, as sample.py does; bfloat16 runs the VAE
 """
 import argparse
 import ctypes
+import fnmatch
 import gc
 import json
 import os
@@ -281,45 +282,125 @@ def unets(cfg, device, dtype):
     return _cache["unet"]
 
 
+# The fast path, like against like: each option on both sides (ours: sample.make_fast; diffusers: its
+# own channels_last, fuse_qkv_projections, torch.compile). CUDA graphs (ours) are paired with diffusers'
+# torch.compile mode "reduce-overhead", the way diffusers captures CUDA graphs.
+OPTIONS = ["plain", "channels_last", "fuse_qkv", "compile", "fast"]
+
+
+def option_kwargs(name, device, mode="default"):
+    """A bench option -> sample.make_fast's keywords; "fast" is sample.py --fast on this device."""
+    opts = {"channels_last": False, "fuse_qkv": False, "compile": None, "cuda_graphs": False}
+    if name == "fast":
+        flags = sample_mod.parse_args(["-", "--fast"])
+        return sample_mod.speed_options(flags, device)
+    if name == "compile":
+        return {**opts, "compile": mode}
+    return {**opts, name: True} if name != "plain" else opts
+
+
+def make_fast_diffusers(unet, vae, opts):
+    """diffusers' own speed-ups for make_fast's keywords, in place; either model may be None."""
+    if unet is not None:
+        if opts["channels_last"]:
+            unet.to(memory_format=torch.channels_last)
+        if opts["fuse_qkv"]:
+            unet.fuse_qkv_projections()  # the UNet only, as ours (the VAE's one attention stays unfused)
+        mode = "reduce-overhead" if opts["cuda_graphs"] else opts["compile"]
+        if mode:
+            unet.compile(mode=mode)
+    if vae is not None:
+        if opts["channels_last"]:
+            vae.to(memory_format=torch.channels_last)
+        if opts["compile"]:
+            vae.decoder.compile(mode=opts["compile"])
+    return unet, vae
+
+
+def unet_pair(cfg, device, dtype, option, mode="default"):
+    """The UNet pair with `option` on both sides, cached: the unet and sample benches share it. An option's
+    pair is built fresh after the cached ones are dropped (at SDXL size in fp32 two pairs may not fit)."""
+    if option == "plain":
+        return unets(cfg, device, dtype)
+    if ("unet", option) not in _cache:
+        from diffusers import UNet2DConditionModel
+        _cache.clear()
+        gc.collect()
+        ours, theirs = build_pair(UNet2DConditionModel, unet_mod.UNet, cfg.unet, device, dtype)
+        opts = option_kwargs(option, device, mode)
+        _cache[("unet", option)] = (sample_mod.make_fast(ours, None, device, **opts)[0],
+                                    make_fast_diffusers(theirs, None, opts)[0])
+    return _cache[("unet", option)]
+
+
+def bench_options(args, device):
+    return args.options or [o for o in OPTIONS if o != "compile" or device.type == "cuda"]
+
+
+def label(what, option, device):
+    if option == "plain":
+        return what
+    if option == "fast":
+        on = [k for k, v in option_kwargs("fast", device).items() if v]
+        return f"{what}, fast ({'+'.join(on)})"
+    return f"{what}, {option}"
+
+
 @torch.no_grad()
 def bench_unet(cfg, args, device, dtype):
-    ours, theirs = unets(cfg, device, dtype)
-    x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
-    added = {"text_embeds": pooled, "time_ids": ids}
-    return [compare("unet forward", lambda: ours(x, t, context, pooled, ids),
-                    lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
-                                   return_dict=False)[0],
-                    device, args.runs, args.warmup)]
+    rows = []
+    for option in bench_options(args, device):
+        ours, theirs = unet_pair(cfg, device, dtype, option, args.compile_mode)
+        x, t, context, pooled, ids = unet_inputs(cfg, args.batch, device, dtype)
+        added = {"text_embeds": pooled, "time_ids": ids}
+        rows.append(compare(label("unet forward", option, device), lambda: ours(x, t, context, pooled, ids),
+                            lambda: theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added,
+                                           return_dict=False)[0],
+                            device, args.runs, args.warmup))
+        rows[-1]["option"] = option
+        del ours, theirs
+    return rows
 
 
 @torch.no_grad()
 def bench_sample(cfg, args, device, dtype):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    unet, unet_ref = unets(cfg, device, dtype)
-    # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
-    # (force_upcast)
-    vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
-    if dtype == torch.float16:
-        vae = vae.float()
     tok, tok_2, enc, enc_2 = build_text(cfg, device, dtype)
     text = text_mod.TextEncoders(tok, tok_2, enc, enc_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        num_train_timesteps=1000, steps_offset=1, timestep_spacing="trailing")
-    pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
-                                     tokenizer=tok,
-                                     tokenizer_2=tok_2, scheduler=scheduler, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
     px, prompts = cfg.latent * cfg.vae.downscale, [PROMPT] * args.batch
+    rows = []
+    for option in bench_options(args, device):
+        opts = option_kwargs(option, device, args.compile_mode)
+        unet, unet_ref = unet_pair(cfg, device, dtype, option, args.compile_mode)
+        # float16: our VAE stays float32 (sample.py); diffusers' pipeline upcasts its own per decode
+        # (force_upcast)
+        vae, vae_ref = build_pair(AutoencoderKL, vae_mod.VAE, cfg.vae, device, dtype)
+        if dtype == torch.float16:
+            vae = vae.float()
+        if option != "plain":  # the UNets have it already (unet_pair)
+            vae = sample_mod.make_fast(None, vae, device, **opts)[1]
+            make_fast_diffusers(None, vae_ref, opts)
+        pipe = StableDiffusionXLPipeline(vae=vae_ref, unet=unet_ref, text_encoder=enc, text_encoder_2=enc_2,
+                                         tokenizer=tok, tokenizer_2=tok_2, scheduler=scheduler,
+                                         add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for steps in getattr(args, "sample_steps", None) or [args.steps]:
+            def ours():
+                images = sample_mod.generate(text, unet, vae, prompts, steps, 0, px, px, "epsilon", 0.0,
+                                             dtype)
+                return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
 
-    def ours():
-        images = sample_mod.generate(text, unet, vae, prompts, args.steps, 0, px, px, "epsilon", 0.0, dtype)
-        return (images / 2 + 0.5).clamp(0, 1)  # diffusers' "pt" output range
+            def theirs():
+                return pipe(prompts, num_inference_steps=steps, guidance_scale=0.0, width=px, height=px,
+                            generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
-    def theirs():
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=0.0, width=px, height=px,
-                    generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
-
-    return [compare(f"sample {args.steps} steps {px}px", ours, theirs, device, args.runs, args.warmup)]
+            rows.append(compare(label(f"sample {steps} steps {px}px", option, device), ours, theirs, device,
+                                args.runs, args.warmup))
+            rows[-1]["option"] = option
+        del unet, unet_ref, vae, vae_ref, pipe
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -579,18 +660,400 @@ def print_memory_table(worlds=(1, 2, 8)):
 
 BENCHES = {"unet": bench_unet, "sample": bench_sample, "train": bench_train, "vae": bench_vae}
 
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU report (--report OUT): the benches above at SDXL size on one GPU in one command. Each item runs in
+# a worker process with its own time limit (a timed-out or crashed worker is killed and a fresh one takes
+# the next item), so one failure is one line of the report; results go to OUT/report.json and
+# OUT/report.md as they come.
+
+# Dense bf16 peak TFLOP/s by device name: the denominator of MFU (--peak-tflops overrides). Longest match.
+PEAK_TFLOPS = {"H200": 989, "H100": 989, "H800": 989, "H20": 148, "B200": 2250, "A100": 312, "A800": 312,
+               "L40S": 362, "L40": 181, "L4": 121, "A10": 125, "RTX 4090": 165, "RTX 6000 Ada": 364}
+# Every phase runs once plainly (--shard zero, no compile); these run again under --shard fsdp and
+# --compile: a LoRA phase, a whole-UNet adversarial phase, the teacher-only x0 switch.
+REPORT_VARIANT_PHASES = [("8to4", "cond"), ("8to4", "full"), ("2to1", "convert")]
+REPORT_STEPS = [1, 2, 4, 8]
+# The report's tiny config: bench's tiny models at 8x8 latents (16 px), so the CPU test takes seconds
+REPORT_TINY = BenchConfig(CONFIGS["tiny"].unet, CONFIGS["tiny"].vae, "tiny", 8)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_peak_tflops(name, override=None):
+    """The bf16 dense peak of a device named `name` (torch.cuda.get_device_name), or None if unknown."""
+    if override:
+        return override
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if name and key in name:
+            return PEAK_TFLOPS[key]
+    return None
+
+
+def report_items(tiny):
+    """The report's items in priority order (what runs first when the time budget runs out)."""
+    items = [{"name": "setup", "kind": "setup", "limit": 240}]
+    items += [{"name": f"sample/{o}", "kind": "sample", "option": o, "limit": 180 if o == "plain" else 360}
+              for o in ("plain", "fast")]
+    items += [{"name": f"train/{s}/{p}/zero", "kind": "train", "stage": s, "phase": p, "shard": "zero",
+               "compile": False, "limit": 90} for s, p in TRAIN_PHASES]
+    items.append({"name": "torchrun/2to1/resume", "kind": "torchrun", "limit": 120})
+    variants = REPORT_VARIANT_PHASES[-1:] if tiny else REPORT_VARIANT_PHASES
+    for shard, comp in (("fsdp", False), ("zero", True), ("fsdp", True)):
+        items += [{"name": f"train/{s}/{p}/{shard}{'+compile' if comp else ''}", "kind": "train", "stage": s,
+                   "phase": p, "shard": shard, "compile": comp, "limit": 200 if comp else 90}
+                  for s, p in variants]
+    return items
+
+
+def _report_device(spec):
+    device = torch.device(spec["device"])
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _count_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _peak_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / GB
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # the worker's own peak RSS
+
+
+def report_setup(spec):
+    """The random base (full-size SDXL on a GPU, or the tiny one) and a few random images at the training
+    resolution: what the train items read (train.py takes its models from files)."""
+    import shutil
+    from tools import tiny
+    work = Path(spec["work"])
+    shutil.rmtree(work, ignore_errors=True)
+    device, _ = _report_device(spec)
+    t0 = time.perf_counter()
+    if spec["tiny"]:
+        tiny.make_tiny_base(work / "base")
+    else:
+        tiny.make_random_base(work / "base", unet_mod.UNetConfig(), vae_mod.VAEConfig(),
+                              clip_configs("full", 49408), device, torch.float16)
+    size = spec["resolution"]
+    tiny.write_noise_images(work / "data", 4, "a picture number {}", size=(size, size))
+    if not spec["tiny"]:  # the torchrun item runs the tiny model whatever the device (see report_torchrun)
+        tiny.make_tiny_base(work / "tiny_base")
+    tiny.write_noise_images(work / "tiny_data", 4, "a picture number {}")
+    gb = sum(f.stat().st_size for f in (work / "base").rglob("*") if f.is_file()) / GB
+    return {"rows": [{"what": "random base written", "seconds": time.perf_counter() - t0, "base_gb": gb}]}
+
+
+def report_sample(spec):
+    """The UNet forward and the 1/2/4/8-step sample, ours against diffusers, with spec["option"] on both
+    sides; the FLOPs of a UNet forward and of a VAE decode (FlopCounterMode), for MFU."""
+    device, dtype = _report_device(spec)
+    cfg = REPORT_TINY if spec["tiny"] else CONFIGS["sdxl"]
+    ns = argparse.Namespace(options=[spec["option"]], compile_mode="default", runs=spec["runs"],
+                            warmup=spec["warmup"], batch=1, steps=4, sample_steps=REPORT_STEPS)
+    rows = bench_unet(cfg, ns, device, dtype) + bench_sample(cfg, ns, device, dtype)
+    if spec["option"] == "plain":  # counted on the eager UNet; the fast rows take these (write_report)
+        with torch.no_grad():
+            plain_unet = unets(cfg, device, dtype)[0]
+            x, t, context, pooled, ids = unet_inputs(cfg, 1, device, dtype)
+            unet_flops = _count_flops(lambda: plain_unet(x, t, context, pooled, ids))
+            vae = vae_mod.VAE(cfg.vae).to(device, dtype)
+            vae_flops = _count_flops(lambda: vae.decode(torch.randn_like(x[:, :cfg.vae.latent_channels])))
+        for r in rows:  # a sample: its UNet forwards and the decode (the text encoders: < 0.5%, not counted)
+            steps = next((n for n in REPORT_STEPS if r["what"].startswith(f"sample {n} steps")), None)
+            r["tflop"] = (unet_flops * (steps or 1) + (vae_flops if steps else 0)) / 1e12
+    _cache.clear()
+    return {"rows": rows}
+
+
+def report_train(spec):
+    """One training phase at the report's resolution, micro-batch 1, gradient checkpointing: train.main in
+    this process for 1 + N steps with its saves turned off (a whole-UNet checkpoint is ~47 GB at SDXL
+    size); the first step is warmup and, without --compile, is counted by FlopCounterMode."""
+    import shutil
+    import train
+    from torch.utils.flop_counter import FlopCounterMode
+    device, _ = _report_device(spec)
+    work, stage, phase = Path(spec["work"]), spec["stage"], spec["phase"]
+    out = work / "train" / spec["name"].replace("/", "_").replace("+", "_")
+    shutil.rmtree(out, ignore_errors=True)
+    teachers = {"128to32": [], "32to8": ["--teacher", "base"], "8to4": ["--teacher", "base"],
+                "4to2": ["--teacher", "base", "--skip-level-teacher", "base"],
+                "2to1": ["--teacher", "base", "--skip-level-teacher", "base"]}[stage]  # random: any UNet
+    flops, step, save = [], train.train_step, train.save
+
+    def counted_step(run, ph, m):
+        if ph.step == 0 and not spec["compile"]:
+            with FlopCounterMode(display=False) as fc:
+                logs = step(run, ph, m)
+            flops.append(fc.get_total_flops())
+            return logs
+        return step(run, ph, m)
+    res = str(spec["resolution"])
+    train.train_step, train.save = counted_step, lambda *a, **k: None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        train.main(["--stage", stage, "--phase", phase, "--data", str(work / "data"), "--base",
+                    str(work / "base"), "--out", str(out), "--resolution", res, "--min-size", res,
+                    "--batch-size", "1", "--micro-batch-size", "1", "--max-steps", str(1 + spec["train_steps"]),
+                    "--save-every", "1000000", "--device", device.type, "--grad-checkpointing", "--shard",
+                    spec["shard"], *(["--compile"] if spec["compile"] else []), *teachers])
+    finally:
+        train.train_step, train.save = step, save
+    log = [json.loads(line) for line in (out / stage / phase / "log.jsonl").open()]
+    ms = [r["step_time"] * 1e3 for r in log[1:]]  # the first step: warmup (and counted)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"rows": [{"what": f"train {stage}/{phase}", "shard": spec["shard"], "compile": spec["compile"],
+                      "step_ms": statistics.median(ms), "steps_timed": len(ms), "peak_gb": _peak_gb(device),
+                      "tflop_per_step": flops[0] / 1e12 if flops else None,
+                      "loss": log[-1].get("loss")}]}
+
+
+def report_torchrun(spec):
+    """`torchrun --nproc_per_node 1 train.py --stage 2to1`, 2 steps a phase, on NCCL (gloo on the CPU),
+    stopped by a simulated crash at convert's step 2 (after step 1's checkpoint) and re-run: the re-run
+    resumes convert and finishes cond and uncond. The tiny model on every device: at SDXL size each phase's
+    checkpoint.pt is 30-47 GB, more than a GPU machine's disk and minutes to write."""
+    import subprocess
+    import files
+    device, _ = _report_device(spec)
+    work = Path(spec["work"])
+    base = work / ("base" if spec["tiny"] else "tiny_base")
+    out = work / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+           str(29400 + os.getpid() % 500), str(ROOT / "train.py"), "--stage", "2to1", "--data",
+           str(work / "tiny_data"), "--base", str(base), "--teacher", "base", "--skip-level-teacher", "base",
+           "--resolution", "32", "--min-size", "32", "--batch-size", "1", "--micro-batch-size", "1",
+           "--max-steps", "2", "--save-every", "1", "--out", str(out), "--device", device.type]
+    t0 = time.perf_counter()
+    first = subprocess.run(cmd, capture_output=True, text=True,
+                           env={**os.environ, "LIGHTNING_CRASH_AT": "step2"})
+    t1 = time.perf_counter()
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    t2 = time.perf_counter()
+    if second.returncode != 0:
+        raise RuntimeError(f"the resumed run failed (exit {second.returncode}): "
+                           f"{(second.stderr.strip().splitlines() or [''])[-1]}")
+    progress = {p: files.progress_step(files.phase_dir(out, "2to1", p))
+                for p in ("convert", "cond", "uncond")}
+    convert_steps = [json.loads(line)["step"] for line in (out / "2to1/convert/log.jsonl").open()]
+    ok = first.returncode != 0 and all(v == 2 for v in progress.values()) and convert_steps[-1] == 2
+    if not ok:
+        raise RuntimeError(f"no clean resume: first run exit {first.returncode}, progress {progress}, "
+                           f"convert log steps {convert_steps}")
+    return {"rows": [{"what": "torchrun 2to1, crash at convert step 2, resume",
+                      "backend": "nccl" if device.type == "cuda" else "gloo", "first_run_s": t1 - t0,
+                      "resumed_run_s": t2 - t1, "first_exit": first.returncode, "progress": progress,
+                      "convert_log_steps": convert_steps}]}
+
+
+REPORT_KINDS = {"setup": report_setup, "sample": report_sample, "train": report_train,
+                "torchrun": report_torchrun}
+
+
+def report_worker(folder):
+    """--report-worker FOLDER: run the items the parent writes on stdin (one JSON line each), each result to
+    FOLDER/results/<index>.json (written whole, then renamed)."""
+    import traceback
+    import files
+    results = Path(folder) / "results"
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()
+    for line in sys.stdin:
+        spec = json.loads(line)
+        print(f"=== {spec['name']}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            files.crash_point(f"report:{spec['name']}")  # the test's failing item (LIGHTNING_CRASH_AT)
+            result = {"ok": True, **REPORT_KINDS[spec["kind"]](spec)}
+        except (Exception, SystemExit) as e:  # noqa: BLE001 -- train.main exits with "error: ..."
+            traceback.print_exc()
+            msg = str(e).strip().splitlines()
+            result = {"ok": False, "error": f"{type(e).__name__}: {msg[-1] if msg else ''}"[:300]}
+        result["seconds"] = time.perf_counter() - t0
+        tmp = results / f"{spec['index']}.json.tmp"
+        tmp.write_text(json.dumps(result, default=str))
+        os.replace(tmp, results / f"{spec['index']}.json")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        sys.stdout.flush()
+
+
+class Worker:
+    """A `python -m tools.bench --report-worker` process; its output goes to OUT/log.txt."""
+
+    def __init__(self, out, log, inductor_cache):
+        import subprocess
+        self.out = out
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.bench", "--report-worker", str(out)],
+                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                     cwd=ROOT, env=env, start_new_session=True)  # its own group: killed whole
+
+    def run(self, spec, limit):
+        """-> the item's result, or an error on timeout or a dead worker (then the worker is gone)."""
+        path = self.out / "results" / f"{spec['index']}.json"
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        t0 = time.perf_counter()
+        while not path.exists():
+            if self.proc.poll() is not None:
+                return {"ok": False, "error": f"the worker process died (exit {self.proc.returncode}); see "
+                                              "log.txt", "seconds": time.perf_counter() - t0}
+            if time.perf_counter() - t0 > limit:
+                self.kill()
+                return {"ok": False, "error": f"timed out after {limit:.0f} s (its time limit)",
+                        "seconds": time.perf_counter() - t0}
+            time.sleep(0.05)
+        return json.loads(path.read_text())
+
+    def kill(self):
+        import signal
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and what it started (torchrun's ranks)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+def report(args):
+    """--report OUT: every item of report_items, in order, within --report-budget seconds."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.tiny:
+        raise SystemExit("error: --report at SDXL size needs a CUDA GPU (--tiny runs it at the tiny config)")
+    out = Path(args.report)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    for f in (out / "results").glob("*.json"):
+        f.unlink()
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    import diffusers
+    info = {"device": str(device), "gpu": gpu, "config": "tiny" if args.tiny else "sdxl",
+            "dtype": "bfloat16" if device.type == "cuda" else "float32",
+            "peak_tflops": device_peak_tflops(gpu, args.peak_tflops), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "budget_s": args.report_budget,
+            "resolution": 32 if args.tiny else 1024}
+    common = {"device": str(device), "tiny": args.tiny, "work": str(out / "work"), "runs": args.runs,
+              "warmup": args.warmup, "train_steps": args.report_train_steps, "resolution": info["resolution"]}
+    items, done, worker, workers = report_items(args.tiny), [], None, 0
+    print(f"report: {len(items)} items on {gpu or device}, {info['config']} config, budget "
+          f"{args.report_budget:.0f} s; results in {out}/report.json and report.md, worker output in "
+          f"{out}/log.txt", flush=True)
+    t_start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        for i, item in enumerate(items):
+            left = args.report_budget - (time.perf_counter() - t_start)
+            limit = min(item["limit"] * args.limit_scale, left)
+            if args.report_items and item["name"] != "setup" and \
+                    not any(fnmatch.fnmatch(item["name"], g) for g in args.report_items):
+                result = {"ok": False, "error": "skipped: not selected (--report-items)", "seconds": 0.0}
+            elif item["kind"] in ("train", "torchrun") and not done[0]["ok"]:
+                result = {"ok": False, "error": "skipped: setup failed", "seconds": 0.0}
+            elif left < 5:
+                result = {"ok": False, "seconds": 0.0, "error": "skipped: the report's time budget "
+                                                                f"({args.report_budget:.0f} s) is spent"}
+            else:
+                if worker is None or not worker.alive():
+                    workers += 1  # each its own inductor cache: a killed compile can leave a torn file
+                    worker = Worker(out, log, out / "work" / f"inductor_{workers}")
+                result = worker.run({**common, **item, "index": i}, limit)
+                if not result["ok"] and worker.alive():
+                    worker.kill()  # a fresh process after any error (a CUDA error poisons the context)
+            done.append({"name": item["name"], "kind": item["kind"], **result})
+            status = "ok" if result["ok"] else result["error"]
+            print(f"[{i + 1}/{len(items)}] {item['name']}: {status} ({result['seconds']:.1f} s)", flush=True)
+            write_report(out, info, done, time.perf_counter() - t_start)
+    if worker is not None and worker.alive():
+        worker.proc.stdin.close()
+        worker.proc.wait(timeout=30)
+    print(f"report: {sum(d['ok'] for d in done)} of {len(done)} items ok in "
+          f"{time.perf_counter() - t_start:.0f} s: {out / 'report.md'}")
+    return done
+
+
+def write_report(out, info, done, elapsed):
+    """report.json (everything) and report.md (the tables), atomically, after every item."""
+    peak = info["peak_tflops"]
+    flops = {(r["what"]): r["tflop_per_step"] for d in done if d["kind"] == "train" and d["ok"]
+             for r in d["rows"] if r.get("tflop_per_step")}
+    sample_flops = {r["what"]: r["tflop"] for d in done if d["kind"] == "sample" and d["ok"]
+                    for r in d["rows"] if r.get("tflop")}  # the plain rows' counts, by what they time
+    for d in done:
+        for r in d.get("rows", []) if d["ok"] else []:
+            if d["kind"] == "train":
+                tflop = flops.get(r["what"])  # the plain run's count: the same math with or without compile
+                r["tflops"] = tflop / (r["step_ms"] / 1e3) if tflop else None
+                r["mfu"] = r["tflops"] / peak if r["tflops"] and peak else None
+            elif d["kind"] == "sample":
+                r["tflop"] = r.get("tflop") or sample_flops.get(r["what"].split(", ")[0])
+                for side in ("ours", "diffusers"):
+                    r[f"{side}_mfu"] = r["tflop"] / (r[f"{side}_ms"] / 1e3) / peak if peak and r["tflop"] \
+                        else None
+    report_json = {**info, "elapsed_s": elapsed, "items": done}
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    md = [f"# bench.py --report: {info['gpu'] or info['device']}, {info['config']} config",
+          "", f"torch {info['torch']}, diffusers {info['diffusers']}, {info['dtype']}, "
+          f"{info['resolution']} px, peak {fmt(peak, 'g')} TFLOP/s for MFU; {elapsed:.0f} s of "
+          f"{info['budget_s']:.0f} s.", "",
+          "## Sampling, ours against diffusers (ratio = ours / diffusers time)", "",
+          "| what | ours ms | diffusers ms | ratio | ours / diffusers peak MB | TFLOP | MFU ours / diffusers "
+          "| max abs diff |", "|---|---|---|---|---|---|---|---|"]
+    for d in done:
+        for r in d.get("rows", []) if d["ok"] and d["kind"] == "sample" else []:
+            md.append(f"| {r['what']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} | "
+                      f"{r['ours_peak_mb']:.0f} / {r['diffusers_peak_mb']:.0f} | {fmt(r['tflop'], '.3g')} | "
+                      f"{fmt(r['ours_mfu'], '.1%')} / {fmt(r['diffusers_mfu'], '.1%')} | "
+                      f"{r['max_abs_diff']:.2e} |")
+    md += ["", "## Training, one rank, micro-batch 1, gradient checkpointing", "",
+           "| phase | shard | compile | step ms | peak GB | TFLOP/step | TFLOP/s | MFU |",
+           "|---|---|---|---|---|---|---|---|"]
+    for d in done:
+        for r in d.get("rows", []) if d["ok"] and d["kind"] == "train" else []:
+            md.append(f"| {r['what'].removeprefix('train ')} | {r['shard']} | "
+                      f"{'yes' if r['compile'] else 'no'} | "
+                      f"{r['step_ms']:.1f} | {r['peak_gb']:.2f} | {fmt(flops.get(r['what']), '.3g')} | "
+                      f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} |")
+    md += ["", "## torchrun and setup", ""]
+    for d in done:
+        for r in d.get("rows", []) if d["ok"] and d["kind"] in ("torchrun", "setup") else []:
+            md.append(f"- {d['name']}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in r.items() if k != "what"))
+    failed = [d for d in done if not d["ok"]]
+    md += ["", "## Items that failed or were skipped", ""] + \
+        ([f"- {d['name']}: {d['error']}" for d in failed] or ["none"])
+    text_json, text_md = json.dumps(report_json, indent=2, default=str), "\n".join(md) + "\n"
+    import files
+    files.atomic_write(out / "report.json", lambda tmp: tmp.write_text(text_json))
+    files.atomic_write(out / "report.md", lambda tmp: tmp.write_text(text_md))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
 
 def print_table(rows):
-    head = f"{'what':<24} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} " \
+    """`vs plain`: ours with the row's option against diffusers' plain call of the same bench (the fast
+    path's goal), when the run has that plain row."""
+    plain = {r["what"]: r["diffusers_ms"] for r in rows if r.get("option", "plain") == "plain"}
+    for r in rows:
+        base = plain.get(r["what"].split(", ")[0])
+        r["ratio_vs_diffusers_plain"] = r["ours_ms"] / base if base else None
+    head = f"{'what':<52} {'ours ms':>10} {'diffusers ms':>13} {'ratio':>7} {'(min)':>7} {'vs plain':>8} " \
            f"{'ours peak MB':>13} {'diffusers peak MB':>18} {'max|diff|':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['what']:<24} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
-              f"{r['ratio_min']:>7.3f} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
+        vs = f"{r['ratio_vs_diffusers_plain']:.3f}" if r["ratio_vs_diffusers_plain"] else "-"
+        print(f"{r['what']:<52} {r['ours_ms']:>10.1f} {r['diffusers_ms']:>13.1f} {r['ratio']:>7.3f} "
+              f"{r['ratio_min']:>7.3f} {vs:>8} {r['ours_peak_mb']:>13.1f} {r['diffusers_peak_mb']:>18.1f} "
               f"{r['max_abs_diff']:>10.2e}")
 
 
@@ -613,6 +1076,11 @@ def parse_args(argv=None):
                    help="untimed calls per side before timing (at least 2 are made; the last one measures "
                         "memory) (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps of the sample bench (default 4)")
+    p.add_argument("--options", nargs="+", choices=OPTIONS, default=None,
+                   help="unet/sample benches: the speed options to time, each on both sides (default all; "
+                        "compile only on CUDA: on the CPU its compile time dwarfs a few calls)")
+    p.add_argument("--compile-mode", choices=sample_mod.COMPILE_MODES, default="default",
+                   help="torch.compile mode of the compile option (default: default)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for both sides; default torch's own (the core count)")
@@ -628,12 +1096,35 @@ def parse_args(argv=None):
                    help="train bench: also run every phase from a prepare.py cache "
                    "of the same data (no VAE or text encoders in the step) and report both")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help="train bench: the device's peak TFLOP/s for MFU (H100 SXM bf16 dense: 989)")
+                   help="train bench and --report: the device's peak TFLOP/s for MFU (H100 SXM bf16 dense: "
+                        "989); --report's default comes from the GPU's name (PEAK_TFLOPS)")
+    g = p.add_argument_group("the GPU report (docs/speed.md#the-gpu-report)")
+    g.add_argument("--report", metavar="OUT", default=None,
+                   help="measure everything on one GPU with random full-size SDXL weights (no network): "
+                        "UNet and 1/2/4/8-step samples vs diffusers plain and fast, every training phase, a "
+                        "torchrun resume; writes OUT/report.json and OUT/report.md")
+    g.add_argument("--tiny", action="store_true", help="--report at the tiny config (CPU: the test)")
+    g.add_argument("--report-budget", type=float, default=480,
+                   help="--report: total seconds; items past it are listed as skipped (default 480)")
+    g.add_argument("--report-train-steps", type=int, default=2,
+                   help="--report: timed steps per training phase, after one warmup step (default 2)")
+    g.add_argument("--limit-scale", type=float, default=1.0,
+                   help="--report: multiply every item's own time limit (90-240 s) by this")
+    g.add_argument("--report-items", nargs="+", metavar="GLOB", default=None,
+                   help="--report: only the items matching one of these names (e.g. 'sample/*' "
+                        "'train/8to4/*'); setup always runs, the rest are listed as not selected")
+    g.add_argument("--report-worker", metavar="OUT", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_worker:  # one of --report's worker processes (internal)
+        return report_worker(args.report_worker)
+    if args.report:
+        import diffusers
+        diffusers.utils.logging.set_verbosity_error()
+        return report(args)
     if args.what == "memory":  # computed, not measured: no device, no diffusers
         rows = print_memory_table()
         if args.json:
@@ -681,7 +1172,8 @@ def main(argv=None):
     else:
         print_table(rows)
     print(("train: step time is the median after a warmup step; GFLOP counted by FlopCounterMode; peak MB = "
-           if args.what == "train" else "ratio = ours / diffusers time (< 1: ours is faster); peak MB = ")
+           if args.what == "train" else "ratio = ours / diffusers time (< 1: ours is faster), both with the "
+           "row's option; vs plain = ours with it / diffusers plain; peak MB = ")
           + info["peak_memory"])
     if args.json:
         with open(args.json, "w") as f:

@@ -78,6 +78,32 @@ def make_tiny_base(root, seed=0):
     return pipe
 
 
+def make_random_base(root, unet_cfg, vae_cfg, text_cfgs, device="cpu", dtype=torch.float16):
+    """An SDXL base folder of any size (diffusers layout, written by diffusers) with diffusers' own random
+    init and the tiny offline tokenizers: full size for bench.py --report, built on `device` (a GPU builds
+    the 2.6B-parameter UNet in seconds) and saved in `dtype`. text_cfgs: (CLIP-L config, bigG config)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTokenizer
+    root = Path(root)
+    write_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
+    write_tokenizer(root / "tokenizer_2", pad_token="!")
+    torch.manual_seed(0)
+    with torch.device(device):
+        kwargs = lambda cfg: {k: v for k, v in cfg.to_diffusers().items()  # noqa: E731
+                              if not k.startswith("_")}
+        unet, vae = UNet2DConditionModel(**kwargs(unet_cfg)), AutoencoderKL(**kwargs(vae_cfg))
+        text_encoder, text_encoder_2 = CLIPTextModel(text_cfgs[0]), CLIPTextModelWithProjection(text_cfgs[1])
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         num_train_timesteps=1000, steps_offset=1))
+    pipe.to(dtype).save_pretrained(root)
+    return root
+
+
 def lightning_scheduler(pipe, prediction="epsilon"):
     """The SDXL-Lightning model card's scheduler override."""
     from diffusers import EulerDiscreteScheduler
@@ -99,14 +125,15 @@ def fill_hub_cache(cache, repo_id, files):
         shutil.copy(src, dst)
 
 
-def write_noise_images(folder, n, caption):
-    """n random 48x40 RGB images with captions caption.format(i): sharp, usable data for the train tests."""
+def write_noise_images(folder, n, caption, size=(48, 40)):
+    """n random RGB images (size: width, height; default 48x40) with captions caption.format(i): sharp,
+    usable data for the train tests."""
     import numpy as np
     from PIL import Image
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption.format(i))
     return folder
 
