@@ -55,10 +55,10 @@ ERRORS = (files.RunError, weights.CheckpointError, ValueError, RuntimeError, OSE
 
 # A resume may change these (the rest must match the checkpoint's run, or it is refused naming the flag):
 # the step target and the bookkeeping, the micro-batch and rank count (the global batch and its draws do
-# not depend on them), --lr (applied from the resumed step on) and the re-noise switch step.
+# not depend on them), --lr and --lr-disc (applied from the resumed step on) and the re-noise switch step.
 RESUME_MAY_CHANGE = {"max_steps", "save_every", "sample_every", "grad_checkpointing", "vae_slice",
                      "max_bad_steps", "device", "micro_batch_size", "lr", "renoise_switch_step", "phase",
-                     "out", "shard", "compile", "tensorboard"}
+                     "out", "shard", "compile", "tensorboard", "lr_disc"}
 PLANNED = {"init", "teacher", "skip_level_teacher"}  # may be spelled otherwise if they name the same UNets
 
 
@@ -101,6 +101,8 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per GPU per forward")
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (re-run to extend)")
     g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
+    g.add_argument("--lr-disc", type=float, help="the discriminator's learning rate; default --lr (the paper: "
+                   "one rate for both). Raise it when D(real) - D(fake) in log.jsonl stays near 0")
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     g = p.add_argument_group("re-noising (Sec. 3.7.2)")
     g.add_argument("--renoise", choices=["on", "off"], help="noise clean targets again before the "
@@ -136,8 +138,10 @@ def check_args(args, world):
             raise files.RunError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.sample_every < 0 or (args.renoise_switch_step is not None and args.renoise_switch_step < 0):
         raise files.RunError("--sample-every and --renoise-switch-step must be >= 0")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise files.RunError(f"--lr must be a positive number, got {args.lr}")
+    for flag in ("lr", "lr_disc"):
+        v = getattr(args, flag)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise files.RunError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
     if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise files.RunError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
     if not 0 <= args.seed < 2 ** 63 - world:  # torch.manual_seed(seed + rank) takes 64 bits
@@ -276,6 +280,7 @@ class Phase:
     spec: lm.PhaseSpec
     dir: Path
     lr: float  # --lr or the paper's
+    lr_d: float  # the discriminator's: --lr-disc, else lr
     renoise: bool  # --renoise or the table's
     switch_step: int  # from here the late re-noise weights
     step: int = 0
@@ -355,14 +360,15 @@ def open_phase(run, stage, name):
     """A phase ready for its first (or next) step: settings, models, its own checkpoint if any, the lr."""
     args, spec = run.args, lm.phase_spec(stage, name, run.args.prediction)
     switch = args.renoise_switch_step if args.renoise_switch_step is not None else args.max_steps // 2
-    ph = Phase(stage, name, spec, files.phase_dir(args.out, stage, name), args.lr or spec.lr,
+    lr = args.lr or spec.lr
+    ph = Phase(stage, name, spec, files.phase_dir(args.out, stage, name), lr, args.lr_disc or lr,
                renoise_on(args, spec), switch)
     m = build_phase(run, ph)
     if (ph.dir / "checkpoint.pt").exists():
         resume(run, ph, m)
-    for opt in (m.opt_g, m.opt_d):  # a carried or resumed Adam state keeps its moments only, not its lr
-        for group in (opt.param_groups if opt is not None else []):
-            group["lr"] = ph.lr
+    for opt, lr in ((m.opt_g, ph.lr), (m.opt_d, ph.lr_d)):  # a carried or resumed Adam state keeps its
+        for group in (opt.param_groups if opt is not None else []):  # moments only, not its lr
+            group["lr"] = lr
     files.forget_checkpoints()  # the optimizers now update the tensors they were loaded with
     return ph, m
 
@@ -443,6 +449,10 @@ def train_step(run, ph, m):
                 (loss / n).backward()
             logs.update(loss_d=loss.item() / n, d_real=torch.sigmoid(real).mean().item() / n,
                         d_fake=torch.sigmoid(fake).mean().item() / n)
+            gap = (torch.sigmoid(real) - torch.sigmoid(fake)).detach().float()  # (B,) per sample
+            for t in spec.timesteps:  # sums and counts per student timestep: the same keys on every rank
+                at = b.t == t
+                logs.update({f"gap_sum_t{t}": gap[at].sum().item(), f"gap_n_t{t}": at.sum().item()})
         d_ok = parallel.finite(logs["loss_d"], ranks)
         if d_ok:
             m.opt_d.step()
@@ -587,20 +597,23 @@ def train_phase(run, stage, name):
     bar = tqdm(total=args.max_steps, initial=ph.step, disable=not ranks.master, desc=f"{stage}/{name}")
     while ph.step < args.max_steps:
         t0, ph.teacher_evals = time.time(), 0
-        logs = parallel.mean_over_ranks({**train_step(run, ph, m), "teacher_evals": ph.teacher_evals}, ranks)
+        logs = gaps(parallel.mean_over_ranks({**train_step(run, ph, m), "teacher_evals": ph.teacher_evals},
+                                             ranks))
         if ranks.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
         logs["teacher_evals"] *= ranks.world  # summed over ranks: sample-evaluations of the teacher UNet
         renoise_weights = args.renoise_weights_late if ph.step >= ph.switch_step else "1,1,1,1"
         ph.step += 1
-        logs.update(step=ph.step, lr=m.opt_g.param_groups[0]["lr"], step_time=dt,
+        logs.update(step=ph.step, lr=m.opt_g.param_groups[0]["lr"],
+                    **({"lr_d": m.opt_d.param_groups[0]["lr"]} if m.opt_d is not None else {}), step_time=dt,
                     images_per_s=args.batch_size / dt, bad_steps=ph.bad_total,
                     skipped_images=ph.skipped_images, renoise=ph.renoise,
                     renoise_weights=renoise_weights if ph.renoise else None)
         if ranks.master:
             files.append_log(ph.dir, logs, run.tensorboard, f"{stage}/{name}")
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith(("loss", "d_"))})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
+                            if k.startswith(("loss", "d_")) and not k.startswith("d_gap_t")})
             bar.update(1)
         files.crash_point(f"step{ph.step}")
         if ph.step % args.save_every == 0 or ph.step == args.max_steps:
@@ -609,7 +622,38 @@ def train_phase(run, stage, name):
             sample_grid(run, ph, m)
     bar.close()
     steps = lm.STAGES[stage].student_steps
+    if ph.spec.discriminator:
+        parallel.on_master(ranks, lambda: log(run, ph, disc_summary(ph.dir)), ERRORS)
     log(run, ph, f"done: {ph.dir / files.unet_filename(steps, ph.spec.student_prediction)}")
+
+
+def gaps(logs):
+    """A step's per-timestep sums and counts of D(real) - D(fake) (train_step, over micro-batches and ranks)
+    -> d_gap (the batch's mean) and d_gap_t{t} for each student timestep t the batch drew."""
+    out = {k: v for k, v in logs.items() if not k.startswith("gap_")}
+    sums = {k[len("gap_sum_t"):]: v for k, v in logs.items() if k.startswith("gap_sum_t")}
+    ns = {t: logs[f"gap_n_t{t}"] for t in sums}
+    if sums and sum(ns.values()) > 0:
+        out["d_gap"] = sum(sums.values()) / sum(ns.values())
+        out.update({f"d_gap_t{t}": sums[t] / ns[t] for t in sums if ns[t] > 0})
+    return out
+
+
+SUMMARY_STEPS = 20  # the phase summary's window: D(real) - D(fake) at the end of the phase, not its start
+
+
+def disc_summary(folder, last=SUMMARY_STEPS):
+    """OUT/<stage>/<phase>/summary.json: the mean D(real) - D(fake) (sigmoid outputs) over the phase's last
+    `last` logged steps, overall and per student timestep; 0 means the discriminator does not tell the
+    teacher's samples from the student's (Sec. 3.3). -> the line the log prints."""
+    rows = [json.loads(ln) for ln in (Path(folder) / "log.jsonl").read_text().splitlines()][-last:]
+    mean = {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows)
+            for k in sorted({k for r in rows for k in r if k.startswith("d_gap")})}
+    files.save_json({"steps": [rows[0]["step"], rows[-1]["step"]] if rows else [], **mean},
+                    Path(folder) / "summary.json")
+    per_t = ", ".join(f"t={k[len('d_gap_t'):]} {v:.3f}" for k, v in mean.items() if k != "d_gap")
+    return (f"D(real) - D(fake) over the last {len(rows)} steps: {mean.get('d_gap', float('nan')):.4f} "
+            f"({per_t})")
 
 
 # --- Main: checks before any work, the ranks, the lock, the shared frozen parts, then the phases in order ---

@@ -1083,3 +1083,42 @@ def test_buckets_two_ranks_equal_one_rank_accumulating_bitwise(env, tmp_path):
     diff = _differences(one, two)
     print(f"--buckets, 2 ranks vs 1 rank accumulating: {len(diff)} tensors differ")
     assert not diff, sorted(diff.items(), key=lambda kv: -kv[1])[:5]
+
+
+# the discriminator's levers and its record (issue 15.4)
+
+
+def test_lr_disc_applies_and_the_gap_is_logged_per_timestep(env, tmp_path):
+    """--lr-disc sets the discriminator's Adam rate apart from the student's (default: --lr, the paper's one
+    rate); every adversarial step logs D(real) - D(fake) overall and per student timestep it drew, and the
+    phase ends with summary.json, the means over its last steps."""
+    out = tmp_path / "runs"
+    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
+         *common(env, out, "--max-steps", 2, "--lr", 1e-4, "--lr-disc", 3e-3)])
+    log = [json.loads(line) for line in (out / "8to4/cond/log.jsonl").read_text().splitlines()]
+    ts = lm.phase_spec("8to4", "cond").timesteps
+    for r in log:
+        assert r["lr"] == pytest.approx(1e-4) and r["lr_d"] == pytest.approx(3e-3), r
+        assert r["d_gap"] == pytest.approx(r["d_real"] - r["d_fake"], abs=1e-6), r
+        buckets = {int(k[len("d_gap_t"):]): v for k, v in r.items() if k.startswith("d_gap_t")}
+        assert buckets and set(buckets) <= set(ts), r
+        # 2 samples per step: the overall gap is the count-weighted mean of the buckets
+        assert min(buckets.values()) - 1e-6 <= r["d_gap"] <= max(buckets.values()) + 1e-6
+        assert not any(k.startswith("gap_") for k in r)  # the sums and counts stay internal
+    summary = json.loads((out / "8to4/cond/summary.json").read_text())
+    assert summary["steps"] == [1, 2]
+    assert summary["d_gap"] == pytest.approx(np.mean([r["d_gap"] for r in log]), abs=1e-9)
+    # the default: one rate for both, as before the flag
+    run(["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8],
+         *common(env, tmp_path / "default", "--max-steps", 1, "--lr", 1e-4)])
+    r = json.loads((tmp_path / "default/8to4/cond/log.jsonl").read_text().splitlines()[0])
+    assert r["lr_d"] == r["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("value", ["0", "-1e-4", "nan", "inf"])
+def test_bad_lr_disc_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
+    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
+                  f"--lr-disc={value}"], capsys)
+    assert msg.startswith("error: --lr-disc must be a positive number"), msg
+    assert not (tmp_path / "runs").exists()
