@@ -300,6 +300,10 @@ def speed_options(args, device):
             raise ValueError(f"--cuda-graphs with --compile {opts['compile']}: that mode captures CUDA "
                              "graphs itself; use one of them")
         opts["cuda_graphs"] = False  # --fast: the compile mode's own graphs
+    if opts["cuda_graphs"] and getattr(args, "controlnet", None):  # the residuals are lists: not graphed
+        if args.cuda_graphs:
+            raise ValueError("--cuda-graphs does not take --controlnet (use --compile for a speed-up)")
+        opts["cuda_graphs"] = False
     return opts
 
 

@@ -1023,6 +1023,11 @@ def test_speed_options_keep_the_image(base, tmp_path):
     assert sample.speed_options(args, torch.device("cuda")) == \
         {"channels_last": True, "fuse_qkv": True, "compile": "default", "cuda_graphs": True}
     assert sample.parse_args(["a", "--compile"]).compile == "default"  # the old flag still works
+    steered = sample.parse_args(["a", "--fast", "--controlnet", "c", "--control-image", "i.png"])
+    assert sample.speed_options(steered, torch.device("cuda"))["cuda_graphs"] is False  # residual lists
+    with pytest.raises(ValueError, match="--cuda-graphs does not take --controlnet"):
+        sample.speed_options(sample.parse_args(["a", "--cuda-graphs", "--controlnet", "c", "--control-image",
+                                                "i.png"]), torch.device("cuda"))
     compiled_unet, compiled_vae = _fast_copy(unet, vae, compile="max-autotune-no-cudagraphs")  # not run here
     assert compiled_unet._compiled_call_impl is not None
     assert compiled_vae.decoder._compiled_call_impl is not None

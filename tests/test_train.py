@@ -1000,6 +1000,7 @@ def test_tensorboard_logs_what_log_jsonl_has(env, tmp_path, capsys, monkeypatch)
     assert [i.step for i in images] == [2] and (images[0].width, images[0].height) == (64, 64)
     print(f"tensorboard: {len(ev.Tags()['scalars'])} scalar tags, {len(images)} sample grid")
     # the package missing: one line, before any work
+    capsys.readouterr()  # drop the first run's progress bars
     monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started without tensorboard"))
     for name in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)
