@@ -303,22 +303,32 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = None):
         super().__init__()
         cfg = cfg or UNetConfig()
-        assert len(cfg.block_out_channels) == len(cfg.transformer_depth) == len(cfg.num_heads)
-        if cfg.transformer_depth[-1] == 0:
-            raise ValueError("the last level needs attention: SDXL's mid block is a cross-attention block")
-        self.config = cfg
+        self._build_entry(cfg)
+        self._build_encoder(cfg)
         ch, L = cfg.block_out_channels, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
-        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
-        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1)
-                                          for i in range(L)])
-        self.mid_block = MidBlock(ch[-1], cfg)
         self.up_blocks = nn.ModuleList([UpBlock(ch[max(L - 2 - i, 0)], ch[L - 1 - i], ch[min(L - i, L - 1)],
                                                 cfg, L - 1 - i, i < L - 1) for i in range(L)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.gradient_checkpointing = False  # recompute block activations in backward (training memory)
+
+    def _build_entry(self, cfg):
+        """conv_in and the two embeddings (the ControlNet builds the same)."""
+        assert len(cfg.block_out_channels) == len(cfg.transformer_depth) == len(cfg.num_heads)
+        if cfg.transformer_depth[-1] == 0:
+            raise ValueError("the last level needs attention: SDXL's mid block is a cross-attention block")
+        self.config = cfg
+        ch = cfg.block_out_channels
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
+        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
+
+    def _build_encoder(self, cfg):
+        """The down blocks and the mid block (the ControlNet builds the same)."""
+        ch, L = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1)
+                                          for i in range(L)])
+        self.mid_block = MidBlock(ch[-1], cfg)
 
     def _run(self, module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -457,23 +467,16 @@ class ControlNet(nn.Module):
     """Sec. 5.3: the UNet's encoder path on the same inputs plus a control image; returns the residuals the
     UNet adds to its skips and mid block output, times `scale` (diffusers' conditioning_scale)."""
     embed, encode, _run = UNet.embed, UNet.encode, UNet._run  # the UNet's encoder path, on these weights
+    _build_entry, _build_encoder = UNet._build_entry, UNet._build_encoder  # and its modules, same names
 
     def __init__(self, cfg: ControlNetConfig = None):
         super().__init__()
         cfg = cfg or ControlNetConfig()
-        assert len(cfg.block_out_channels) == len(cfg.transformer_depth) == len(cfg.num_heads)
-        if cfg.transformer_depth[-1] == 0:
-            raise ValueError("the last level needs attention: SDXL's mid block is a cross-attention block")
-        self.config = cfg
+        self._build_entry(cfg)
         ch, L = cfg.block_out_channels, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
-        self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             cfg.conditioning_channels, ch[0], cfg.conditioning_embedding_out_channels)
-        self.down_blocks = nn.ModuleList([DownBlock(ch[max(i - 1, 0)], ch[i], cfg, i, i < L - 1)
-                                          for i in range(L)])
-        self.mid_block = MidBlock(ch[-1], cfg)
+        self._build_encoder(cfg)
         # one zero conv per skip the UNet pushes: conv_in's, every resnet's, every downsampler's
         widths = [ch[0]] + [c for i, c in enumerate(ch) for _ in range(cfg.layers_per_block + (i < L - 1))]
         self.controlnet_down_blocks = nn.ModuleList([nn.Conv2d(c, c, 1) for c in widths])
