@@ -1,11 +1,29 @@
 """Tests never touch the network: the hub is offline (huggingface_hub reads this at import)."""
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n N` (the README's command): N worker processes share the cores. Idle OpenMP threads must sleep,
+    # not spin (spinning made oversubscribed runs several times slower; the programs the tests start inherit
+    # this), and each worker's own torch calls get its share of the cores. No number depends on it: the
+    # bitwise and toy tests pin their thread counts themselves.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def free_port():
+    """A TCP port nobody listens on now, for torchrun's --master_port: tests run in parallel (pytest -n 2),
+    and a port derived from the pid could be taken by the other worker's run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,3 +51,17 @@ def small_disk(tmp_path, request):
     finally:
         if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)  # busy: detach it now
+
+
+def pytest_configure(config):
+    """Under the README's `pytest -n 2 --dist loadfile` the files go to the workers in the order collected
+    (xdist would otherwise hand out the files with the most tests first, and the toy file, few tests but the
+    longest, came last: 18 min instead of about 13)."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/test_toy.py first: its session fixture builds the quick toy base (minutes), so that file runs
+    beside all the others instead of after them. Otherwise the order is as collected."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_toy.py")

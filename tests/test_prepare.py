@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import files
+from conftest import free_port
 from tools import prepare
 import weights
 from tools.tiny import make_tiny_base
@@ -131,7 +132,7 @@ def test_cached_sample_equals_encoded_image(env):
 def test_two_ranks_equal_one_rank(env, tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + os.getpid() % 1000), "-m", "tools.prepare", *args(env, out)]
+           str(free_port()), "-m", "tools.prepare", *args(env, out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                        env={**os.environ,
                             "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bitwise: same threads

@@ -25,6 +25,7 @@ import lora
 import parallel
 import train
 import weights
+from conftest import free_port
 from tools.tiny import TINY_UNET, diffusers_unet, make_tiny_base, write_noise_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def _compare(a, b, what, atol=1e-6, rtol=1e-5):
 
 def _torchrun(args, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *map(str, args)]
+           str(free_port()), str(ROOT / "train.py"), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -625,7 +626,7 @@ def test_disk_full_for_real_is_one_line_on_every_rank(env, tmp_path, small_disk,
             lines = [ln for ln in msg.splitlines() if "error" in ln.lower()]
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(29500 + os.getpid() % 1000), str(ROOT / "train.py"), *map(str, args)]
+                   str(free_port()), str(ROOT / "train.py"), *map(str, args)]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
             ours = r.stdout + r.stderr.split("torch.distributed.elastic")[0]  # torchrun's own report aside
