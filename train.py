@@ -103,6 +103,10 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
     g.add_argument("--lr-disc", type=float, help="the discriminator's learning rate; default --lr (the paper: "
                    "one rate for both). Raise it when D(real) - D(fake) in log.jsonl stays near 0")
+    g.add_argument("--disc-warmup", type=int, default=0, help="adversarial phases: the first N steps of a phase "
+                   "train the discriminator only (the student stays as it is): its first updates then come "
+                   "from a D that separates; = --max-steps asks whether D can separate at all. Counted in "
+                   "--max-steps; 0 (the paper) off")
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     g = p.add_argument_group("re-noising (Sec. 3.7.2)")
     g.add_argument("--renoise", choices=["on", "off"], help="noise clean targets again before the "
@@ -136,8 +140,9 @@ def check_args(args, world):
                  "lora_rank", "resolution"):
         if getattr(args, flag) < 1:
             raise files.RunError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.sample_every < 0 or (args.renoise_switch_step is not None and args.renoise_switch_step < 0):
-        raise files.RunError("--sample-every and --renoise-switch-step must be >= 0")
+    if args.sample_every < 0 or args.disc_warmup < 0 or \
+            (args.renoise_switch_step is not None and args.renoise_switch_step < 0):
+        raise files.RunError("--sample-every, --disc-warmup and --renoise-switch-step must be >= 0")
     for flag in ("lr", "lr_disc"):
         v = getattr(args, flag)
         if v is not None and not (math.isfinite(v) and v > 0):
@@ -429,8 +434,8 @@ def teacher_model(ph, m, cond):
 
 
 def train_step(run, ph, m):
-    """The teacher's targets, the discriminator on Eq. (20), then the student on Eq. (21) (Sec. 3.2); or the
-    student alone on Eq. (16) / (29). Gradients are accumulated over micro-batches and synced on the last
+    """The teacher's targets, the discriminator on Eq. (20), then the student on Eq. (21) (Sec. 3.2; within
+    --disc-warmup the discriminator only); or the student alone on Eq. (16) / (29). Gradients are accumulated over micro-batches and synced on the last
     one only; a loss that is not finite on any rank skips that update on every rank (the NaN vote)."""
     spec, ranks, logs = ph.spec, run.ranks, Counter()  # sums over the micro-batches
     batches = []
@@ -457,16 +462,18 @@ def train_step(run, ph, m):
         if d_ok:
             m.opt_d.step()
         m.disc.requires_grad_(False)  # the student's update must not touch D
-    m.opt_g.zero_grad(set_to_none=True)
+    warmup = m.disc is not None and ph.step < run.args.disc_warmup  # --disc-warmup: D only, the student stays
     key = {"adversarial": "loss_g"}.get(spec.loss, f"loss_{spec.loss}")
-    for i, b in enumerate(batches):  # --- the student's update, Eq. (21), (16) or (29)
+    m.opt_g.zero_grad(set_to_none=True)
+    for i, b in enumerate([] if warmup else batches):  # --- the student's update, Eq. (21), (16) or (29)
         with parallel.no_sync_unless_last(m.g_model, i, n):
             with autocast(ranks.device):
                 loss = lm.student_loss(m.g_model, m.disc, b, spec)
             (loss / n).backward()
         logs.update({key: loss.item() / n})
-    if parallel.finite(logs[key], ranks) and d_ok:
-        m.opt_g.step()
+    if (warmup or parallel.finite(logs[key], ranks)) and d_ok:
+        if not warmup:
+            m.opt_g.step()
         ph.bad_in_row = 0
     else:
         ph.bad_in_row += 1

@@ -1117,10 +1117,42 @@ def test_lr_disc_applies_and_the_gap_is_logged_per_timestep(env, tmp_path):
     assert r["lr_d"] == r["lr"] == pytest.approx(1e-4)
 
 
+def test_disc_warmup_trains_the_discriminator_alone_then_both_and_resumes_exactly(env, tmp_path):
+    """--disc-warmup 2: steps 1-2 update D only (the student's state is bitwise the same after them, D's is
+    not; no loss_g in their log rows), steps 3-4 both; a run stopped at the end of the warm-up and extended
+    equals the uninterrupted one bitwise."""
+    args = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--lr", 1e-3,
+            "--disc-warmup", 2]
+    ck = "8to4/cond/checkpoint.pt"
+    run([*args, *common(env, tmp_path / "one", "--max-steps", 1)])
+    run([*args, *common(env, tmp_path / "a", "--max-steps", 2)])
+    one, warm = _state(tmp_path / "one" / ck), _state(tmp_path / "a" / ck)
+    for k in one["student"]:
+        assert torch.equal(one["student"][k], warm["student"][k]), k
+    assert any(not torch.equal(one["disc"][k], warm["disc"][k]) for k in one["disc"])
+    run([*args, *common(env, tmp_path / "a", "--max-steps", 4)])  # continues after the warm-up
+    run([*args, *common(env, tmp_path / "b", "--max-steps", 4)])
+    a, b = _state(tmp_path / "a" / ck), _state(tmp_path / "b" / ck)
+    _compare(a, b, "resume after the warm-up", atol=0, rtol=0)
+    assert any(not torch.equal(warm["student"][k], a["student"][k]) for k in a["student"])
+    log = [json.loads(x) for x in (tmp_path / "a/8to4/cond/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert ["loss_g" in r for r in log] == [False, False, True, True]
+    assert all("loss_d" in r and "d_gap" in r for r in log)
+
+
 @pytest.mark.parametrize("value", ["0", "-1e-4", "nan", "inf"])
 def test_bad_lr_disc_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
     monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
     msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
                   f"--lr-disc={value}"], capsys)
     assert msg.startswith("error: --lr-disc must be a positive number"), msg
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_disc_warmup_refused_before_any_work(env, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
+    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
+                  "--disc-warmup=-1"], capsys)
+    assert msg.startswith("error: --sample-every, --disc-warmup") and "must be >= 0" in msg, msg
     assert not (tmp_path / "runs").exists()
