@@ -56,12 +56,19 @@ def small_disk(tmp_path, request):
 def pytest_configure(config):
     """Under the README's `pytest -n 2 --dist loadfile` the files go to the workers in the order collected
     (xdist would otherwise hand out the files with the most tests first, and the toy file, few tests but the
-    longest, came last: 18 min instead of about 13)."""
+    longest, came last)."""
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
 
+FIRST = ("tests/test_toy.py", "tests/test_train.py")  # the two longest files (the toy base alone takes minutes)
+
+
 def pytest_collection_modifyitems(config, items):
-    """tests/test_toy.py first: its session fixture builds the quick toy base (minutes), so that file runs
-    beside all the others instead of after them. Otherwise the order is as collected."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_toy.py")
+    """The longest files first, so that under `pytest -n 2 --dist loadfile` each worker starts on one and the
+    short files fill in behind them, instead of a long file starting last. Otherwise the order is as
+    collected."""
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return FIRST.index(path) if path in FIRST else len(FIRST)
+    items.sort(key=rank)
