@@ -102,7 +102,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (re-run to extend)")
     g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
     g.add_argument("--lr-disc", type=float, help="the discriminator's learning rate; default --lr (the paper: "
-                   "one rate for both). Raise it when D(real) - D(fake) in log.jsonl stays near 0")
+                   "one rate for both). A much higher one can stop D from separating at all (docs/training.md); "
+                   "where d_gap in log.jsonl stays near 0, try --disc-warmup first")
     g.add_argument("--disc-warmup", type=int, default=0, help="adversarial phases: the first N steps of a phase "
                    "train the discriminator only (the student stays as it is): its first updates then come "
                    "from a D that separates; = --max-steps asks whether D can separate at all. Counted in "
@@ -652,7 +653,8 @@ SUMMARY_STEPS = 20  # the phase summary's window: D(real) - D(fake) at the end o
 def disc_summary(folder, last=SUMMARY_STEPS):
     """OUT/<stage>/<phase>/summary.json: the mean D(real) - D(fake) (sigmoid outputs) over the phase's last
     `last` logged steps, overall and per student timestep; 0 means the discriminator does not tell the
-    teacher's samples from the student's (Sec. 3.3). -> the line the log prints."""
+    teacher's samples from the student's (Sec. 3.3): it cannot yet, or the student keeps up with it
+    (docs/training.md; --disc-warmup tells the two apart). -> the line the log prints."""
     rows = [json.loads(ln) for ln in (Path(folder) / "log.jsonl").read_text().splitlines()][-last:]
     mean = {k: sum(r[k] for r in rows if k in r) / sum(k in r for r in rows)
             for k in sorted({k for r in rows for k in r if k.startswith("d_gap")})}
