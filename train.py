@@ -102,12 +102,12 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (re-run to extend)")
     g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
     g.add_argument("--lr-disc", type=float, help="the discriminator's learning rate; default --lr (the paper: "
-                   "one rate for both). A much higher one can stop D from separating at all (docs/training.md); "
-                   "where d_gap in log.jsonl stays near 0, try --disc-warmup first")
-    g.add_argument("--disc-warmup", type=int, default=0, help="adversarial phases: the first N steps of a phase "
-                   "train the discriminator only (the student stays as it is): its first updates then come "
-                   "from a D that separates; = --max-steps asks whether D can separate at all. Counted in "
-                   "--max-steps; 0 (the paper) off")
+                   "one rate for both). A much higher one can stop D from separating at all "
+                   "(docs/training.md); where d_gap in log.jsonl stays near 0, try --disc-warmup first")
+    g.add_argument("--disc-warmup", type=int, default=0, help="adversarial phases: the first N steps of a "
+                   "phase train the discriminator only (the student stays as it is): its first updates then "
+                   "come from a D that separates; = --max-steps asks whether D can separate at all. Counted "
+                   "in --max-steps; 0 (the paper) off")
     g.add_argument("--max-bad-steps", type=int, default=20, help="stop after this many NaN/Inf steps in a row")
     g = p.add_argument_group("re-noising (Sec. 3.7.2)")
     g.add_argument("--renoise", choices=["on", "off"], help="noise clean targets again before the "
@@ -436,8 +436,9 @@ def teacher_model(ph, m, cond):
 
 def train_step(run, ph, m):
     """The teacher's targets, the discriminator on Eq. (20), then the student on Eq. (21) (Sec. 3.2; within
-    --disc-warmup the discriminator only); or the student alone on Eq. (16) / (29). Gradients are accumulated over micro-batches and synced on the last
-    one only; a loss that is not finite on any rank skips that update on every rank (the NaN vote)."""
+    --disc-warmup the discriminator only); or the student alone on Eq. (16) / (29). Gradients are
+    accumulated over micro-batches and synced on the last one only; a loss that is not finite on any rank
+    skips that update on every rank (the NaN vote)."""
     spec, ranks, logs = ph.spec, run.ranks, Counter()  # sums over the micro-batches
     batches = []
     for b in micro_batches(run, ph):
@@ -463,18 +464,20 @@ def train_step(run, ph, m):
         if d_ok:
             m.opt_d.step()
         m.disc.requires_grad_(False)  # the student's update must not touch D
-    warmup = m.disc is not None and ph.step < run.args.disc_warmup  # --disc-warmup: D only, the student stays
-    key = {"adversarial": "loss_g"}.get(spec.loss, f"loss_{spec.loss}")
-    m.opt_g.zero_grad(set_to_none=True)
-    for i, b in enumerate([] if warmup else batches):  # --- the student's update, Eq. (21), (16) or (29)
-        with parallel.no_sync_unless_last(m.g_model, i, n):
-            with autocast(ranks.device):
-                loss = lm.student_loss(m.g_model, m.disc, b, spec)
-            (loss / n).backward()
-        logs.update({key: loss.item() / n})
-    if (warmup or parallel.finite(logs[key], ranks)) and d_ok:
-        if not warmup:
+    ok = d_ok
+    if m.disc is None or ph.step >= run.args.disc_warmup:  # within --disc-warmup the student stays as it is
+        key = {"adversarial": "loss_g"}.get(spec.loss, f"loss_{spec.loss}")
+        m.opt_g.zero_grad(set_to_none=True)
+        for i, b in enumerate(batches):  # --- the student's update, Eq. (21), (16) or (29)
+            with parallel.no_sync_unless_last(m.g_model, i, n):
+                with autocast(ranks.device):
+                    loss = lm.student_loss(m.g_model, m.disc, b, spec)
+                (loss / n).backward()
+            logs.update({key: loss.item() / n})
+        ok = parallel.finite(logs[key], ranks) and d_ok
+        if ok:
             m.opt_g.step()
+    if ok:
         ph.bad_in_row = 0
     else:
         ph.bad_in_row += 1

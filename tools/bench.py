@@ -1006,26 +1006,26 @@ def write_report(out, info, done, elapsed):
           "## Sampling, ours against diffusers (ratio = ours / diffusers time)", "",
           "| what | ours ms | diffusers ms | ratio | ours / diffusers peak MB | TFLOP | MFU ours / diffusers "
           "| max abs diff |", "|---|---|---|---|---|---|---|---|"]
-    for d in done:
-        for r in d.get("rows", []) if d["ok"] and d["kind"] == "sample" else []:
-            md.append(f"| {r['what']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} | "
-                      f"{r['ours_peak_mb']:.0f} / {r['diffusers_peak_mb']:.0f} | {fmt(r['tflop'], '.3g')} | "
-                      f"{fmt(r['ours_mfu'], '.1%')} / {fmt(r['diffusers_mfu'], '.1%')} | "
-                      f"{r['max_abs_diff']:.2e} |")
+
+    def rows(*kinds):  # (item, row) for every row of the items of these kinds that ran
+        return [(d, r) for d in done if d["ok"] and d["kind"] in kinds for r in d.get("rows", [])]
+
+    for _, r in rows("sample"):
+        md.append(f"| {r['what']} | {r['ours_ms']:.1f} | {r['diffusers_ms']:.1f} | {r['ratio']:.3f} | "
+                  f"{r['ours_peak_mb']:.0f} / {r['diffusers_peak_mb']:.0f} | {fmt(r['tflop'], '.3g')} | "
+                  f"{fmt(r['ours_mfu'], '.1%')} / {fmt(r['diffusers_mfu'], '.1%')} | "
+                  f"{r['max_abs_diff']:.2e} |")
     md += ["", "## Training, one rank, micro-batch 1, gradient checkpointing", "",
            "| phase | shard | compile | step ms | peak GB | TFLOP/step | TFLOP/s | MFU |",
            "|---|---|---|---|---|---|---|---|"]
-    for d in done:
-        for r in d.get("rows", []) if d["ok"] and d["kind"] == "train" else []:
-            md.append(f"| {r['what'].removeprefix('train ')} | {r['shard']} | "
-                      f"{'yes' if r['compile'] else 'no'} | "
-                      f"{r['step_ms']:.1f} | {r['peak_gb']:.2f} | {fmt(flops.get(r['what']), '.3g')} | "
-                      f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} |")
+    for _, r in rows("train"):
+        md.append(f"| {r['what'].removeprefix('train ')} | {r['shard']} | {'yes' if r['compile'] else 'no'} | "
+                  f"{r['step_ms']:.1f} | {r['peak_gb']:.2f} | {fmt(flops.get(r['what']), '.3g')} | "
+                  f"{fmt(r['tflops'], '.3g')} | {fmt(r['mfu'], '.1%')} |")
     md += ["", "## torchrun and setup", ""]
-    for d in done:
-        for r in d.get("rows", []) if d["ok"] and d["kind"] in ("torchrun", "setup") else []:
-            md.append(f"- {d['name']}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                   for k, v in r.items() if k != "what"))
+    for d, r in rows("torchrun", "setup"):
+        md.append(f"- {d['name']}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in r.items() if k != "what"))
     failed = [d for d in done if not d["ok"]]
     md += ["", "## Items that failed or were skipped", ""] + \
         ([f"- {d['name']}: {d['error']}" for d in failed] or ["none"])
