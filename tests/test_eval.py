@@ -195,6 +195,8 @@ def test_real_protocol_end_to_end_on_a_tiny_base(tmp_path):
     (["--row", "a:base:4", "--prompts", "EMPTY"], "no prompts"),
     (["--row", "a:base:4", "--toy", "missing_toy"], "no toy base"),
     (["--row", "a:base:4", "--batch", "0"], "at least 1"),
+    (["--row", "a:base:4", "--prompts", "PROMPTS", "--reference"], "needs --toy"),
+    (["--row", "data:base:4", "--toy", "missing_toy", "--reference"], "name the --row otherwise"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, monkeypatch, case, match):
     monkeypatch.chdir(tmp_path)
@@ -318,3 +320,18 @@ def test_full_disk_for_real_is_one_line(tiny, small_disk):
     msg = _eval_error(tiny, out, "--row", "a:base:1")
     assert "the disk is full" in msg and str(out) in msg
     assert not [p for p in small_disk.path.rglob("*") if ".tmp" in p.name]
+
+
+def test_diversity_is_the_median_over_captions_of_the_unbiased_within_caption_variance():
+    """Per caption, the unbiased variance of its features (summed over features) equals the mean squared
+    distance over its pairs / 2; captions with one image are left out; the median over the rest; none
+    repeated: None."""
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(9, 3))
+    f[7:] *= 100  # one caption far more spread: the median ignores it
+    caps = ["a", "a", "b", "b", "b", "c", "d", "e", "e"]
+    pair = lambda i, j: ((f[i] - f[j]) ** 2).sum()
+    a, b, e = pair(0, 1) / 2, (pair(2, 3) + pair(2, 4) + pair(3, 4)) / 3 / 2, pair(7, 8) / 2
+    assert e > 100 * max(a, b)
+    assert eval_mod.within_caption_spread(f, caps) == pytest.approx(max(a, b))  # the median of 3: the middle
+    assert eval_mod.within_caption_spread(f[5:7], caps[5:7]) is None

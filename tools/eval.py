@@ -208,6 +208,18 @@ def to_tensor(images):
                                       for im in images])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def within_caption_spread(features, captions):
+    """The median over captions (those with at least 2 images) of the features' variance within the caption:
+    the trace of their covariance, unbiased, so 2 images per caption estimate it without bias. The median,
+    not the mean: one image with a wrong background differs from its pair over the whole image and would
+    outweigh the rest. (N, F), [N] -> float, or None when no caption has 2 images"""
+    groups = {}
+    for f, c in zip(features, captions):
+        groups.setdefault(c, []).append(f)
+    spreads = [np.var(np.stack(g), axis=0, ddof=1).sum() for g in groups.values() if len(g) >= 2]
+    return float(np.median(spreads)) if spreads else None
+
+
 class ToyJudge:
     """The toy world's stand-in for Inception: toy.py's classifier, its reference statistics on the data."""
 
@@ -219,9 +231,10 @@ class ToyJudge:
         if not (data / "done.json").exists():
             raise ValueError(f"{data}: no toy data set (run `python -m tools.toy --out {self.dir}` first)")
         n = min(n_ref, json.loads((data / "done.json").read_text())["images"])
-        pixels, _ = toy.load_data(data, n)
+        pixels, captions = toy.load_data(data, n)
         self.ref_features = self.features_of(pixels)
         self.ref_sharpness = sharpness(to_pil(pixels))
+        self.ref_spread = within_caption_spread(pixels.flatten(1).double().numpy(), captions)
 
     @torch.no_grad()
     def features_of(self, x):
@@ -229,6 +242,11 @@ class ToyJudge:
 
     @torch.no_grad()
     def measure(self, images, prompts, teacher_images=None):
+        """fd, acc_* per attribute and acc_all, sharpness and diversity (each relative to the data's), and
+        psnr_vs_teacher when teacher images (same prompts and noise) are given. Diversity is measured on the
+        pixels: the classifier's features are trained to ignore what a caption leaves open (where in the
+        region, size, rotation), so their spread within a caption counts mistakes, not variety (the teacher's
+        was 2-10x the data's)."""
         x = to_tensor(images)
         feats = self.features_of(x)
         labels = [self.toy.parse_caption(p) for p in prompts]
@@ -238,6 +256,8 @@ class ToyJudge:
         res.update({f"acc_{k}": float(v.float().mean()) for k, v in correct.items()})
         res["acc_all"] = float(torch.stack(list(correct.values())).all(0).float().mean())
         res["sharpness"] = sharpness(images) / self.ref_sharpness
+        spread = within_caption_spread(x.flatten(1).double().numpy(), prompts)
+        res["diversity"] = None if spread is None else spread / self.ref_spread
         if teacher_images is not None:
             mse = ((x - to_tensor(teacher_images)) ** 2).mean(dim=(1, 2, 3))  # per image, [-1, 1] scale
             res["psnr_vs_teacher"] = float((10 * torch.log10(4.0 / mse.clamp(min=1e-10))).mean())
@@ -386,7 +406,8 @@ def markdown(rows, columns):
 TOY_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fd", "{:.2f}"), ("acc_all", "{:.3f}"),
                ("acc_shape", "{:.3f}"),
                ("acc_colour", "{:.3f}"), ("acc_position", "{:.3f}"), ("acc_background", "{:.3f}"),
-               ("sharpness", "{:.2f}"), ("psnr_vs_teacher", "{:.2f}"), ("s_per_image", "{:.3f}")]
+               ("sharpness", "{:.2f}"), ("diversity", "{:.2f}"), ("psnr_vs_teacher", "{:.2f}"),
+               ("s_per_image", "{:.3f}")]
 REAL_COLUMNS = [("steps", "{}"), ("guidance", "{:g}"), ("fid_whole", "{:.2f}"), ("fid_patch", "{:.2f}"),
                 ("clip_score", "{:.2f}"), ("s_per_image", "{:.3f}")]
 
@@ -420,11 +441,13 @@ def parse_args(argv=None):
                    "transformers vision model (hub id or folder)")
     p.add_argument("--clip-model", default=None,
                    help="real SDXL: a transformers CLIPModel (hub id or folder)")
+    p.add_argument("--reference", action="store_true", help="toy: also rows `data` (held-out images of the "
+                   "same prompts) and `recon` (their VAE reconstructions): what the classifier reads at best")
     p.add_argument("--num", type=int, default=None, help="use the first NUM prompts (default all)")
     p.add_argument("--batch", type=int, default=16, help="images per generation batch (and per noise seed)")
     p.add_argument("--seed", type=int, default=0, help="noise seed of the first batch; batch k uses seed + k")
-    p.add_argument("--width", type=int, default=None, help="image width (toy 64, else 1024)")
-    p.add_argument("--height", type=int, default=None, help="image height (toy 64, else 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width (toy 32, else 1024)")
+    p.add_argument("--height", type=int, default=None, help="image height (toy 32, else 1024)")
     p.add_argument("--device", default=None, help="torch device; default cuda if available")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="as in sample.py")
@@ -440,6 +463,10 @@ def main(argv=None):
         rows = [parse_row(s) for s in args.row]
         if len({r.name for r in rows}) != len(rows):
             raise ValueError("--row names must differ")
+        if args.reference and not args.toy:
+            raise ValueError("--reference is a toy row pair (held-out data, VAE reconstructions): needs --toy")
+        if args.reference and {"data", "recon"} & {r.name for r in rows}:
+            raise ValueError("--reference writes rows data and recon: name the --row otherwise")
         if args.batch < 1 or (args.num is not None and args.num < 1):
             raise ValueError("--batch and --num must be at least 1")
         out = Path(args.out)
@@ -473,8 +500,14 @@ def run_toy(args, rows, out, device, dtype):
     judge, cache = ToyJudge(toy_dir), {}
     teacher, _ = generate_row(teacher_row, base, prompts, out, args.batch, args.seed,
                               w, h, device, dtype, cache)
-    teacher = [read_image(p) for p in teacher]  # 64 px toy images: all of them fit in memory
+    teacher = [read_image(p) for p in teacher]  # toy images: all of them fit in memory
     results = []
+    if args.reference:
+        for name, imgs in reference_images(toy, base, prompts, out).items():
+            m = judge.measure(imgs, prompts)
+            results.append({"row": name, "unet": None, "steps": None, "guidance": None, **m,
+                            "s_per_image": None, "images": len(imgs)})
+            print(f"eval.py: {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items() if v is not None))
     for r in rows:
         paths, spi = generate_row(r, base, prompts, out, args.batch, args.seed, w, h, device, dtype, cache)
         imgs = [read_image(p) for p in paths]
@@ -487,11 +520,37 @@ def run_toy(args, rows, out, device, dtype):
     notes = (f"Toy protocol, {len(prompts)} images per row ({w}x{h}), noise seed {args.seed} + batch index "
              f"(batch {args.batch}); fd: Frechet distance of toy-classifier features (128-d) to "
              f"{len(judge.ref_features)} data images; acc: caption attributes recognised by the classifier "
-             "(all: all four); sharpness: mean Laplacian variance / the data's; psnr_vs_teacher: dB against "
+             "(all: all four); sharpness: mean Laplacian variance / the data's; diversity: the pixels' "
+             "variance within a caption (median over captions) / the data's ('-' when no caption repeats); "
+             "data, recon: held-out images of the same prompts and their VAE reconstructions; "
+             "psnr_vs_teacher: dB against "
              "the teacher's 32-step CFG-6 image from the same noise; s_per_image: generation time (CPU, "
              "this run; '-' when cached).")
     write_tables(out, results, TOY_COLUMNS, notes)
     return results
+
+
+REFERENCE_SEED = 1 << 20  # held-out images: the data set is drawn from seeds 0, 1, ...
+
+
+def reference_images(toy, base, prompts, out):
+    """The toy's ceiling, two rows: `data`, a held-out image of each prompt drawn as the data set is
+    (toy_world.draw_caption with REFERENCE_SEED), and `recon`, its reconstruction by the base's VAE (encode
+    the latent mean, decode). Written to OUT/data and OUT/recon like a generated row. -> {name: [PIL]}"""
+    import files
+    import weights
+    vae = weights.load_vae(base).eval()
+    data = [toy.draw_caption(p, REFERENCE_SEED, i) for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        x = to_tensor(data)
+        recon = to_pil(torch.cat([vae.decode_latents(vae.encode_latents(b, 64), 64)
+                                  for b in x.split(256)]).clamp(-1, 1))
+    rows = {"data": data, "recon": recon}
+    for name, imgs in rows.items():
+        (Path(out) / name).mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(imgs):
+            files.atomic_write(Path(out) / name / f"{i:05d}.png", lambda tmp, im=im: im.save(tmp, format="PNG"))
+    return rows
 
 
 def weights_is_file(p):

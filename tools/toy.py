@@ -1,15 +1,16 @@
 """The toy world: a tiny SDXL-shaped base trained from scratch on a procedural captioned data set, on a CPU.
 
-    python -m tools.toy --out toy          # toy/data (captioned 64 px images), toy/base (a diffusers SDXL
-                                           # folder), toy/classifier (the toy's "Inception"); 23 min on 2 CPUs
-    python -m tools.toy --out toy --quick  # a smaller base in 5-8 minutes (tests)
-    python -m tools.toy all --out toy      # the whole experiment: base, every stage and the ablations with
-                                           # train.py, tools/eval.py tables; ~35 min after the base on 2 CPUs
+    python -m tools.toy --out toy          # toy/data (captioned 32 px images), toy/base (a diffusers SDXL
+                                           # folder), toy/classifier (the toy's "Inception"); 21 min on 2 CPUs
+    python -m tools.toy --out toy --quick  # a smaller base in ~7 minutes on one thread (the tests')
+    python -m tools.toy all --out toy --seeds 3  # the whole experiment: base, every stage and the ablations
+                                           # with train.py (the claims' rows with 3 training seeds),
+                                           # tools/eval.py, the claims table and the grid (docs/toy.md)
     python -m tools.toy tiny-vae --out toy # a tiny preview VAE for the base (toy/tiny_vae, sample.py --vae)
                                            # and its quality against the full decoder (results.md)
 
 Every other file uses the base unchanged: `sample.py --base toy/base --unet base --steps 32 --guidance 6
---width 64 --height 64`, `train.py --base toy/base --data toy/data --resolution 64 --min-size 64 ...`, and
+--width 32 --height 32`, `train.py --base toy/base --data toy/data --resolution 32 --min-size 32 ...`, and
 diffusers' StableDiffusionXLPipeline.from_pretrained("toy/base") samples the same images.
 """
 import argparse
@@ -21,12 +22,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import files
 import lightning_min as lm
-from tools.toy_world import QUICK, RES, ToyConfig, build, write_json
+from tools.toy_world import FACTOR, QUICK, RES, ToyConfig, build, write_json
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: train.py and the tools package
 
@@ -43,16 +45,20 @@ def parse_args(argv=None):
     p.add_argument("--out", default="toy", help="output folder: OUT/data, OUT/base, OUT/classifier, OUT/runs")
     p.add_argument("--quick", action="store_true", help="a smaller base in a few minutes (tests)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data set and all training draws")
-    p.add_argument("--images", type=int, default=None, help="data set size (default 3000, --quick 500)")
+    p.add_argument("--images", type=int, default=None,
+                   help=f"data set size (default {ToyConfig.images}, --quick {QUICK.images})")
     p.add_argument("--unet-steps", type=int, default=None,
-                   help="teacher training steps (default 2000, --quick 1000)")
+                   help=f"teacher training steps (default {ToyConfig.unet_steps}, --quick {QUICK.unet_steps})")
     p.add_argument("--vae-steps", type=int, default=None,
-                   help="VAE training steps (default 400, --quick 300)")
+                   help=f"VAE training steps (default {ToyConfig.vae_steps}, --quick {QUICK.vae_steps})")
     p.add_argument("--clf-steps", type=int, default=None,
-                   help="classifier training steps (default 300, --quick 100)")
+                   help=f"classifier training steps (default {ToyConfig.clf_steps}, --quick {QUICK.clf_steps})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
+    p.add_argument("--seeds", type=int, default=1, help="all: training seeds; seeds 1.. re-run the stages "
+                   f"{', '.join(SEEDED)} and their ablations from seed 0's 8-step model (mean and spread in "
+                   "the claims table)")
     return p.parse_args(argv)
 
 
@@ -64,10 +70,11 @@ def main(argv=None):
     for name in ("unet_steps", "vae_steps", "clf_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch) < 1:
+    if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch,
+                              args.seeds) < 1:
         raise SystemExit("error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, "
-                         f"--phase-steps, --batch >= 1; got {cfg.images}, {cfg.unet_steps}, {cfg.vae_steps}, "
-                         f"{cfg.clf_steps}, {args.phase_steps}, {args.batch}")
+                         f"--phase-steps, --batch, --seeds >= 1; got {cfg.images}, {cfg.unet_steps}, "
+                         f"{cfg.vae_steps}, {cfg.clf_steps}, {args.phase_steps}, {args.batch}, {args.seeds}")
     out = Path(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,12 +93,13 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
 
-# Every phase of every stage, in order, each its own `train.py --phase` run so each gets its learning rate.
-# The paper's rates (1e-6 LoRA, 5e-7 whole UNet) move a tiny model nowhere in a few hundred steps, so the toy
-# uses larger ones; what else differs from the paper is only the scale (batch, steps).
+# The method: every phase of every stage, in order, each its own `train.py --phase` run so each gets its
+# learning rate. The paper's rates (1e-6 LoRA, 5e-7 whole UNet) move a tiny model nowhere in a few hundred
+# steps, so the toy uses larger ones; what else differs from the paper is only the scale (batch, steps).
 PLAN = [("128to32", "mse"), ("32to8", "cond"), ("32to8", "uncond"), ("32to8", "full"), ("8to4", "cond"),
         ("8to4", "uncond"), ("8to4", "full"), ("4to2", "cond"), ("4to2", "uncond"), ("4to2", "full"),
         ("2to1", "convert"), ("2to1", "cond"), ("2to1", "uncond")]
+SEEDED = ("8to4", "4to2", "2to1")  # the stages that other training seeds re-run (from seed 0's 8-step model)
 TOY_LR = {"mse": 1e-4, "convert": 1e-4, "lora": 1e-4, "whole": 2e-5}
 
 
@@ -100,67 +108,85 @@ def phase_lr(stage, phase):
     return TOY_LR[phase] if phase in ("mse", "convert") else TOY_LR["lora" if spec.lora else "whole"]
 
 
+def phase_budget(stage, phase, steps):
+    """(train.py --max-steps, --disc-warmup) of a phase, from --phase-steps S. Adversarial phases: S steps; a
+    stage's first one (cond: a fresh discriminator) trains the discriminator alone for the first S/2
+    (train.py --disc-warmup), so the student's first updates come from a discriminator that separates:
+    without it, Adam with beta1 = 0 turns the near-zero gradients of a D at chance into full-size steps in
+    random directions (docs/toy.md). uncond and full carry a trained discriminator on: no warm-up (with one,
+    they made the 8- and 4-step students worse, FD 1.27 -> 5.43 at 8 steps). 2to1, where the one-step
+    student has the most to learn: convert 8 S (its target at t = T amplifies eps errors 14.6x: at S it stayed
+    far from the eps model's own one-step x0), the adversarial phases 2.5 S (cond: S * 5/6 of them D alone).
+    An MSE-only ablation gets the steps of the adversarial phases it replaces (4to2: cond + uncond + full;
+    2to1: cond + uncond)."""
+    spec = lm.phase_spec(stage, phase)
+    fresh_d = spec.loss == "adversarial" and spec.carry_disc is None
+    if stage == "2to1" and phase == "convert":
+        return 8 * steps, 0
+    if stage == "2to1" and spec.loss == "adversarial":
+        return round(2.5 * steps), (round(steps * 5 / 6) if fresh_d else 0)
+    if phase == "mse" and stage != "128to32":
+        return sum(phase_budget(stage, p, steps)[0] for p in lm.STAGES[stage].phases if p != "convert"), 0
+    return steps, (steps // 2 if fresh_d else 0)
+
+
 def checkpoint(out, folder, stage, phase):
     return str(Path(out) / folder / stage / phase / "checkpoint.pt")
 
 
-def teachers_2to1(out, phase):
-    """A 2to1 run's teachers, from the method's runs/: the 2-step student, and for uncond the skip-level
-    4-step."""
-    return ["--teacher", checkpoint(out, "runs", "4to2", "full")] + \
-        (["--skip-level-teacher", checkpoint(out, "runs", "8to4", "full")] if phase == "uncond" else [])
+def runs_folder(seed, what=""):
+    """runs/ holds seed 0's method, runs-seed1/ seed 1's; an ablation adds its name: runs-eps, runs-seed1-eps."""
+    return "runs" + (f"-seed{seed}" if seed else "") + (f"-{what}" if what else "")
 
 
-def ablations(out):
-    """The paper's ablations that the toy can decide, each in its own folder beside runs/ (the method's):
-    (folder, stage, phase, extra train.py arguments). MSE-only progressive distillation all the way to 1 step
-    (Sec. 3.1-3.2, from the same 128to32 student); the 1-step student without the x0 switch (Sec. 3.7.3) and
-    without re-noising the discriminator's input (Sec. 3.7.2), both from the method's 2-step student."""
-    def ck(folder, stage, phase):
-        return checkpoint(out, folder, stage, phase)
-    return [("runs-mse", "32to8", "mse", ["--teacher", ck("runs", "128to32", "mse")]),
-            ("runs-mse", "8to4", "mse", ["--teacher", ck("runs-mse", "32to8", "mse")]),
-            ("runs-mse", "4to2", "mse", ["--teacher", ck("runs-mse", "8to4", "mse")]),
-            ("runs-mse", "2to1", "convert", ["--teacher", ck("runs-mse", "4to2", "mse")]),
-            ("runs-mse", "2to1", "mse", ["--teacher", ck("runs-mse", "4to2", "mse")]),
-            ("runs-eps", "2to1", "cond", ["--prediction", "epsilon", *teachers_2to1(out, "cond")]),
-            ("runs-eps", "2to1", "uncond", ["--prediction", "epsilon", *teachers_2to1(out, "uncond")]),
-            ("runs-norenoise", "2to1", "cond", ["--renoise", "off", "--init", ck("runs", "2to1", "convert"),
-                                                *teachers_2to1(out, "cond")]),
-            ("runs-norenoise", "2to1", "uncond", ["--renoise", "off", *teachers_2to1(out, "uncond")])]
+def seed_plan(out, seed):
+    """One training seed's train.py runs, in order, as (folder, stage, phase, extra arguments). Seed 0 runs
+    every stage; other seeds re-run SEEDED, the first from seed 0's 8-step model. Then the ablations that
+    decide the paper's claims, each from the same models as the method's phase it is compared with:
+    MSE-only distillation at 2 and 1 step(s) (Sec. 3.1-3.2: 4to2 from the same 4-step teacher; 2to1 from the
+    same converted x0 student), the 1-step student without the x0 switch (Sec. 3.7.3) and without re-noising
+    the discriminator's input (Sec. 3.7.2)."""
+    runs = runs_folder(seed)
+    ck = lambda stage, phase, folder=runs: checkpoint(out, folder, stage, phase)
+    eight = ck("32to8", "full", runs_folder(0))  # seed 0's 8-step model: where other seeds start
+
+    def given(stage, phase):  # what train.py cannot find in another seed's folder: the 8-step model
+        if seed and stage == "8to4":
+            return ["--teacher", eight]
+        if seed and stage == "4to2" and phase in ("uncond", "full"):
+            return ["--skip-level-teacher", eight]
+        return []
+    method = [(runs, stage, phase, given(stage, phase)) for stage, phase in PLAN if seed == 0 or stage in SEEDED]
+    teachers = lambda phase: ["--teacher", ck("4to2", "full")] + \
+        (["--skip-level-teacher", ck("8to4", "full")] if phase == "uncond" else [])
+    ablations = [(runs, "4to2", "mse", []), (runs, "2to1", "mse", []),
+                 (runs_folder(seed, "eps"), "2to1", "cond", ["--prediction", "epsilon", *teachers("cond")]),
+                 (runs_folder(seed, "eps"), "2to1", "uncond", ["--prediction", "epsilon", *teachers("uncond")]),
+                 (runs_folder(seed, "norenoise"), "2to1", "cond",
+                  ["--renoise", "off", "--init", ck("2to1", "convert"), *teachers("cond")]),
+                 (runs_folder(seed, "norenoise"), "2to1", "uncond", ["--renoise", "off", *teachers("uncond")])]
+    return method + ablations
 
 
-# What was changed where a stage failed to learn at the default budget, as more runs beside the first, so the
-# table shows both: 2to1's convert phase had not converged in 120 steps (its 1-step samples were far worse
-# than the eps model's own 1-step x0, which is what it imitates), so the whole stage again with convert 8x
-# and the adversarial phases 2x longer; and the epsilon ablation with the same adversarial budget.
-# (folder, stage, phase, factor on --phase-steps, extra arguments)
-LONGER = [("runs-long", "2to1", "convert", 8, []), ("runs-long", "2to1", "cond", 2, []),
-          ("runs-long", "2to1", "uncond", 2, []),
-          ("runs-eps-long", "2to1", "cond", 2, ["--prediction", "epsilon"]),
-          ("runs-eps-long", "2to1", "uncond", 2, ["--prediction", "epsilon"])]
-
-
-def full_plan(out, steps):
-    """Every train.py run of `toy.py all`, in order, as (folder, stage, phase, max steps, extra arguments):
-    the method's 13 phases in runs/, the ablations, then the longer runs."""
-    return [("runs", stage, phase, steps, []) for stage, phase in PLAN] + \
-        [(f, stage, phase, steps, extra) for f, stage, phase, extra in ablations(out)] + \
-        [(f, stage, phase, steps * k, extra + teachers_2to1(out, phase))
-         for f, stage, phase, k, extra in LONGER]
+def full_plan(out, steps, seeds=1):
+    """Every train.py run of `toy.py all`, in order, as (folder, stage, phase, max steps, extra arguments,
+    training seed): seed 0's plan, then each further seed's."""
+    return [(f, stage, phase, steps, extra, seed) for seed in range(seeds)
+            for f, stage, phase, extra in seed_plan(out, seed)]
 
 
 def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=()):
-    """The user's command for one phase of the toy experiment (1 rank; --save-every = --max-steps, see
-    README)."""
+    """The user's command for one phase of the toy experiment, `steps` = --phase-steps (phase_budget; 1 rank;
+    --save-every = --max-steps)."""
+    max_steps, warmup = phase_budget(stage, phase, steps)
     return [sys.executable, str(ROOT / "train.py"), "--stage", stage, "--phase", phase, "--base",
             str(Path(out) / "base"),
             "--data", str(Path(out) / "data"), "--out", str(Path(out) / folder), "--resolution", str(RES),
             "--min-size", str(RES), "--sharpness",
             "0",  # flat-colour shapes score below the photo default (100)
             "--batch-size", str(batch), "--micro-batch-size", str(batch),
-            "--max-steps", str(steps), "--save-every", str(steps), "--lr", str(phase_lr(stage, phase)),
-            "--seed", str(seed), "--device", "cpu", *extra]
+            "--max-steps", str(max_steps), "--save-every", str(max_steps), "--lr", str(phase_lr(stage, phase)),
+            *(["--disc-warmup", str(warmup)] if warmup else []), "--seed", str(seed), "--device", "cpu", *extra]
 
 
 def unet_file(out, stage, phase, folder="runs", prediction=None):
@@ -169,101 +195,224 @@ def unet_file(out, stage, phase, folder="runs", prediction=None):
     return Path(out) / folder / stage / phase / name
 
 
-def eval_rows(out):
-    """The table's rows: the teacher at 32 (CFG 6), 8, 4, 2, 1 steps (CFG 6), our students, the ablations."""
-    rows = [f"teacher{n}:base:{n}:6" for n in (32, 8, 4, 2, 1)]
-    for name, stage, phase, n in [("mse32", "128to32", "mse", 32), ("lightning8", "32to8", "full", 8),
-                                  ("lightning4", "8to4", "full", 4), ("lightning4-lora", "8to4", "uncond", 4),
-                                  ("lightning4-cond-only", "8to4", "cond", 4),
-                                  ("lightning2", "4to2", "full", 2),
-                                  ("lightning2-cond-only", "4to2", "cond", 2),
-                                  ("convert1", "2to1", "convert", 1),
-                                  ("lightning1", "2to1", "uncond", 1),
-                                  ("lightning1-cond-only", "2to1", "cond", 1)]:
-        f = unet_file(out, stage, phase)
-        if f.exists():
-            rows.append(f"{name}:{f}:{n}:0:{'sample' if n == 1 else 'epsilon'}")
-    # controls: the teacher without CFG (as the students sample), and each stage's starting model sampled at
-    # the student's step count, which separates what a stage adds from what the CFG-free MSE student brings
-    rows += [f"teacher{n}-nocfg:base:{n}" for n in (32, 8, 4, 2, 1)]
-    for name, stage, phase, steps in [("mse32", "128to32", "mse", (8, 4, 2, 1)),
-                                      ("lightning8", "32to8", "full", (4, 2)),
-                                      ("lightning4", "8to4", "full", (2,)),
-                                      ("lightning2", "4to2", "full", (1,))]:
-        f = unet_file(out, stage, phase)
-        if f.exists():
-            rows += [f"{name}-at{n}:{f}:{n}" for n in steps]
-    # the ablations: MSE-only progressive distillation at 8, 4, 2, 1 steps; the 1-step student without the
-    # x0 switch (epsilon) and without re-noising
-    for name, folder, stage, phase, n, pred in [
-            ("mse-pd8", "runs-mse", "32to8", "mse", 8, "epsilon"),
-            ("mse-pd4", "runs-mse", "8to4", "mse", 4, "epsilon"),
-            ("mse-pd2", "runs-mse", "4to2", "mse", 2, "epsilon"),
-            ("mse-pd1", "runs-mse", "2to1", "mse", 1, "sample"),
-            ("lightning1-eps", "runs-eps", "2to1", "uncond", 1, "epsilon"),
-            ("lightning1-no-renoise", "runs-norenoise", "2to1", "uncond", 1, "sample"),
-            ("convert1-long", "runs-long", "2to1", "convert", 1, "sample"),
-            ("lightning1-long", "runs-long", "2to1", "uncond", 1, "sample"),
-            ("lightning1-eps-long", "runs-eps-long", "2to1", "uncond", 1, "epsilon")]:
-        f = unet_file(out, stage, phase, folder, pred)
-        if f.exists():
-            rows.append(f"{name}:{f}:{n}:0:{pred}")
+# The students' eval rows: (row name, stage, phase, steps, ablation, prediction); another seed's rows add
+# "-seed{N}" to the name. The reference rows (data, recon) and the teacher rows come once.
+STUDENT_ROWS = [("mse32", "128to32", "mse", 32, "", "epsilon"),
+                ("lightning8", "32to8", "full", 8, "", "epsilon"),
+                ("lightning4-lora", "8to4", "uncond", 4, "", "epsilon"),
+                ("lightning4", "8to4", "full", 4, "", "epsilon"),
+                ("lightning2-cond", "4to2", "cond", 2, "", "epsilon"),
+                ("lightning2-uncond", "4to2", "uncond", 2, "", "epsilon"),
+                ("lightning2", "4to2", "full", 2, "", "epsilon"),
+                ("mse2", "4to2", "mse", 2, "", "epsilon"),
+                ("convert1", "2to1", "convert", 1, "", "sample"),
+                ("lightning1-cond", "2to1", "cond", 1, "", "sample"),
+                ("lightning1", "2to1", "uncond", 1, "", "sample"),
+                ("mse1", "2to1", "mse", 1, "", "sample"),
+                ("lightning1-eps", "2to1", "uncond", 1, "eps", "epsilon"),
+                ("lightning1-no-renoise", "2to1", "uncond", 1, "norenoise", "sample")]
+TEACHER_STEPS = (32, 8, 4, 2, 1)
+
+
+def row_name(name, seed):
+    return name + (f"-seed{seed}" if seed else "")
+
+
+def eval_rows(out, seeds=1):
+    """tools/eval.py's --row specs: the teacher at 32, 8, 4, 2, 1 steps with CFG 6 and without (as the
+    students sample), then every student of every seed whose export exists."""
+    rows = [f"teacher{n}:base:{n}:6" for n in TEACHER_STEPS] + [f"teacher{n}-nocfg:base:{n}" for n in TEACHER_STEPS]
+    for seed in range(seeds):
+        for name, stage, phase, n, what, pred in STUDENT_ROWS:
+            f = unet_file(out, stage, phase, runs_folder(seed, what), "epsilon" if what == "eps" else None)
+            if f.exists():
+                rows.append(f"{row_name(name, seed)}:{f}:{n}:0:{pred}")
     return rows
 
 
-GRID_ROWS = ["teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1",
-             "lightning1-long", "lightning1-eps-long"]
+# The paper's claims the toy decides: (claim, row a, row b); a is claimed better than b. Teacher rows have one
+# value (no training seed); student rows one per seed.
+CLAIMS = [("adversarial beats MSE-only distillation at 2 steps (Sec. 3.1-3.2)", "lightning2", "mse2"),
+          ("adversarial beats MSE-only distillation at 1 step (Sec. 3.1-3.2)", "lightning1", "mse1"),
+          ("conditional + unconditional beats conditional only, 2 steps (Sec. 3.4)", "lightning2-uncond",
+           "lightning2-cond"),
+          ("conditional + unconditional beats conditional only, 1 step (Sec. 3.4)", "lightning1",
+           "lightning1-cond"),
+          ("the x0 switch beats epsilon at 1 step (Sec. 3.7.3)", "lightning1", "lightning1-eps"),
+          ("re-noising the discriminator's input helps at 1 step (Sec. 3.7.2)", "lightning1",
+           "lightning1-no-renoise"),
+          ("the whole UNet beats its LoRA at 4 steps (Sec. 3.6)", "lightning4", "lightning4-lora")] + \
+    [(f"the student beats the teacher at {n} step{'s' * (n > 1)} {how}", f"lightning{n}", f"teacher{n}{sfx}")
+     for n in (4, 2, 1) for how, sfx in (("with CFG 6", ""), ("without CFG", "-nocfg"))]
+METRICS = (("fd", -1), ("acc_all", 1), ("sharpness", 1), ("diversity", 1))  # (column, +1 if higher is better)
 
 
-def grid(eval_dir, path, rows=GRID_ROWS, columns=8, every=28):
-    """One PNG: a labelled row per eval row (those present), the same prompts and noise in each column."""
+def seed_values(results, name, column):
+    """A row's values over the training seeds (name, name-seed1, ...) that were evaluated."""
+    by_name = {r["row"]: r for r in results}
+    vals, seed = [], 0
+    while row_name(name, seed) in by_name:
+        vals.append(by_name[row_name(name, seed)][column])
+        seed += 1
+    return vals
+
+
+def verdict(a, b, better):
+    """holds: every seed's a is better than every seed's b; fails: every one worse; not decided: the ranges
+    over the seeds overlap (the spread covers the gap). better: +1 if higher is better, -1 if lower."""
+    if not a or not b or None in a or None in b:
+        return "-"
+    lo_a, hi_a, lo_b, hi_b = min(a), max(a), min(b), max(b)
+    if (better > 0 and lo_a > hi_b) or (better < 0 and hi_a < lo_b):
+        return "holds"
+    if (better > 0 and hi_a < lo_b) or (better < 0 and lo_a > hi_b):
+        return "fails"
+    return "not decided"
+
+
+DECIMALS = {"fd": 2, "sharpness": 2, "diversity": 2}  # the rest (accuracies): 3
+
+
+def spread(vals, column="fd"):
+    """mean +- standard deviation over seeds (one value: the value), at the column's decimals."""
+    d = DECIMALS.get(column, 3)
+    if len(vals) == 1:
+        return f"{vals[0]:.{d}f}"
+    return f"{np.mean(vals):.{d}f} +- {np.std(vals, ddof=1):.{d}f}"
+
+
+def claims_table(results):
+    """The claims, each with both rows' fd and acc_all (mean +- sd over seeds) and a verdict per metric."""
+    head = "| claim | a | b | " + " | ".join(f"{m} a | {m} b | {m}" for m, _ in METRICS[:2]) + " |"
+    lines = [head, "|" + "---|" * (3 + 3 * 2)]
+    out = []
+    for text, a, b in CLAIMS:
+        cells, rec = [text, a, b], {"claim": text, "a": a, "b": b}
+        for m, better in METRICS[:2]:
+            va, vb = seed_values(results, a, m), seed_values(results, b, m)
+            v = verdict(va, vb, better)
+            cells += [spread(va, m) if va else "-", spread(vb, m) if vb else "-", v]
+            rec[m] = {"a": va, "b": vb, "verdict": v}
+        lines.append("| " + " | ".join(cells) + " |")
+        out.append(rec)
+    return "\n".join(lines) + "\n", out
+
+
+SUMMARY_COLUMNS = ("fd", "acc_all", "acc_shape", "acc_colour", "acc_position", "acc_background", "sharpness",
+                   "diversity")
+
+
+def summary_table(results):
+    """Every row once, its training seeds folded into mean +- sd (n seeds): the table the README shows."""
+    names = [r["row"] for r in results if "-seed" not in r["row"]]
+    by_name = {r["row"]: r for r in results}
+    lines = ["| row | steps | CFG | seeds | " + " | ".join(SUMMARY_COLUMNS) + " |",
+             "|" + "---|" * (4 + len(SUMMARY_COLUMNS))]
+    for name in names:
+        r = by_name[name]
+        cells = [name, "-" if r["steps"] is None else str(r["steps"]), "-" if not r["guidance"] else
+                 f"{r['guidance']:g}", str(len(seed_values(results, name, "fd")))]
+        for c in SUMMARY_COLUMNS:
+            vals = seed_values(results, name, c)
+            cells.append("-" if None in vals else spread(vals, c))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def disc_table(out, plan, steps):
+    """D(real) - D(fake) (sigmoid units, log.jsonl's d_gap and d_gap_t{t}) of every adversarial phase of the
+    method, the mean over seeds of the mean over 20 steps: the last 20 of the warm-up (the discriminator
+    alone: can it separate?), overall and per student timestep, and the last 20 of the phase (the game: does
+    the student keep up?)."""
+    gaps = {}
+    for folder, stage, phase, _, extra, seed in plan:
+        log = Path(out) / folder / stage / phase / "log.jsonl"
+        if folder != runs_folder(seed) or not log.exists() or \
+                lm.phase_spec(stage, phase).loss != "adversarial":
+            continue
+        rows = [json.loads(x) for x in log.read_text().splitlines()]
+        warm = phase_budget(stage, phase, steps)[1]
+        end_warm = [r for r in rows if warm - 20 < r["step"] <= warm]
+        per_t = {t: np.mean([r[f"d_gap_t{t}"] for r in end_warm if f"d_gap_t{t}" in r])
+                 for t in lm.phase_spec(stage, phase).timesteps if any(f"d_gap_t{t}" in r for r in end_warm)}
+        gaps.setdefault((stage, phase), []).append(
+            (np.mean([r["d_gap"] for r in end_warm]) if end_warm else None, per_t,
+             np.mean([r["d_gap"] for r in rows[-20:]])))
+    lines = ["| phase | seeds | D alone, end of warm-up | per student timestep | last 20 steps |",
+             "|---|---|---|---|---|"]
+    for (stage, phase), v in gaps.items():
+        w = [a for a, _, _ in v if a is not None]
+        ts = sorted({t for _, p, _ in v for t in p}, reverse=True)
+        per_t = ", ".join(f"{t}: {np.mean([p[t] for _, p, _ in v if t in p]):.3f}" for t in ts) or "-"
+        lines.append(f"| {stage} {phase} | {len(v)} | {f'{np.mean(w):.3f}' if w else '-'} | {per_t} | "
+                     f"{np.mean([c for _, _, c in v]):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+GRID_ROWS = ["data", "teacher32", "teacher4", "teacher1", "lightning8", "lightning4", "lightning2", "lightning1",
+             "mse2", "mse1"]
+
+
+def grid(eval_dir, path, rows=GRID_ROWS, columns=10, every=23, scale=2):
+    """One PNG: a labelled row per eval row (those present), the same prompts and noise in each column, each
+    image `scale` times its size (nearest)."""
     from PIL import ImageFont
-    eval_dir = Path(eval_dir)
+    eval_dir, size = Path(eval_dir), RES * scale
     rows = [r for r in rows if (eval_dir / r).is_dir()]
     label_w = 6 * max(len(r) for r in rows) + 8
-    img = Image.new("RGB", (label_w + RES * columns, RES * len(rows)), (255, 255, 255))
+    img = Image.new("RGB", (label_w + size * columns, size * len(rows)), (255, 255, 255))
     d = ImageDraw.Draw(img)
     for y, r in enumerate(rows):
-        d.text((4, y * RES + RES // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
+        d.text((4, y * size + size // 2 - 5), r, fill=(0, 0, 0), font=ImageFont.load_default())
         for x in range(columns):
-            img.paste(Image.open(eval_dir / r / f"{x * every:05d}.png"), (label_w + x * RES, y * RES))
+            im = Image.open(eval_dir / r / f"{x * every:05d}.png").resize((size, size), Image.Resampling.NEAREST)
+            img.paste(im, (label_w + x * size, y * size))
     files.atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
     return rows
 
 
 def experiment(out, args):
-    """Every phase through train.py (skipping finished ones), then tools/eval.py; wall times to
-    OUT/runs/times.json."""
+    """Every run of full_plan through train.py (finished ones skipped), then tools/eval.py on every row,
+    the claims table and the grid. Wall times to OUT/runs/times.json; OUT/eval/claims.md, grid.png."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     tfile = out / "runs" / "times.json"
     times = json.loads(tfile.read_text()) if tfile.exists() else {}
-    for folder, stage, phase, steps, extra in full_plan(out, args.phase_steps):
+    plan = full_plan(out, args.phase_steps, args.seeds)
+    # the tools package, wherever this is run from
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    for k, (folder, stage, phase, steps, extra, seed) in enumerate(plan):
         pred = extra[extra.index("--prediction") + 1] if "--prediction" in extra else None
         if unet_file(out, stage, phase, folder, pred).exists():
             continue
-        cmd = train_command(out, stage, phase, steps, args.batch, args.seed, folder, extra)
-        print("toy.py:", " ".join(cmd[1:]), flush=True)
+        cmd = train_command(out, stage, phase, steps, args.batch, seed, folder, extra)
+        print(f"toy.py: run {k + 1}/{len(plan)}:", " ".join(cmd[1:]), flush=True)
         t0 = time.time()
-        r = subprocess.run(cmd)
+        r = subprocess.run(cmd, env=env)
         if r.returncode:
             raise ValueError(f"train.py failed on {folder}/{stage}/{phase} (exit {r.returncode}); fix and "
                              f"re-run to resume")
-        times[f"{stage}/{phase}" if folder == "runs" else f"{folder}/{stage}/{phase}"] = time.time() - t0
+        times[f"{folder}/{stage}/{phase}"] = time.time() - t0
         write_json(tfile, times)
     cmd = [sys.executable, "-m", "tools.eval", "--toy", str(out), "--out", str(out / "eval"),
-           "--device", "cpu"]
-    for row in eval_rows(out):
+           "--device", "cpu", "--reference", "--batch", "50"]
+    for row in eval_rows(out, args.seeds):
         cmd += ["--row", row]
     print("toy.py:", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if subprocess.run(cmd, env=env).returncode:  # the tools package, wherever this is run from
+    if subprocess.run(cmd, env=env).returncode:
         raise ValueError("tools/eval.py failed")
     times["eval"] = time.time() - t0
     write_json(tfile, times)
+    results = json.loads((out / "eval" / "results.json").read_text())["rows"]
+    md, recs = claims_table(results)
+    md = summary_table(results) + "\n" + md + "\n" + disc_table(out, plan, args.phase_steps)
+    write_json(out / "eval" / "claims.json", recs)
+    files.atomic_write(out / "eval" / "claims.md", lambda tmp: tmp.write_text(md))
     grid(out / "eval", out / "eval" / "grid.png")
-    print(f"toy.py: {out / 'eval' / 'results.md'}, {out / 'eval' / 'grid.png'}; wall times in {tfile}")
+    print(md)
+    print(f"toy.py: {out / 'eval' / 'results.md'} (every row), {out / 'eval' / 'claims.md'} (the seeds folded, "
+          f"the claims), {out / 'eval' / 'grid.png'}; wall times in {tfile}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -328,9 +477,9 @@ def tiny_vae_quality(out, steps=1200, seed=0, n=450, sample_steps=32, guidance=6
     from torch.utils.flop_counter import FlopCounterMode
     for name, model in (("full", full), ("tiny", tiny)):
         with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model.decode_latents(torch.zeros(1, 4, RES // 8, RES // 8))
+            model.decode_latents(torch.zeros(1, 4, RES // FACTOR, RES // FACTOR))
         flops[name] = fc.get_total_flops()
-    result = {"rows": rows, "decoder_flops_64px": flops, "train_s": train_s, "steps": steps,
+    result = {"rows": rows, "decoder_flops_per_image": flops, "train_s": train_s, "steps": steps,
               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(tiny.config).items()}}
     write_json(folder / "results.json", result)
     cols = ["latents", "latent_std", "decoder", "fd", "fd_vs_full", "acc_all", "sharpness", "psnr_vs_teacher"]
@@ -339,7 +488,7 @@ def tiny_vae_quality(out, steps=1200, seed=0, n=450, sample_steps=32, guidance=6
     for r in rows:
         md.append("| " + " | ".join("-" if r.get(c) is None else f"{r[c]:.3g}" if isinstance(r[c], float)
                                     else str(r[c]) for c in cols) + " |")
-    md.append(f"\nDecoder FLOPs per 64 px image: full {flops['full'] / 1e6:.0f} M, tiny "
+    md.append(f"\nDecoder FLOPs per {RES} px image: full {flops['full'] / 1e6:.0f} M, tiny "
               f"{flops['tiny'] / 1e6:.0f} M ({flops['tiny'] / flops['full']:.2f}x); tiny VAE trained {steps} "
               f"steps ({train_s:.0f} s).")
     files.atomic_write(folder / "results.md", lambda tmp: tmp.write_text("\n".join(md) + "\n"))
