@@ -244,7 +244,7 @@ CLAIMS = [("adversarial beats MSE-only distillation at 2 steps (Sec. 3.1-3.2)", 
           ("the whole UNet beats its LoRA at 4 steps (Sec. 3.6)", "lightning4", "lightning4-lora")] + \
     [(f"the student beats the teacher at {n} step{'s' * (n > 1)} {how}", f"lightning{n}", f"teacher{n}{sfx}")
      for n in (4, 2, 1) for how, sfx in (("with CFG 6", ""), ("without CFG", "-nocfg"))]
-METRICS = (("fd", -1), ("acc_all", 1), ("sharpness", 1), ("diversity", 1))  # (column, +1 if higher is better)
+CLAIM_METRICS = (("fd", -1), ("acc_all", 1))  # (column, +1 if higher is better)
 
 
 def seed_values(results, name, column):
@@ -283,12 +283,12 @@ def spread(vals, column="fd"):
 
 def claims_table(results):
     """The claims, each with both rows' fd and acc_all (mean +- sd over seeds) and a verdict per metric."""
-    head = "| claim | a | b | " + " | ".join(f"{m} a | {m} b | {m}" for m, _ in METRICS[:2]) + " |"
+    head = "| claim | a | b | " + " | ".join(f"{m} a | {m} b | {m}" for m, _ in CLAIM_METRICS) + " |"
     lines = [head, "|" + "---|" * (3 + 3 * 2)]
     out = []
     for text, a, b in CLAIMS:
         cells, rec = [text, a, b], {"claim": text, "a": a, "b": b}
-        for m, better in METRICS[:2]:
+        for m, better in CLAIM_METRICS:
             va, vb = seed_values(results, a, m), seed_values(results, b, m)
             v = verdict(va, vb, better)
             cells += [spread(va, m) if va else "-", spread(vb, m) if vb else "-", v]
