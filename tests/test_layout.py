@@ -18,7 +18,7 @@ METHOD = ["lightning_min"]
 MODELS = ["unet", "vae", "text", "discriminator", "lora"]
 PROGRAMS = ["train", "sample"]
 PLUMBING = ["weights", "data", "files", "parallel"]
-TOOLS = ["convert", "prepare", "eval", "bench", "toy", "toy_world", "tiny"]
+TOOLS = ["convert", "prepare", "eval", "bench", "toy", "toy_world", "toy_section5", "tiny"]
 # who may import whom: the method and models nothing of the project but the method; plumbing the method,
 # models and plumbing; programs all of those (not each other); tools anything but tests; nothing imports tests
 MAY_IMPORT = {"method": set(), "model": {"method"}, "plumbing": {"method", "model", "plumbing"},

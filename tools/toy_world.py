@@ -90,13 +90,13 @@ def all_captions():
     return [caption(s, c, p, b) for s in SHAPES for c in COLOURS for p in POSITIONS for b in BACKGROUNDS]
 
 
-def draw(seed, i):
-    """Image i of the set from (seed, i) only -> (PIL RES x RES RGB, caption): the caption's four attributes
-    drawn uniformly, then render()."""
+def draw(seed, i, width=RES, height=RES, palette=None):
+    """Image i of the set from (seed, i) only -> (PIL width x height RGB, caption): the caption's four
+    attributes drawn uniformly, then render()."""
     rng = np.random.default_rng([seed, i])
     s, c, p, b = (int(rng.integers(len(v))) for v in ATTRIBUTES.values())
     text = caption(SHAPES[s], list(COLOURS)[c], POSITIONS[p], list(BACKGROUNDS)[b])
-    return render(rng, text), text
+    return render(rng, text, width, height, palette), text
 
 
 def draw_caption(text, seed, i):
@@ -105,35 +105,39 @@ def draw_caption(text, seed, i):
     return render(np.random.default_rng([seed, i]), text)
 
 
-def render(rng, text):
+def render(rng, text, width=RES, height=RES, palette=None):
     """The caption's image with what it does not say drawn from rng: the radius (HALF_SIZE), the centre
     anywhere that keeps the shape inside its quadrant (or near the middle for "center"), the rotation of a
-    square or triangle. -> PIL RES x RES RGB"""
+    square or triangle. Another width or height (the aspect-ratio buckets' data) keeps the shape's size and
+    the centre's jitter in pixels of a RES image and the quadrants those of the whole canvas; palette: another
+    {colour word: RGB} (a fine-tune's style), default COLOURS. -> PIL width x height RGB"""
     a = parse_caption(text)
     shape, colour, position = SHAPES[a["shape"]], list(COLOURS)[a["colour"]], POSITIONS[a["position"]]
     h, k = RES / 2, 4  # drawn at 4x, box-filtered down: anti-aliased edges
+    hw, hh = width / 2, height / 2
     r = rng.uniform(*HALF_SIZE) * h
     if position == "center":
-        cx, cy = h + rng.uniform(-CENTER_JITTER, CENTER_JITTER, 2) * h
-    else:  # inside the quadrant, a margin of 5% of half the image from its sides
-        cx, cy = rng.uniform(r + 0.05 * h, h - r - 0.05 * h, 2)
-        cx, cy = cx + h * ("right" in position), cy + h * ("bottom" in position)
+        cx, cy = np.array([hw, hh]) + rng.uniform(-CENTER_JITTER, CENTER_JITTER, 2) * h
+    else:  # inside the quadrant, a margin of 5% of half a RES image from its sides
+        cx, cy = rng.uniform(r + 0.05 * h, np.array([hw, hh]) - r - 0.05 * h)
+        cx, cy = cx + hw * ("right" in position), cy + hh * ("bottom" in position)
     angle = rng.uniform(0, 2 * math.pi)
-    img = Image.new("RGB", (RES * k, RES * k), list(BACKGROUNDS.values())[a["background"]])
+    img = Image.new("RGB", (width * k, height * k), list(BACKGROUNDS.values())[a["background"]])
     d = ImageDraw.Draw(img)
+    fill = (palette or COLOURS)[colour]
     if shape == "circle":
-        d.ellipse([k * (cx - r), k * (cy - r), k * (cx + r), k * (cy + r)], fill=COLOURS[colour])
+        d.ellipse([k * (cx - r), k * (cy - r), k * (cx + r), k * (cy + r)], fill=fill)
     else:  # a regular polygon; square and triangle radii scaled to about the circle's area
         n, rr = (4, 0.89 * r) if shape == "square" else (3, 1.1 * r)
         d.polygon([(k * (cx + rr * math.cos(angle + 2 * math.pi * j / n)),
-                    k * (cy + rr * math.sin(angle + 2 * math.pi * j / n))) for j in range(n)],
-                  fill=COLOURS[colour])
-    return img.resize((RES, RES), Image.Resampling.BOX)
+                    k * (cy + rr * math.sin(angle + 2 * math.pi * j / n))) for j in range(n)], fill=fill)
+    return img.resize((width, height), Image.Resampling.BOX)
 
 
-def write_data(folder, n, seed):
+def write_data(folder, n, seed, sizes=((RES, RES),), palette=None):
     """An image-caption folder data.py reads: 00000.png + 00000.txt, ... Written as one folder
-    (files.atomic_write: a temp folder, then renamed)."""
+    (files.atomic_write: a temp folder, then renamed). Image i is sizes[i % len(sizes)] ((width, height)
+    each) in palette (render())."""
     folder = Path(folder)
     if (folder / "done.json").exists():
         return
@@ -142,7 +146,7 @@ def write_data(folder, n, seed):
         shutil.rmtree(tmp, ignore_errors=True)  # a killed run's leftover
         tmp.mkdir(parents=True)
         for i in tqdm(range(n), desc="data", mininterval=2):
-            img, cap = draw(seed, i)
+            img, cap = draw(seed, i, *sizes[i % len(sizes)], palette)
             img.save(tmp / f"{i:05d}.png")
             (tmp / f"{i:05d}.txt").write_text(cap)
         (tmp / "done.json").write_text(json.dumps({"images": n, "seed": seed}))
@@ -409,13 +413,15 @@ def load_classifier(folder):
     return clf.eval()
 
 
-def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
+def train_unet(lat, ctx, pooled, cap_idx, cfg, work, init=None, desc="teacher unet"):
     """Epsilon prediction on SDXL's schedule (Eq. 1), t uniform in 1..1000, min-SNR weighted, 15% captions ->
-    all-zero uncond.
+    all-zero uncond. init: a UNet state dict to start from (a fine-tune of the base), else random.
     Checkpoints (model, EMA, optimizer, RNG, step) every 200 steps to work/unet.pt; resumes from it."""
     ucfg = unet_config(cfg)
     torch.manual_seed(cfg.seed)
     model = unet_mod.UNet(ucfg)
+    if init is not None:
+        model.load_state_dict(init, strict=True)
     ema = unet_mod.UNet(ucfg)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -432,7 +438,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work):
         print(f"toy.py: resuming the teacher at step {step}")
     ids = text_mod.time_ids(RES, RES).expand(cfg.unet_batch, 6)  # data.py's ids for a toy image, uncropped
     B, warm = cfg.unet_batch, max(1, min(200, cfg.unet_steps // 10))
-    bar = tqdm(total=cfg.unet_steps, initial=step, desc="teacher unet", mininterval=5)
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc=desc, mininterval=5)
     while step < cfg.unet_steps:
         lr = cosine_lr(cfg.unet_lr, step, cfg.unet_steps, warm)
         for group in opt.param_groups:
