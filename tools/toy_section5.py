@@ -36,7 +36,6 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import files
-import lightning_min as lm
 import sample as sample_mod
 import text as text_mod
 import unet as unet_mod
@@ -44,8 +43,8 @@ import weights
 from tools.eval import ToyJudge, to_pil
 from tools.toy import ROOT, checkpoint, runs_folder, spread, train_command, unet_file, verdict
 from tools.toy_world import (BACKGROUNDS, COLOURS, POSITIONS, RES, ToyConfig, all_captions, cosine_lr,
-                             draw_caption, encode_captions, load_data, parse_caption, train_unet, write_data,
-                             write_json, write_model)
+                             draw_caption, encode_captions, eps_loss, load_data, parse_caption, train_unet,
+                             write_data, write_json, write_model)
 
 # the fine-tune's style: every colour word drawn in the next word's colour. A permutation, not new hues: the
 # toy VAE, trained on five colours, returns a new hue as the nearest of them (a teal as green or blue)
@@ -288,13 +287,9 @@ def train_controlnet(out, sec, steps, batch, seed, lr=5e-4, p_uncond=0.5):
         idx = torch.randint(len(lat), (batch,), generator=g)
         keep = (torch.rand(batch, generator=g) >= p_uncond).float()
         c, p = ctx[cap_idx[idx]] * keep[:, None, None], pooled[cap_idx[idx]] * keep[:, None]
-        t = torch.randint(1, lm.T + 1, (batch,), generator=g)
-        eps = torch.randn(lat[idx].shape, generator=g)
-        x_t = lm.forward(lat[idx], eps, t)
-        down, mid = net(x_t, t - 1, c, p, ids, masks[idx])
-        per = ((unet(x_t, t - 1, c, p, ids, down, mid) - eps) ** 2).mean(dim=(1, 2, 3))
-        snr = lm.alpha_bar(t) / (1 - lm.alpha_bar(t))
-        loss = (per * snr.clamp(max=5.0) / snr).mean()
+        hint = masks[idx]  # the ControlNet's residuals into the frozen UNet; min-SNR 5 as the base's
+        loss = eps_loss(lambda x_t, t: unet(x_t, t, c, p, ids, *net(x_t, t, c, p, ids, hint)), lat[idx], 5.0,
+                        g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -413,6 +413,16 @@ def load_classifier(folder):
     return clf.eval()
 
 
+def eps_loss(predict, x0, min_snr, g):
+    """The base's loss: epsilon prediction on SDXL's schedule (Eq. 1) at t uniform in 1..T, min-SNR-gamma
+    weighted (low-noise steps weigh less). predict(x_t, t - 1) -> eps-hat; draws t, then the noise, from g."""
+    t = torch.randint(1, lm.T + 1, (len(x0),), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    per_sample = ((predict(lm.forward(x0, eps, t), t - 1) - eps) ** 2).mean(dim=(1, 2, 3))
+    snr = lm.alpha_bar(t) / (1 - lm.alpha_bar(t))
+    return (per_sample * snr.clamp(max=min_snr) / snr).mean()
+
+
 def train_unet(lat, ctx, pooled, cap_idx, cfg, work, init=None, desc="teacher unet"):
     """Epsilon prediction on SDXL's schedule (Eq. 1), t uniform in 1..1000, min-SNR weighted, 15% captions ->
     all-zero uncond. init: a UNet state dict to start from (a fine-tune of the base), else random.
@@ -447,11 +457,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work, init=None, desc="teacher un
         x0, c, p = lat[idx], ctx[cap_idx[idx]], pooled[cap_idx[idx]]
         keep = (torch.rand(B, generator=g) >= cfg.p_uncond).float()
         c, p = c * keep[:, None, None], p * keep[:, None]  # dropped captions: SDXL's all-zero uncond
-        t = torch.randint(1, lm.T + 1, (B,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        per_sample = ((model(lm.forward(x0, eps, t), t - 1, c, p, ids) - eps) ** 2).mean(dim=(1, 2, 3))
-        snr = lm.alpha_bar(t) / (1 - lm.alpha_bar(t))
-        loss = (per_sample * snr.clamp(max=cfg.min_snr) / snr).mean()  # low-noise steps weigh less
+        loss = eps_loss(lambda x_t, t: model(x_t, t, c, p, ids), x0, cfg.min_snr, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
