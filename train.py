@@ -102,8 +102,9 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps per phase (re-run to extend)")
     g.add_argument("--lr", type=float, help="learning rate; default the paper's for the phase")
     g.add_argument("--lr-disc", type=float, help="the discriminator's learning rate; default --lr (the paper: "
-                   "one rate for both). A much higher one can stop D from separating at all "
-                   "(docs/training.md); where d_gap in log.jsonl stays near 0, try --disc-warmup first")
+                   "one rate for both). A much higher one can stop a fresh D from separating at all, "
+                   "and help a carried one (uncond after cond) that barely separates (docs/training.md); "
+                   "where d_gap in log.jsonl stays near 0, try --disc-warmup first")
     g.add_argument("--disc-warmup", type=int, default=0, help="adversarial phases: the first N steps of a "
                    "phase train the discriminator only (the student stays as it is): its first updates then "
                    "come from a D that separates; = --max-steps asks whether D can separate at all. Counted "

@@ -101,11 +101,25 @@ PLAN = [("128to32", "mse"), ("32to8", "cond"), ("32to8", "uncond"), ("32to8", "f
         ("2to1", "convert"), ("2to1", "cond"), ("2to1", "uncond")]
 SEEDED = ("8to4", "4to2", "2to1")  # the stages that other training seeds re-run (from seed 0's 8-step model)
 TOY_LR = {"mse": 1e-4, "convert": 1e-4, "lora": 1e-4, "whole": 2e-5}
+# 2to1 uncond, the 1-step student's last phase: its D (cond's backbone, half its head) barely separated at the
+# student's rate (d_gap 0.013 after 300 steps) and the student ended at acc_all 0.37, below the teacher at 4
+# steps. Seed 0, from the same cond model, acc_all / FD: D at 10x 0.40 / 12.0; with the student at 3x too
+# 0.41 / 13.3 at 300 steps, 0.52 / 7.0 at 600 (docs/toy.md). The student's rate, the D's, the phase's steps:
+# train.py's --lr, --lr-disc, --max-steps, nothing else.
+ONE_STEP_UNCOND = {"lr": 6e-5, "lr_disc": 2e-4, "steps": 5}  # steps: times --phase-steps
 
 
 def phase_lr(stage, phase):
+    """train.py --lr of a phase."""
     spec = lm.phase_spec(stage, phase)
+    if (stage, phase) == ("2to1", "uncond"):
+        return ONE_STEP_UNCOND["lr"]
     return TOY_LR[phase] if phase in ("mse", "convert") else TOY_LR["lora" if spec.lora else "whole"]
+
+
+def phase_lr_disc(stage, phase):
+    """train.py --lr-disc of a phase; None: --lr (the paper's one rate)."""
+    return ONE_STEP_UNCOND["lr_disc"] if (stage, phase) == ("2to1", "uncond") else None
 
 
 def phase_budget(stage, phase, steps):
@@ -116,13 +130,15 @@ def phase_budget(stage, phase, steps):
     random directions (docs/toy.md). uncond and full carry a trained discriminator on: no warm-up (with one,
     they made the 8- and 4-step students worse, FD 1.27 -> 5.43 at 8 steps). 2to1, where the one-step
     student has the most to learn: convert 8 S (its target at t = T amplifies eps errors 14.6x: at S it stayed
-    far from the eps model's own one-step x0), the adversarial phases 2.5 S (cond: S * 5/6 of them D alone).
-    An MSE-only ablation gets the steps of the adversarial phases it replaces (4to2: cond + uncond + full;
-    2to1: cond + uncond)."""
+    far from the eps model's own one-step x0), cond 2.5 S (S * 5/6 of them D alone), uncond 5 S
+    (ONE_STEP_UNCOND). An MSE-only ablation gets the steps of the adversarial phases it replaces (4to2: cond +
+    uncond + full; 2to1: cond + uncond)."""
     spec = lm.phase_spec(stage, phase)
     fresh_d = spec.loss == "adversarial" and spec.carry_disc is None
     if stage == "2to1" and phase == "convert":
         return 8 * steps, 0
+    if (stage, phase) == ("2to1", "uncond"):
+        return ONE_STEP_UNCOND["steps"] * steps, 0
     if stage == "2to1" and spec.loss == "adversarial":
         return round(2.5 * steps), (round(steps * 5 / 6) if fresh_d else 0)
     if phase == "mse" and stage != "128to32":
@@ -186,6 +202,7 @@ def train_command(out, stage, phase, steps, batch, seed=0, folder="runs", extra=
             "0",  # flat-colour shapes score below the photo default (100)
             "--batch-size", str(batch), "--micro-batch-size", str(batch),
             "--max-steps", str(max_steps), "--save-every", str(max_steps), "--lr", str(phase_lr(stage, phase)),
+            *(["--lr-disc", str(phase_lr_disc(stage, phase))] if phase_lr_disc(stage, phase) else []),
             *(["--disc-warmup", str(warmup)] if warmup else []), "--seed", str(seed), "--device", "cpu", *extra]
 
 
