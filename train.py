@@ -30,7 +30,7 @@ import os
 import time
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    "checkpoint), else the official Lightning UNet (8/4/2 steps), else the base (128 steps)")
     g.add_argument("--skip-level-teacher", help="teacher of 4to2's and 2to1's uncond/full (Sec. 3.4)")
     g.add_argument("--init", help="the student's UNet at the stage's first phase; default the teacher")
+    g.add_argument("--teacher-guidance", type=float, help="the teacher's CFG scale (zero uncond); default the "
+                   "stage's: 6 in 128to32, off later (their teachers, earlier students, have it distilled "
+                   "in). Set it when a later stage's teacher is a base model (<= 1: off; not in convert)")
     g.add_argument("--lora-rank", type=int, default=64, help="LoRA rank (released: 64)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (released: 8)")
     g = p.add_argument_group("data (filters: Sec. 3.6)")
@@ -149,6 +152,9 @@ def check_args(args, world):
         v = getattr(args, flag)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise files.RunError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
+    if args.teacher_guidance is not None and not (math.isfinite(args.teacher_guidance) and
+                                                  args.teacher_guidance >= 0):
+        raise files.RunError(f"--teacher-guidance must be a number >= 0, got {args.teacher_guidance}")
     if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
         raise files.RunError(f"--lora-alpha must be a positive number, got {args.lora_alpha}")
     if not 0 <= args.seed < 2 ** 63 - world:  # torch.manual_seed(seed + rank) takes 64 bits
@@ -366,6 +372,8 @@ def build_phase(run, ph):
 def open_phase(run, stage, name):
     """A phase ready for its first (or next) step: settings, models, its own checkpoint if any, the lr."""
     args, spec = run.args, lm.phase_spec(stage, name, run.args.prediction)
+    if args.teacher_guidance is not None and spec.loss != "convert":  # convert re-expresses its own model
+        spec = replace(spec, cfg=args.teacher_guidance)
     switch = args.renoise_switch_step if args.renoise_switch_step is not None else args.max_steps // 2
     lr = args.lr or spec.lr
     ph = Phase(stage, name, spec, files.phase_dir(args.out, stage, name), lr, args.lr_disc or lr,
@@ -419,8 +427,8 @@ def micro_batches(run, ph):
 
 
 def teacher_model(ph, m, cond):
-    """The teacher as a model(x, t, rows) (CFG in 128to32), counting the samples it evaluates. In a LoRA
-    phase without a teacher copy it is the student with its LoRA off."""
+    """The teacher as a model(x, t, rows) (CFG in 128to32 or at --teacher-guidance), counting the samples it
+    evaluates. In a LoRA phase without a teacher copy it is the student with its LoRA off."""
     model = lm.unet_model(m.student if m.teacher is None else m.teacher, cond, ph.spec.cfg)
 
     def counted(x, t, rows=None):

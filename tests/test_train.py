@@ -1141,12 +1141,44 @@ def test_disc_warmup_trains_the_discriminator_alone_then_both_and_resumes_exactl
     assert all("loss_d" in r and "d_gap" in r for r in log)
 
 
+def test_teacher_guidance_sets_the_teachers_cfg_and_a_resume_keeps_it(env, tmp_path, capsys):
+    """--teacher-guidance replaces the stage's teacher CFG scale: 6 in 128to32 is its default (bitwise the
+    same run), 1 is off in 8to4 (bitwise the default), 3 there changes the teacher's targets and so the
+    student; phase.json records the scale, and a resume with another one is refused."""
+    mse = ["--stage", "128to32", "--phase", "mse", "--max-steps", 1]
+    run([*mse, *common(env, tmp_path / "mse")])
+    run([*mse, *common(env, tmp_path / "mse6", "--teacher-guidance", 6)])
+    _compare(_state(tmp_path / "mse/128to32/mse/checkpoint.pt"), _state(tmp_path / "mse6/128to32/mse/checkpoint.pt"),
+             "128to32 --teacher-guidance 6", atol=0, rtol=0)
+    cond = ["--stage", "8to4", "--phase", "cond", "--teacher", env["teachers"][8], "--max-steps", 1, "--lr", 1e-3]
+    states = {}
+    for g in (None, 1, 3):
+        out = tmp_path / f"cond{g}"
+        run([*cond, *common(env, out, *(["--teacher-guidance", g] if g is not None else []))])
+        states[g] = _state(out / "8to4/cond/checkpoint.pt")
+        meta = json.loads((out / "8to4/cond/phase.json").read_text())
+        assert meta["cfg"] == (1.0 if g is None else g), meta["cfg"]
+    _compare(states[None], states[1], "8to4 --teacher-guidance 1", atol=0, rtol=0)
+    assert any(not torch.equal(states[None]["student"][k], states[3]["student"][k]) for k in states[3]["student"])
+    msg = _fails([*cond, *common(env, tmp_path / "cond3", "--teacher-guidance", 2)], capsys)
+    assert "--teacher-guidance 3" in msg and "this run has 2" in msg, msg
+
+
 @pytest.mark.parametrize("value", ["0", "-1e-4", "nan", "inf"])
 def test_bad_lr_disc_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
     monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
     msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
                   f"--lr-disc={value}"], capsys)
     assert msg.startswith("error: --lr-disc must be a positive number"), msg
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_teacher_guidance_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
+    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
+                  f"--teacher-guidance={value}"], capsys)
+    assert msg.startswith("error: --teacher-guidance must be a number >= 0"), msg
     assert not (tmp_path / "runs").exists()
 
 

@@ -15,6 +15,7 @@ diffusers' StableDiffusionXLPipeline.from_pretrained("toy/base") samples the sam
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def parse_args(argv=None):
                    help=f"VAE training steps (default {ToyConfig.vae_steps}, --quick {QUICK.vae_steps})")
     p.add_argument("--clf-steps", type=int, default=None,
                    help=f"classifier training steps (default {ToyConfig.clf_steps}, --quick {QUICK.clf_steps})")
+    p.add_argument("--offset-noise", type=float, default=None, help="teacher: offset noise std (default 0; "
+                   "docs/toy.md: 0.3 makes the --quick base draw its background words)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
@@ -70,6 +73,10 @@ def main(argv=None):
     for name in ("unet_steps", "vae_steps", "clf_steps"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    if args.offset_noise is not None:
+        if not (math.isfinite(args.offset_noise) and args.offset_noise >= 0):
+            raise SystemExit(f"error: --offset-noise must be a number >= 0, got {args.offset_noise}")
+        cfg.offset_noise = args.offset_noise
     if cfg.images < 64 or min(cfg.unet_steps, cfg.vae_steps, cfg.clf_steps, args.phase_steps, args.batch,
                               args.seeds) < 1:
         raise SystemExit("error: --images must be >= 64 and --unet-steps, --vae-steps, --clf-steps, "

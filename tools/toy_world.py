@@ -259,6 +259,7 @@ class ToyConfig:
     min_snr: float = 5.0  # min-SNR-gamma loss weight (Hang et al. 2023): min(SNR, gamma) / SNR on eps
     ema: float = 0.999  # EMA decay of the exported teacher weights
     p_uncond: float = 0.15  # caption dropout to the all-zero unconditional input
+    offset_noise: float = 0.0  # std of a per-channel constant added to the training noise (see eps_loss)
     widths: tuple = (32, 64, 128)  # UNet block_out_channels
     seed: int = 0  # data, initialization and training draws
 
@@ -413,11 +414,18 @@ def load_classifier(folder):
     return clf.eval()
 
 
-def eps_loss(predict, x0, min_snr, g):
+def eps_loss(predict, x0, min_snr, g, offset=0.0):
     """The base's loss: epsilon prediction on SDXL's schedule (Eq. 1) at t uniform in 1..T, min-SNR-gamma
-    weighted (low-noise steps weigh less). predict(x_t, t - 1) -> eps-hat; draws t, then the noise, from g."""
+    weighted (low-noise steps weigh less). predict(x_t, t - 1) -> eps-hat; draws t, then the noise, from g.
+    offset > 0: offset noise (Guttenberg 2023), eps + offset * (one normal per image and channel). At T the
+    schedule leaves sqrt(alpha_bar) = 0.068 of the image in x_t, and an 8x8 latent's channel means are noise
+    of std only 1/8, so a model reads the background (black / gray / white) from the noise's mean and ignores
+    the caption's word for it; sampled from plain noise, its backgrounds follow the noise (measured on the
+    quick base without it: the same noise shifted by -0.5 / +0.5 gave black / white for every caption)."""
     t = torch.randint(1, lm.T + 1, (len(x0),), generator=g)
     eps = torch.randn(x0.shape, generator=g)
+    if offset > 0:  # drawn only then, so the default draws what it always drew
+        eps = eps + offset * torch.randn((*x0.shape[:2], 1, 1), generator=g)
     per_sample = ((predict(lm.forward(x0, eps, t), t - 1) - eps) ** 2).mean(dim=(1, 2, 3))
     snr = lm.alpha_bar(t) / (1 - lm.alpha_bar(t))
     return (per_sample * snr.clamp(max=min_snr) / snr).mean()
@@ -457,7 +465,7 @@ def train_unet(lat, ctx, pooled, cap_idx, cfg, work, init=None, desc="teacher un
         x0, c, p = lat[idx], ctx[cap_idx[idx]], pooled[cap_idx[idx]]
         keep = (torch.rand(B, generator=g) >= cfg.p_uncond).float()
         c, p = c * keep[:, None, None], p * keep[:, None]  # dropped captions: SDXL's all-zero uncond
-        loss = eps_loss(lambda x_t, t: model(x_t, t, c, p, ids), x0, cfg.min_snr, g)
+        loss = eps_loss(lambda x_t, t: model(x_t, t, c, p, ids), x0, cfg.min_snr, g, cfg.offset_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -521,7 +529,8 @@ def build(out, cfg, quick):
     meta = {"quick": quick, **asdict(cfg)}
     meta["widths"] = list(meta["widths"])
     cfg_file = work / "config.json"
-    if cfg_file.exists() and json.loads(cfg_file.read_text()) != meta:
+    # a folder built before the offset_noise field was built without it
+    if cfg_file.exists() and {"offset_noise": 0.0, **json.loads(cfg_file.read_text())} != meta:
         raise ValueError(f"{out} holds a toy world built with other settings ({cfg_file}); use another --out "
                          f"or delete it")
     cfg_file.write_text(json.dumps(meta, indent=1))
