@@ -224,11 +224,15 @@ def test_one_adversarial_phase_avoids_cfg_overshoot_and_keeps_the_teachers_level
     seed 2: 5.25 (0.140x, 1.07x), 0.749 (chance 0.2; the teacher without CFG 0.773)."""
     teacher = quick / "base" / "unet" / "diffusion_pytorch_model.safetensors"
     rows = ["teacher2:base:2:6", "teacher2-nocfg:base:2"]
-    for seed in SEEDS:
+    runs = {}
+    for seed in SEEDS:  # at once: one thread each, so a core the other pytest worker leaves idle is used
         cmd = toy.train_command(quick, "4to2", "cond", steps=TEST_STEPS, batch=16, seed=seed)
         cmd[cmd.index("--out") + 1] = str(tmp_path / f"runs-seed{seed}")
-        r = subprocess.run(cmd + ["--teacher", str(teacher)], capture_output=True, text=True, env=PINNED_ENV)
-        assert r.returncode == 0, r.stderr[-2000:]
+        with open(tmp_path / f"seed{seed}.err", "w") as err:  # a file: a full pipe would stall the run
+            runs[seed] = subprocess.Popen(cmd + ["--teacher", str(teacher)], stdout=subprocess.DEVNULL,
+                                          stderr=err, env=PINNED_ENV)
+    for seed in SEEDS:
+        assert runs[seed].wait() == 0, (tmp_path / f"seed{seed}.err").read_text()[-2000:]
         log = [json.loads(x) for x in (tmp_path / f"runs-seed{seed}" / "4to2" / "cond" / "log.jsonl")
                .read_text().splitlines()]
         assert len(log) == TEST_STEPS
