@@ -1164,27 +1164,15 @@ def test_teacher_guidance_sets_the_teachers_cfg_and_a_resume_keeps_it(env, tmp_p
     assert "--teacher-guidance 3" in msg and "this run has 2" in msg, msg
 
 
-@pytest.mark.parametrize("value", ["0", "-1e-4", "nan", "inf"])
-def test_bad_lr_disc_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
+@pytest.mark.parametrize("arg,message", [
+    *((f"--lr-disc={v}", "error: --lr-disc must be a positive number") for v in ("0", "-1e-4", "nan", "inf")),
+    *((f"--teacher-guidance={v}", "error: --teacher-guidance must be a number >= 0") for v in ("-1", "nan", "inf")),
+    ("--disc-warmup=-1", "error: --sample-every, --disc-warmup and --renoise-switch-step must be >= 0"),
+])
+def test_bad_discriminator_and_teacher_flags_refused_before_any_work(env, tmp_path, capsys, monkeypatch, arg,
+                                                                    message):
     monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
-    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
-                  f"--lr-disc={value}"], capsys)
-    assert msg.startswith("error: --lr-disc must be a positive number"), msg
-    assert not (tmp_path / "runs").exists()
-
-
-@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_bad_teacher_guidance_refused_before_any_work(env, tmp_path, capsys, monkeypatch, value):
-    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
-    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
-                  f"--teacher-guidance={value}"], capsys)
-    assert msg.startswith("error: --teacher-guidance must be a number >= 0"), msg
-    assert not (tmp_path / "runs").exists()
-
-
-def test_bad_disc_warmup_refused_before_any_work(env, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "load_frozen", lambda *a: pytest.fail("work started before the arguments were checked"))
-    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"),
-                  "--disc-warmup=-1"], capsys)
-    assert msg.startswith("error: --sample-every, --disc-warmup") and "must be >= 0" in msg, msg
+    msg = _fails(["--stage", "8to4", "--teacher", env["teachers"][8], *common(env, tmp_path / "runs"), arg],
+                 capsys)
+    assert msg.startswith(message), msg
     assert not (tmp_path / "runs").exists()
