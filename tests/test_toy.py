@@ -1,6 +1,7 @@
 """The toy world end to end: the --quick base (built once per session), diffusers loading it and sampling the
-same images as sample.py, caption-dependent samples, one adversarial phase of train.py (three seeds), a toy
-ControlNet that steers the base's shapes (Sec. 5.3), the experiment's plan and verdicts, and bad input.
+same images as sample.py, caption-dependent samples, distillation (an MSE then an adversarial phase of
+train.py, three seeds) beating the base at its step count with and without CFG, a toy ControlNet that steers
+the base's shapes (Sec. 5.3), the experiment's plan and verdicts, and bad input.
 
 Every toy number here is for THREADS torch threads, pinned in the base build, train.py and the evaluations
 (each in its own process; the diffusers comparison in this one): a float sum splits by the thread count, so
@@ -8,6 +9,7 @@ another count trains another base, and the same count gives the same numbers on 
 any load. One thread: under `pytest -n 2` each worker has one of the CI machine's two cores, and a single
 thread neither spins nor waits on a busy core (2 threads with sleeping idle threads were 1.8x slower on
 the toy UNet, spinning ones 5-10x slower beside other work)."""
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -186,12 +188,13 @@ def test_quick_base_folder_loads_in_diffusers_and_samples_like_sample_py(quick, 
 
 def test_quick_base_samples_depend_on_the_caption(quick, tmp_path):
     """The teacher (32 steps, CFG 6) draws what the caption says: the toy classifier reads the position at
-    four times chance (1/5), the colour at twice chance (1/5) and the background above chance (1/3); measured
-    on 75 images: 0.96, 0.56, 0.49 (acc_all 0.27). The quick base is weaker than the full one (0.86 of its
-    images right in all four)."""
+    four times chance (1/5), the colour at twice chance (1/5) and the background nearly always (chance 1/3:
+    without offset noise the quick base read it from the noise, 0.49); measured on 75 images: 0.99, 0.55,
+    1.00 (acc_all 0.51; the shape, which the quick VAE blurs, 0.83). The quick base is weaker than the full
+    one (0.86 of its images right in all four)."""
     results = toy_eval(quick, tmp_path / "e", "--num", "75", "--batch", "25", "--row", "teacher32:base:32:6")
     r = results[0]
-    assert r["acc_position"] > 0.8 and r["acc_colour"] > 0.4 and r["acc_background"] > 0.4, r
+    assert r["acc_position"] > 0.8 and r["acc_colour"] > 0.4 and r["acc_background"] > 0.9, r
     a = Image.open(tmp_path / "e" / "teacher32" / "00000.png")
     b = Image.open(tmp_path / "e" / "teacher32" / "00001.png")
     assert np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() > 5
@@ -203,60 +206,76 @@ def test_rerun_skips_finished_parts(quick):
     assert (quick / "base" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_one_adversarial_phase_avoids_cfg_overshoot_and_keeps_the_teachers_level(quick, tmp_path):
-    """One adversarial phase of train.py (4to2/cond: LoRA, conditional discriminator, Eq. 20-22; the base as
-    its 4-step teacher; TEST_STEPS steps of batch 16, the first half the discriminator alone, as `tools.toy
-    all` runs a fresh discriminator) gives, for each of three training seeds, a 2-step student (sampled
-    without CFG) far closer to the data than the base at 2 steps with CFG 6, and level with the base at 2
-    steps without CFG.
-    What this does NOT show (issue 15 asks for it; it does not hold here): a student that beats the teacher
-    at its own step count without CFG. Without CFG this base draws no caption at any step count (acc_all
-    0.078 / 0.067 / 0.060 / 0.058 / 0.051 at 1 / 2 / 4 / 8 / 32 steps, background at chance 0.34, pixel
-    diversity 20-25x the data's) and is no better at 4 steps than at 2 (toy FD 5.89 vs 4.92), so what a
-    student learns to reach is not better than where it starts. In 40 steps of 16 the discriminator does not
-    yet separate (d_gap at the end of the warm-up 0.0005-0.002). With offset noise, twice the teacher training
-    (`tools.toy --quick --unet-steps 1600 --offset-noise 0.3`) and the teacher at CFG 3 (train.py
-    --teacher-guidance 3) this phase does beat the base at 2 steps with and without CFG, each of three seeds,
-    but the suite then took 17 min, and the accuracy margin did not hold on another UNet seed (docs/toy.md,
-    "Why the quick base cannot show it"). The full experiment's rows decide the claim with three seeds.
-    Measured (THREADS = 1; toy FD, 450 images; teacher with CFG 6: 37.60, without: 4.92):
-    seed 0: student 5.51 (0.147x, 1.12x), position accuracy 0.736; seed 1: 5.30 (0.141x, 1.08x), 0.753;
-    seed 2: 5.25 (0.140x, 1.07x), 0.749 (chance 0.2; the teacher without CFG 0.773)."""
+def test_distilled_students_beat_the_base_at_their_step_count_with_and_without_cfg(quick, tmp_path):
+    """What distillation adds, not what CFG adds (issue 15): for each of three training seeds (run at once),
+    a 2-step student, sampled without CFG, beats the base at 2 steps without CFG, with CFG 3 and with CFG 6 on
+    both all-four caption accuracy (by more than ACC_MARGIN) and toy FD (below FD_RATIO x the best of the
+    three). The student: 4to2 `mse` (progressive distillation, Sec. 3.2, as the paper's first stage distils,
+    MSE_STEPS of 16), then one adversarial phase from it, 4to2 `cond` (LoRA, a fresh conditional
+    discriminator, Eq. 20-22; TEST_STEPS of 16, the first half the discriminator alone, as `tools.toy all`
+    runs it), both with the base at 4 steps with CFG 3 as the teacher (train.py --teacher-guidance 3: a later
+    stage's teacher has no CFG of its own).
+    On this base the MSE phase is what carries the teacher's caption binding into 2 steps, and the
+    adversarial phase keeps it (students after the MSE phase: 0.216 / 0.191 / 0.198, FD 3.85 / 3.69 /
+    3.71); the adversarial phase alone from the base left the accuracy where it was (seeds 0 / 1: 0.153 /
+    0.162, FD 6.51 / 6.00): in 40 steps its discriminator separates sharpness, not the binding
+    (docs/toy.md).
+    Measured (THREADS = 1, 450 images; the base at 2 steps, acc_all / FD: no CFG 0.138 / 6.02, CFG 3
+    0.164 / 7.41, CFG 6 0.113 / 21.21): students 0.218 / 3.73, 0.193 / 3.93, 0.196 / 3.80 (accuracy >= +0.029,
+    FD <= 0.65x); on the same recipe with the UNet's seed 1 (base 0.198 / 5.32, 0.213 / 4.04, 0.171 / 17.26):
+    0.298 / 3.20, 0.322 / 3.03, 0.313 / 3.28 (>= +0.085, <= 0.81x)."""
     teacher = quick / "base" / "unet" / "diffusion_pytorch_model.safetensors"
-    rows = ["teacher2:base:2:6", "teacher2-nocfg:base:2"]
-    runs = {}
-    for seed in SEEDS:  # at once: one thread each, so a core the other pytest worker leaves idle is used
-        cmd = toy.train_command(quick, "4to2", "cond", steps=TEST_STEPS, batch=16, seed=seed)
-        cmd[cmd.index("--out") + 1] = str(tmp_path / f"runs-seed{seed}")
-        with open(tmp_path / f"seed{seed}.err", "w") as err:  # a file: a full pipe would stall the run
-            runs[seed] = subprocess.Popen(cmd + ["--teacher", str(teacher)], stdout=subprocess.DEVNULL,
-                                          stderr=err, env=PINNED_ENV)
-    for seed in SEEDS:
-        assert runs[seed].wait() == 0, (tmp_path / f"seed{seed}.err").read_text()[-2000:]
-        log = [json.loads(x) for x in (tmp_path / f"runs-seed{seed}" / "4to2" / "cond" / "log.jsonl")
-               .read_text().splitlines()]
+
+    def phase(seed, name, steps, *extra):
+        """train.py for one of the test's phases: the toy's command with --max-steps STEPS, one thread."""
+        cmd = toy.train_command(quick, "4to2", name, steps=steps, batch=16, seed=seed)
+        for flag, value in (("--out", tmp_path / f"runs-seed{seed}"), ("--max-steps", steps),
+                            ("--save-every", steps)):
+            cmd[cmd.index(flag) + 1] = str(value)
+        err = tmp_path / f"seed{seed}-{name}.err"  # a file: a full pipe would stall the run
+        with open(err, "w") as f:
+            r = subprocess.run(cmd + ["--teacher", str(teacher), "--teacher-guidance", "3", *extra],
+                               stdout=subprocess.DEVNULL, stderr=f, env=PINNED_ENV)
+        assert r.returncode == 0, err.read_text()[-2000:]
+        return tmp_path / f"runs-seed{seed}" / "4to2" / name
+
+    def student(seed):
+        mse = phase(seed, "mse", MSE_STEPS)
+        init = mse / "sdxl_lightning_2step_unet.safetensors"
+        return mse, phase(seed, "cond", TEST_STEPS, "--init", str(init))
+
+    # at once: one thread each, so a core the other pytest worker leaves idle is used
+    with concurrent.futures.ThreadPoolExecutor(len(SEEDS)) as pool:
+        runs = dict(zip(SEEDS, pool.map(student, SEEDS)))
+    rows = ["base2:base:2", "base2-cfg3:base:2:3", "base2-cfg6:base:2:6"]
+    for seed, (mse, adv) in runs.items():
+        assert len((mse / "log.jsonl").read_text().splitlines()) == MSE_STEPS
+        log = [json.loads(x) for x in (adv / "log.jsonl").read_text().splitlines()]
         assert len(log) == TEST_STEPS
         assert all(np.isfinite(x["loss_d"]) for x in log)
         assert sum("loss_g" in x for x in log) == TEST_STEPS // 2  # the student trains in the second half
-        student = tmp_path / f"runs-seed{seed}" / "4to2" / "cond" / "sdxl_lightning_2step_unet.safetensors"
-        rows.append(f"student2-seed{seed}:{student}:2")
+        rows += [f"mse2-seed{seed}:{mse / 'sdxl_lightning_2step_unet.safetensors'}:2",
+                 f"student2-seed{seed}:{adv / 'sdxl_lightning_2step_unet.safetensors'}:2"]
     res = {x["row"]: x for x in toy_eval(quick, tmp_path / "e", "--num", "450", "--batch", "50",
                                          *(a for row in rows for a in ("--row", row)))}
-    cfg6, nocfg = res["teacher2"], res["teacher2-nocfg"]
+    base = [res[r] for r in ("base2", "base2-cfg3", "base2-cfg6")]
+    best_acc, best_fd = max(r["acc_all"] for r in base), min(r["fd"] for r in base)
+    for seed in SEEDS:
+        st, mse = res[f"student2-seed{seed}"], res[f"mse2-seed{seed}"]
+        print(f"seed {seed}: student acc_all {st['acc_all']:.3f} (base's best {best_acc:.3f}), toy FD "
+              f"{st['fd']:.2f} ({st['fd'] / best_fd:.3f}x the base's best {best_fd:.2f}); after the MSE "
+              f"phase {mse['acc_all']:.3f}, {mse['fd']:.2f}")
     for seed in SEEDS:
         st = res[f"student2-seed{seed}"]
-        print(f"toy FD at 2 steps, seed {seed}: student {st['fd']:.3f}, teacher CFG 6 {cfg6['fd']:.3f} "
-              f"({st['fd'] / cfg6['fd']:.3f}x), teacher without CFG {nocfg['fd']:.3f} "
-              f"({st['fd'] / nocfg['fd']:.3f}x); position accuracy {st['acc_position']:.3f}")
-    for seed in SEEDS:
-        st = res[f"student2-seed{seed}"]
-        assert st["fd"] < 0.25 * cfg6["fd"], (seed, st["fd"], cfg6["fd"])
-        assert st["fd"] < 1.2 * nocfg["fd"], (seed, st["fd"], nocfg["fd"])
-        assert st["acc_position"] > 0.6, (seed, st)
+        assert st["acc_all"] > best_acc + ACC_MARGIN, (seed, st, base)
+        assert st["fd"] < FD_RATIO * best_fd, (seed, st, base)
 
 
-TEST_STEPS = 80  # train.py --max-steps of the test's phase (40 of them D alone); ~45 s a seed on one thread
+MSE_STEPS = 80  # train.py --max-steps of the test's 4to2 mse phase; ~20 s a seed on one thread
+TEST_STEPS = 80  # train.py --max-steps of its adversarial phase (40 of them D alone); ~45 s a seed
 SEEDS = (0, 1, 2)  # train.py --seed
+ACC_MARGIN = 0.02  # all-four accuracy over the base's best at 2 steps (measured: +0.029 or more)
+FD_RATIO = 0.9  # toy FD below this times the base's best at 2 steps (measured: 0.65x or less)
 
 
 def test_a_toy_controlnet_steers_the_shape_onto_its_mask(quick, tmp_path):
@@ -264,8 +283,9 @@ def test_a_toy_controlnet_steers_the_shape_onto_its_mask(quick, tmp_path):
     data's shape masks, moves the base's shapes at 4 steps without CFG onto held-out images' masks (the same
     captions and noise with and without it). The quick base is weak (one image in two shows a second shape),
     so the margins are modest; on the full base the students go from IoU ~0.43 to ~0.8 (docs/toy.md).
-    Measured (THREADS = 1, 100 images): IoU with the mask 0.288 -> 0.446, centre error 5.45 -> 2.90 px
-    (0.53x); ~50 s (at 600 steps: 0.448, 3.26 px, twice the time)."""
+    Measured (THREADS = 1, 100 images): IoU with the mask 0.276 -> 0.486, centre error 5.10 -> 2.35 px
+    (0.46x); ~50 s. (On the quick base without offset noise: 0.288 -> 0.446, 5.45 -> 2.90 px; at 600 steps
+    0.448, 3.26 px, twice the time.)"""
     from tools import toy_section5 as s5
     with pinned_threads():
         net = s5.train_controlnet(quick, tmp_path, CN_STEPS, 16, seed=0)

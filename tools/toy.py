@@ -54,8 +54,9 @@ def parse_args(argv=None):
                    help=f"VAE training steps (default {ToyConfig.vae_steps}, --quick {QUICK.vae_steps})")
     p.add_argument("--clf-steps", type=int, default=None,
                    help=f"classifier training steps (default {ToyConfig.clf_steps}, --quick {QUICK.clf_steps})")
-    p.add_argument("--offset-noise", type=float, default=None, help="teacher: offset noise std (default 0; "
-                   "docs/toy.md: 0.3 makes the --quick base draw its background words)")
+    p.add_argument("--offset-noise", type=float, default=None,
+                   help=f"teacher: offset noise std (default {ToyConfig.offset_noise}, --quick "
+                   f"{QUICK.offset_noise}: without it the quick base's backgrounds follow the noise, docs/toy.md)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--phase-steps", type=int, default=120, help="all: train.py --max-steps of every phase")
     p.add_argument("--batch", type=int, default=16, help="all: train.py --batch-size (one micro-batch)")
