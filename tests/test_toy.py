@@ -237,25 +237,23 @@ def test_distilled_students_beat_the_base_at_their_step_count_with_and_without_c
             r = subprocess.run(cmd + ["--teacher", str(teacher), "--teacher-guidance", "3", *extra],
                                stdout=subprocess.DEVNULL, stderr=f, env=PINNED_ENV)
         assert r.returncode == 0, err.read_text()[-2000:]
-        return tmp_path / f"runs-seed{seed}" / "4to2" / name
+        return toy.unet_file(tmp_path, "4to2", name, folder=f"runs-seed{seed}")  # the exported 2-step UNet
 
     def student(seed):
         mse = phase(seed, "mse", MSE_STEPS)
-        init = mse / "sdxl_lightning_2step_unet.safetensors"
-        return mse, phase(seed, "cond", TEST_STEPS, "--init", str(init))
+        return mse, phase(seed, "cond", TEST_STEPS, "--init", str(mse))
 
     # at once: one thread each, so a core the other pytest worker leaves idle is used
     with concurrent.futures.ThreadPoolExecutor(len(SEEDS)) as pool:
         runs = dict(zip(SEEDS, pool.map(student, SEEDS)))
     rows = ["base2:base:2", "base2-cfg3:base:2:3", "base2-cfg6:base:2:6"]
     for seed, (mse, adv) in runs.items():
-        assert len((mse / "log.jsonl").read_text().splitlines()) == MSE_STEPS
-        log = [json.loads(x) for x in (adv / "log.jsonl").read_text().splitlines()]
+        assert len((mse.parent / "log.jsonl").read_text().splitlines()) == MSE_STEPS
+        log = [json.loads(x) for x in (adv.parent / "log.jsonl").read_text().splitlines()]
         assert len(log) == TEST_STEPS
         assert all(np.isfinite(x["loss_d"]) for x in log)
         assert sum("loss_g" in x for x in log) == TEST_STEPS // 2  # the student trains in the second half
-        rows += [f"mse2-seed{seed}:{mse / 'sdxl_lightning_2step_unet.safetensors'}:2",
-                 f"student2-seed{seed}:{adv / 'sdxl_lightning_2step_unet.safetensors'}:2"]
+        rows += [f"mse2-seed{seed}:{mse}:2", f"student2-seed{seed}:{adv}:2"]
     res = {x["row"]: x for x in toy_eval(quick, tmp_path / "e", "--num", "450", "--batch", "50",
                                          *(a for row in rows for a in ("--row", row)))}
     base = [res[r] for r in ("base2", "base2-cfg3", "base2-cfg6")]
